@@ -1,0 +1,197 @@
+//! Types every stage of the road shares: the identities Tencent hands us, each built only by
+//! parsing, so a later stage that holds one knows it was checked.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Serialize;
+
+/// Longest user id or message key we accept. Tencent documents 32-byte user ids and 50-char
+/// message keys, but real ids are UUIDs, bot ids (`@RBT#…`) and longer; the spec asks for a
+/// generous bound, not the documented one (spec §3).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The Tencent IM application id (`SdkAppid` in the query), a decimal integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct SdkAppId(u64);
+
+impl SdkAppId {
+    /// Digits only: no sign, no spaces, no hex, and it must fit in a u64.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok().map(SdkAppId)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl From<u64> for SdkAppId {
+    fn from(id: u64) -> Self {
+        SdkAppId(id)
+    }
+}
+
+impl fmt::Display for SdkAppId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a callback is about. One app has one callback URL, so every enabled command arrives
+/// here; the ones we do not relay are acknowledged and counted, never failed (spec §1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbackCommand {
+    C2cAfterSendMsg,
+    Other(String),
+}
+
+impl CallbackCommand {
+    pub const C2C_AFTER_SEND_MSG: &'static str = "C2C.CallbackAfterSendMsg";
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            Self::C2C_AFTER_SEND_MSG => CallbackCommand::C2cAfterSendMsg,
+            other => CallbackCommand::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            CallbackCommand::C2cAfterSendMsg => Self::C2C_AFTER_SEND_MSG,
+            CallbackCommand::Other(s) => s,
+        }
+    }
+
+    /// A metric label from a fixed set: commands are chosen by whoever calls us, so the raw
+    /// text never becomes a label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallbackCommand::C2cAfterSendMsg => "c2c_after_send_msg",
+            CallbackCommand::Other(_) => "other",
+        }
+    }
+}
+
+/// Why an id was refused; the caller names the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdError {
+    Empty,
+    TooLong,
+}
+
+impl fmt::Display for IdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdError::Empty => f.write_str("must not be empty"),
+            IdError::TooLong => write!(f, "longer than {MAX_ID_BYTES} bytes"),
+        }
+    }
+}
+
+fn check_id(s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        Err(IdError::Empty)
+    } else if s.len() > MAX_ID_BYTES {
+        Err(IdError::TooLong)
+    } else {
+        Ok(())
+    }
+}
+
+/// A Tencent IM user id (`From_Account`, `To_Account`). Only non-empty and bounded: real ids
+/// break the documented alphabet (spec §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct UserId<'a>(&'a str);
+
+impl<'a> UserId<'a> {
+    pub fn parse(s: &'a str) -> Result<Self, IdError> {
+        check_id(s).map(|()| UserId(s))
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+}
+
+/// The message key (`MsgKey`), opaque: one Tencent example even swaps its usual parts. Owned
+/// when we had to derive it for an older payload that lacks one (spec §3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MsgKey<'a>(Cow<'a, str>);
+
+impl<'a> MsgKey<'a> {
+    pub fn parse(s: &'a str) -> Result<Self, IdError> {
+        check_id(s).map(|()| MsgKey(Cow::Borrowed(s)))
+    }
+
+    /// A key we made ourselves; the caller guarantees it is short and non-empty.
+    pub(crate) fn derived(s: String) -> Self {
+        debug_assert!(check_id(&s).is_ok());
+        MsgKey(Cow::Owned(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdk_app_id_parses_only_plain_decimal() {
+        assert_eq!(SdkAppId::parse("1400000000"), Some(SdkAppId(1400000000)));
+        assert_eq!(
+            SdkAppId::parse("18446744073709551615"),
+            Some(SdkAppId(u64::MAX))
+        );
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "0x10",
+            "1.0",
+            "18446744073709551616",
+            "abc",
+        ] {
+            assert_eq!(SdkAppId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn commands_route_known_and_keep_others() {
+        assert_eq!(
+            CallbackCommand::parse("C2C.CallbackAfterSendMsg"),
+            CallbackCommand::C2cAfterSendMsg
+        );
+        let other = CallbackCommand::parse("Group.CallbackAfterSendMsg");
+        assert_eq!(other.as_str(), "Group.CallbackAfterSendMsg");
+        assert_eq!(other.label(), "other");
+        // Case matters: Tencent spells commands exactly.
+        assert_eq!(
+            CallbackCommand::parse("c2c.callbackaftersendmsg").label(),
+            "other"
+        );
+    }
+
+    #[test]
+    fn ids_are_non_empty_and_bounded() {
+        assert!(UserId::parse("@RBT#001").is_ok());
+        assert!(UserId::parse("0b9f3c9e-1a2b-4c5d-8e9f-0a1b2c3d4e5f").is_ok());
+        assert_eq!(UserId::parse(""), Err(IdError::Empty));
+        assert_eq!(
+            UserId::parse(&"x".repeat(MAX_ID_BYTES + 1)),
+            Err(IdError::TooLong)
+        );
+        assert!(MsgKey::parse(&"x".repeat(MAX_ID_BYTES)).is_ok());
+    }
+}

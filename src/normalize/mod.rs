@@ -1,0 +1,267 @@
+//! Stage 3 of the road: **normalize**. A validated `C2C.CallbackAfterSendMsg` body goes in; the
+//! Kafka record comes out — key, value bytes and headers. Pure: no HTTP, no Kafka, no files, and
+//! the only clock is the `received_at` it is handed.
+//!
+//! The record is **lossless**: every field Tencent sent appears in it, typed fields in snake_case,
+//! anything unknown verbatim under `extra`, elements we cannot type kept raw. Its JSON Schema is
+//! `schema/c2c-message.v1.json`.
+
+mod element;
+mod fields;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::domain::{CallbackCommand, MsgKey, SdkAppId, UserId};
+pub use element::{Element, Kind};
+use fields::Obj;
+pub use fields::{Extra, FieldError, Problem};
+
+/// Names the record's shape; bump the suffix on any breaking change.
+pub const SCHEMA: &str = "im-relay.c2c-message.v1";
+/// CloudEvents `type` of the record.
+pub const EVENT_TYPE: &str = "com.tencent.im.c2c.after_send_msg.v1";
+
+/// How records are keyed in Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyMode {
+    /// By `MsgKey`: spreads load evenly, no ordering promise.
+    #[default]
+    MsgKey,
+    /// By `SdkAppid:min(From,To):max(From,To)`: every message of one conversation, in both
+    /// directions, lands on one partition, in order.
+    Conversation,
+}
+
+/// What the query told us about the callback; already validated.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub sdk_app_id: SdkAppId,
+    pub client_ip: Option<&'a str>,
+    pub opt_platform: Option<&'a str>,
+    pub received_at: OffsetDateTime,
+    pub key_mode: KeyMode,
+}
+
+/// A record ready for Kafka.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Dedup identity, also the CloudEvents `id`.
+    pub id: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+    /// Elements kept raw because their type or shape was unknown.
+    pub untyped_elements: usize,
+}
+
+/// The callback is not a message we can relay: the public text names the field.
+pub type NormalizeError = FieldError;
+
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "CallbackCommand",
+    "From_Account",
+    "To_Account",
+    "MsgSeq",
+    "MsgRandom",
+    "MsgTime",
+    "MsgKey",
+    "MsgId",
+    "OnlineOnlyFlag",
+    "SendMsgResult",
+    "ErrorInfo",
+    "UnreadMsgNum",
+    "MsgBody",
+    "CloudCustomData",
+    "EventTime",
+];
+
+#[derive(Serialize)]
+struct Record<'a> {
+    schema: &'static str,
+    id: &'a str,
+    sdk_app_id: SdkAppId,
+    callback_command: &'static str,
+    msg_key: &'a MsgKey<'a>,
+    msg_key_derived: bool,
+    msg_id: Option<&'a str>,
+    from_account: UserId<'a>,
+    to_account: UserId<'a>,
+    msg_seq: Option<u32>,
+    msg_random: Option<u32>,
+    msg_time: Option<i64>,
+    msg_time_rfc3339: Option<String>,
+    event_time_ms: Option<i64>,
+    online_only: Option<bool>,
+    send_result: Option<i64>,
+    delivered: Option<bool>,
+    error_info: Option<&'a str>,
+    unread_msg_num: Option<i64>,
+    elements: &'a [Element<'a>],
+    cloud_custom_data: Option<&'a str>,
+    client_ip: Option<&'a str>,
+    opt_platform: Option<&'a str>,
+    received_at: &'a str,
+    extra: Extra<'a>,
+}
+
+fn required<T>(field: &'static str, v: Option<T>) -> Result<T, FieldError> {
+    v.ok_or(FieldError {
+        field,
+        problem: Problem::Missing,
+    })
+}
+
+fn id_error(field: &'static str) -> impl Fn(crate::domain::IdError) -> FieldError {
+    move |e| FieldError {
+        field,
+        problem: Problem::Invalid(e.to_string()),
+    }
+}
+
+/// Turns one after-send callback body into its Kafka record.
+pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+    let b = Obj(body);
+    let from = UserId::parse(required("From_Account", b.str("From_Account")?)?)
+        .map_err(id_error("From_Account"))?;
+    let to = UserId::parse(required("To_Account", b.str("To_Account")?)?)
+        .map_err(id_error("To_Account"))?;
+    let msg_body = required("MsgBody", b.array("MsgBody")?)?;
+    let msg_seq = b.u32("MsgSeq")?;
+    let msg_random = b.u32("MsgRandom")?;
+    let msg_time = b.i64("MsgTime")?;
+    let (msg_key, msg_key_derived) = match b.str("MsgKey")? {
+        Some(k) => (MsgKey::parse(k).map_err(id_error("MsgKey"))?, false),
+        None => (derive_msg_key(msg_seq, msg_random, msg_time, body), true),
+    };
+    let send_result = b.i64("SendMsgResult")?;
+    let elements = element::elements(msg_body);
+
+    let (lo, hi) = if from <= to { (from, to) } else { (to, from) };
+    let conversation = format!("{}:{}:{}", ctx.sdk_app_id, lo.as_str(), hi.as_str());
+    let id = format!("{conversation}:{}", msg_key.as_str());
+    // Millisecond precision: enough to order arrivals, and a stable width for consumers.
+    let at = ctx.received_at;
+    let received_at = rfc3339(at.replace_millisecond(at.millisecond()).ok()).unwrap_or_default();
+    let msg_time_rfc3339 =
+        msg_time.and_then(|t| rfc3339(OffsetDateTime::from_unix_timestamp(t).ok()));
+
+    let record = Record {
+        schema: SCHEMA,
+        id: &id,
+        sdk_app_id: ctx.sdk_app_id,
+        callback_command: CallbackCommand::C2C_AFTER_SEND_MSG,
+        msg_key: &msg_key,
+        msg_key_derived,
+        msg_id: b.str("MsgId")?,
+        from_account: from,
+        to_account: to,
+        msg_seq,
+        msg_random,
+        msg_time,
+        msg_time_rfc3339: msg_time_rfc3339.clone(),
+        event_time_ms: b.i64("EventTime")?,
+        online_only: b.flag("OnlineOnlyFlag")?,
+        send_result,
+        delivered: send_result.map(|r| r == 0),
+        error_info: b.str("ErrorInfo")?,
+        unread_msg_num: b.i64("UnreadMsgNum")?,
+        elements: &elements,
+        cloud_custom_data: b.str("CloudCustomData")?,
+        client_ip: ctx.client_ip,
+        opt_platform: ctx.opt_platform,
+        received_at: &received_at,
+        extra: b.extra(TOP_LEVEL_FIELDS),
+    };
+    // Serializing borrowed strs, numbers and `Value`s cannot fail.
+    let value = serde_json::to_vec(&record).unwrap_or_default();
+
+    let key = match ctx.key_mode {
+        KeyMode::MsgKey => msg_key.as_str().to_owned(),
+        KeyMode::Conversation => conversation,
+    };
+    let headers = vec![
+        ("ce_specversion", "1.0".to_owned()),
+        ("ce_id", id.clone()),
+        ("ce_source", format!("/tencent-im/{}", ctx.sdk_app_id)),
+        ("ce_type", EVENT_TYPE.to_owned()),
+        // CloudEvents `time` is when the occurrence happened: the send time when we have it.
+        (
+            "ce_time",
+            msg_time_rfc3339.unwrap_or_else(|| received_at.clone()),
+        ),
+        ("content-type", "application/json".to_owned()),
+        ("im_sdk_app_id", ctx.sdk_app_id.to_string()),
+        (
+            "im_callback_command",
+            CallbackCommand::C2C_AFTER_SEND_MSG.to_owned(),
+        ),
+    ];
+    let untyped_elements = elements
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Unknown { .. }))
+        .count();
+    Ok(Output {
+        id,
+        key,
+        value,
+        headers,
+        untyped_elements,
+    })
+}
+
+fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
+    t.and_then(|t| t.format(&Rfc3339).ok())
+}
+
+/// Older payloads carry no `MsgKey`. Tencent's own identity of a one-to-one message is
+/// (MsgSeq, MsgRandom, MsgTime), which is also how it usually spells `MsgKey`; without all three
+/// we fall back to a hash of the canonical body so retries of the same callback still agree
+/// (spec §3, "Our rule for a missing MsgKey").
+fn derive_msg_key(
+    seq: Option<u32>,
+    random: Option<u32>,
+    time: Option<i64>,
+    body: &Map<String, Value>,
+) -> MsgKey<'static> {
+    if let (Some(s), Some(r), Some(t)) = (seq, random, time) {
+        return MsgKey::derived(format!("{s}_{r}_{t}"));
+    }
+    let mut hasher = Sha256::new();
+    hash_canonical(&mut hasher, &Value::Object(body.clone()));
+    let digest = hasher.finalize();
+    MsgKey::derived(format!("sha256_{}", hex::encode(&digest[..16])))
+}
+
+/// Feeds `v` to the hasher with object keys sorted, whatever order the map keeps them in.
+fn hash_canonical(h: &mut Sha256, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                hash_canonical(h, &Value::String(k.clone()));
+                h.update(b":");
+                hash_canonical(h, &m[k]);
+                h.update(b",");
+            }
+            h.update(b"}");
+        }
+        Value::Array(a) => {
+            h.update(b"[");
+            for item in a {
+                hash_canonical(h, item);
+                h.update(b",");
+            }
+            h.update(b"]");
+        }
+        scalar => h.update(scalar.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

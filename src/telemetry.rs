@@ -1,0 +1,189 @@
+//! Cross-cutting: what happens along the road, told once. Each event is a struct whose `emit()`
+//! writes the metric and the log line together, so the two never drift. Metric names follow
+//! Prometheus conventions; labels come from small fixed sets, never ids or keys.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::error::Reason;
+
+/// Installs the log subscriber: JSON lines unless `IM_RELAY_LOG_FORMAT=pretty`; the level
+/// filter comes from `IM_RELAY_LOG` (or `RUST_LOG`), `info` by default.
+pub fn init_logging() {
+    let filter = std::env::var("IM_RELAY_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let pretty = std::env::var("IM_RELAY_LOG_FORMAT").is_ok_and(|f| f == "pretty");
+    // A second call (tests spawn many apps in one process) keeps the first subscriber.
+    let _ = if pretty {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+}
+
+/// The process-wide metrics recorder. The `metrics` facade allows one per process, so every
+/// app built in this process shares it (tests compare before/after values).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+            ];
+            let delivery = [
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                300.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("im_relay_request_duration_seconds".into()),
+                    &latency,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("im_relay_record_delivery_seconds".into()),
+                        &delivery,
+                    )
+                })
+                .map(PrometheusBuilder::build_recorder)
+                .expect("bucket lists are non-empty");
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program's); ours still
+            // renders what is recorded through it.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// How a callback ended, for `im_relay_callbacks_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Relayed: handed on towards Kafka.
+    Accepted,
+    /// A command we do not relay: acknowledged, not published.
+    Ignored,
+    Rejected,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Ignored => "ignored",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// A callback answered; `elapsed` is the time from the request's start to our answer (the
+/// ack latency Tencent sees, less the network).
+pub struct CallbackFinished {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+impl CallbackFinished {
+    pub fn emit(&self) {
+        let outcome = self.outcome.label();
+        counter!("im_relay_callbacks_total", "outcome" => outcome).increment(1);
+        histogram!("im_relay_request_duration_seconds", "outcome" => outcome)
+            .record(self.elapsed.as_secs_f64());
+        tracing::trace!(outcome, "callback answered");
+    }
+}
+
+/// A command we do not relay (one app has one callback URL, so all its commands come here).
+/// Counted by `CallbackFinished` as `ignored`; its text, chosen by the caller, only goes to
+/// the log.
+pub struct CallbackIgnored<'a> {
+    pub command: &'a str,
+}
+
+impl CallbackIgnored<'_> {
+    pub fn emit(&self) {
+        tracing::debug!(command = self.command, "callback command not relayed");
+    }
+}
+
+/// A request refused. Logged at most once a second (a flood of bad requests must not become
+/// a flood of log lines), with the count of those not logged.
+pub struct CallbackRejected<'a> {
+    pub reason: Reason,
+    /// Safe-to-show detail (a field name); never a secret.
+    pub detail: Option<&'a str>,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+impl CallbackRejected<'_> {
+    pub fn emit(&self) {
+        let reason = self.reason.label();
+        counter!("im_relay_callbacks_rejected_total", "reason" => reason).increment(1);
+        static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+        static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
+            SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            reason,
+            detail = self.detail,
+            peer = self.peer.map(tracing::field::display),
+            suppressed,
+            "callback rejected"
+        );
+    }
+}
+
+/// Elements kept raw because their type or shape was not one we know.
+pub struct ElementsUntyped(pub usize);
+
+impl ElementsUntyped {
+    pub fn emit(&self) {
+        if self.0 > 0 {
+            counter!("im_relay_elements_untyped_total").increment(self.0 as u64);
+            tracing::debug!(count = self.0, "elements kept untyped");
+        }
+    }
+}
+
+/// Kafka confirmed a record.
+pub struct RecordPublished {
+    pub latency: Duration,
+}
+
+impl RecordPublished {
+    pub fn emit(&self) {
+        counter!("im_relay_records_published_total").increment(1);
+        histogram!("im_relay_record_delivery_seconds").record(self.latency.as_secs_f64());
+    }
+}
+
+/// A record could not be handed to Kafka or was not delivered. Data is at risk: ERROR.
+pub struct PublishFailed<'a> {
+    /// Fixed set: `queue_full`, `too_large`, `delivery`, `other`.
+    pub kind: &'static str,
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl PublishFailed<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_records_failed_total", "kind" => self.kind).increment(1);
+        tracing::error!(kind = self.kind, error = %self.error, "record not published");
+    }
+}

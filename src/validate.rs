@@ -1,0 +1,266 @@
+//! Stage 2 of the road: **validate**. Reads Tencent's query string and decides whether the
+//! request is ours and authentic: `SdkAppid` configured here, then (when a token is set) `Sign`
+//! fresh and correct (spec §1–2). Knows the secrets; never Kafka, never the body.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Secret;
+use crate::domain::{CallbackCommand, SdkAppId};
+use crate::error::{Reason, Rejection};
+
+/// What a valid query says about the callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackQuery {
+    pub sdk_app_id: SdkAppId,
+    pub command: CallbackCommand,
+    /// Carried into the record; never trusted for anything.
+    pub client_ip: Option<String>,
+    pub opt_platform: Option<String>,
+    /// Unix seconds of a signed request, kept to measure clock skew.
+    pub request_time: Option<i64>,
+}
+
+/// The query parameters we read, as sent.
+#[derive(Debug, Default)]
+struct RawQuery {
+    sdk_app_id: Option<String>,
+    command: Option<String>,
+    client_ip: Option<String>,
+    opt_platform: Option<String>,
+    sign: Option<String>,
+    request_time: Option<String>,
+}
+
+impl RawQuery {
+    fn parse(query: &str) -> Result<Self, Rejection> {
+        let mut q = RawQuery::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match name.as_ref() {
+                "SdkAppid" => &mut q.sdk_app_id,
+                "CallbackCommand" => &mut q.command,
+                "ClientIP" => &mut q.client_ip,
+                "OptPlatform" => &mut q.opt_platform,
+                "Sign" => &mut q.sign,
+                "RequestTime" => &mut q.request_time,
+                // `contenttype` (any case) and anything new: not needed, never refused.
+                _ => continue,
+            };
+            if slot.is_some() {
+                // Two different values would leave us guessing which one was signed.
+                return Err(Rejection::with_detail(
+                    Reason::DuplicateQueryParam,
+                    name.into_owned(),
+                ));
+            }
+            *slot = Some(value.into_owned());
+        }
+        Ok(q)
+    }
+}
+
+/// Checks callbacks against the configured app ids and tokens.
+pub struct Verifier {
+    app_ids: Vec<SdkAppId>,
+    /// Current and, during a rotation, next token. Empty: signatures are not checked.
+    tokens: Vec<Secret>,
+    max_skew_s: i64,
+}
+
+impl Verifier {
+    pub fn new(app_ids: Vec<SdkAppId>, tokens: Vec<Secret>, max_skew_ms: u64) -> Self {
+        Verifier {
+            app_ids,
+            tokens,
+            max_skew_s: i64::try_from(max_skew_ms / 1000).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Validates the query of one callback, in the order the issue gives: app id, then
+    /// signature, then the command. `now` is Unix seconds.
+    pub fn verify(&self, query: Option<&str>, now: i64) -> Result<CallbackQuery, Rejection> {
+        let q = RawQuery::parse(query.unwrap_or(""))?;
+        let raw_id = q.sdk_app_id.as_deref().ok_or(Reason::MissingSdkAppId)?;
+        let sdk_app_id = SdkAppId::parse(raw_id).ok_or(Reason::InvalidSdkAppId)?;
+        if !self.app_ids.contains(&sdk_app_id) {
+            return Err(Reason::UnknownSdkAppId.into());
+        }
+        let request_time = self.check_signature(&q, now)?;
+        let command = q.command.as_deref().ok_or(Reason::MissingCallbackCommand)?;
+        Ok(CallbackQuery {
+            sdk_app_id,
+            command: CallbackCommand::parse(command),
+            client_ip: q.client_ip,
+            opt_platform: q.opt_platform,
+            request_time,
+        })
+    }
+
+    fn check_signature(&self, q: &RawQuery, now: i64) -> Result<Option<i64>, Rejection> {
+        if self.tokens.is_empty() {
+            return Ok(None);
+        }
+        let (Some(sign), Some(time)) = (q.sign.as_deref(), q.request_time.as_deref()) else {
+            return Err(Reason::MissingSignature.into());
+        };
+        let request_time = parse_unix_seconds(time).ok_or(Reason::InvalidRequestTime)?;
+        if now.abs_diff(request_time) > self.max_skew_s.unsigned_abs() {
+            return Err(Reason::StaleRequestTime.into());
+        }
+        let mut given = [0u8; 32];
+        hex::decode_to_slice(sign, &mut given).map_err(|_| Reason::MalformedSignature)?;
+        // Check every token, whatever the first gave, so timing tells nothing about which one.
+        let matched = self.tokens.iter().fold(subtle::Choice::from(0), |acc, t| {
+            acc | sign_of(t, time).ct_eq(&given)
+        });
+        if bool::from(matched) {
+            Ok(Some(request_time))
+        } else {
+            Err(Reason::BadSignature.into())
+        }
+    }
+}
+
+/// `Sign` = SHA-256(token ‖ RequestTime), RequestTime exactly as it appears in the URL.
+pub fn sign_of(token: &Secret, request_time: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(token.expose().as_bytes());
+    h.update(request_time.as_bytes());
+    h.finalize().into()
+}
+
+fn parse_unix_seconds(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 12 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: u64 = 1400000000;
+    const NOW: i64 = 1669872112;
+
+    fn verifier(tokens: &[&str]) -> Verifier {
+        Verifier::new(
+            vec![SdkAppId::from(APP)],
+            tokens.iter().map(|t| Secret::new(*t)).collect(),
+            60_000,
+        )
+    }
+
+    fn query(extra: &str) -> String {
+        format!("SdkAppid={APP}&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json{extra}")
+    }
+
+    fn signed(token: &str, time: i64) -> String {
+        let sign = hex::encode(sign_of(&Secret::new(token), &time.to_string()));
+        query(&format!("&RequestTime={time}&Sign={sign}"))
+    }
+
+    fn reason(v: &Verifier, q: &str) -> Reason {
+        v.verify(Some(q), NOW).unwrap_err().reason
+    }
+
+    #[test]
+    fn spec_test_vector() {
+        assert_eq!(
+            hex::encode(sign_of(&Secret::new("xxxxyyyy"), "1669872112")),
+            "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061"
+        );
+        let v = verifier(&["xxxxyyyy"]);
+        let q = query(
+            "&RequestTime=1669872112&Sign=17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061",
+        );
+        let ok = v.verify(Some(&q), NOW).unwrap();
+        assert_eq!(ok.request_time, Some(NOW));
+        // Either case of hex is accepted.
+        let upper = query(
+            "&RequestTime=1669872112&Sign=17773BC39A671D7B9AA835458704D2A6DB81360A5940292B587D6D760D484061",
+        );
+        assert!(v.verify(Some(&upper), NOW).is_ok());
+    }
+
+    #[test]
+    fn unsigned_mode_reads_the_query() {
+        let v = verifier(&[]);
+        let q = v
+            .verify(
+                Some(&query("&ClientIP=1.2.3.4&OptPlatform=iOS&unknown=1")),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(q.sdk_app_id, SdkAppId::from(APP));
+        assert_eq!(q.command, CallbackCommand::C2cAfterSendMsg);
+        assert_eq!(q.client_ip.as_deref(), Some("1.2.3.4"));
+        assert_eq!(q.opt_platform.as_deref(), Some("iOS"));
+    }
+
+    #[test]
+    fn both_tokens_of_a_rotation_are_accepted() {
+        let v = verifier(&["current", "next"]);
+        assert!(v.verify(Some(&signed("current", NOW)), NOW).is_ok());
+        assert!(v.verify(Some(&signed("next", NOW)), NOW).is_ok());
+        assert_eq!(reason(&v, &signed("other", NOW)), Reason::BadSignature);
+    }
+
+    #[test]
+    fn freshness_window_is_inclusive_sixty_seconds() {
+        let v = verifier(&["t"]);
+        assert!(v.verify(Some(&signed("t", NOW - 60)), NOW).is_ok());
+        assert!(v.verify(Some(&signed("t", NOW + 60)), NOW).is_ok());
+        assert_eq!(reason(&v, &signed("t", NOW - 61)), Reason::StaleRequestTime);
+        assert_eq!(reason(&v, &signed("t", NOW + 61)), Reason::StaleRequestTime);
+    }
+
+    #[test]
+    fn each_bad_query_has_its_reason() {
+        let v = verifier(&["t"]);
+        let good_sig = hex::encode(sign_of(&Secret::new("t"), &NOW.to_string()));
+        let cases: &[(&str, Reason)] = &[
+            ("", Reason::MissingSdkAppId),
+            ("CallbackCommand=x", Reason::MissingSdkAppId),
+            ("sdkappid=1400000000", Reason::MissingSdkAppId),
+            ("SdkAppid=abc", Reason::InvalidSdkAppId),
+            ("SdkAppid=-1", Reason::InvalidSdkAppId),
+            ("SdkAppid=", Reason::InvalidSdkAppId),
+            ("SdkAppid=99999999999999999999", Reason::InvalidSdkAppId),
+            ("SdkAppid=1400000001", Reason::UnknownSdkAppId),
+            (
+                "SdkAppid=1400000000&SdkAppid=1400000000",
+                Reason::DuplicateQueryParam,
+            ),
+            ("SdkAppid=1400000000", Reason::MissingSignature),
+            ("SdkAppid=1400000000&Sign=00", Reason::MissingSignature),
+            (
+                "SdkAppid=1400000000&RequestTime=1",
+                Reason::MissingSignature,
+            ),
+            (
+                "SdkAppid=1400000000&RequestTime=abc&Sign=00",
+                Reason::InvalidRequestTime,
+            ),
+            (
+                "SdkAppid=1400000000&RequestTime=-5&Sign=00",
+                Reason::InvalidRequestTime,
+            ),
+            (
+                "SdkAppid=1400000000&RequestTime=1669872112&Sign=00",
+                Reason::MalformedSignature,
+            ),
+            (
+                "SdkAppid=1400000000&RequestTime=1669872112&Sign=zz77",
+                Reason::MalformedSignature,
+            ),
+        ];
+        for (q, want) in cases {
+            assert_eq!(reason(&v, q), *want, "{q}");
+        }
+        let no_command = format!("SdkAppid={APP}&RequestTime={NOW}&Sign={good_sig}");
+        assert_eq!(reason(&v, &no_command), Reason::MissingCallbackCommand);
+        let non_hex = format!("SdkAppid={APP}&RequestTime={NOW}&Sign={}", "g".repeat(64));
+        assert_eq!(reason(&v, &non_hex), Reason::MalformedSignature);
+    }
+}
