@@ -1,2 +1,240 @@
+//! Normalization against real payload shapes (`tests/fixtures/`), field by field, and every
+//! record against the published JSON Schema.
+
+use serde_json::{Map, Value, json};
+use time::macros::datetime;
+
+use super::*;
+
+const DOC_SAMPLE: &str = include_str!("../../tests/fixtures/doc_sample.json");
+const ALL_ELEMENTS: &str = include_str!("../../tests/fixtures/all_elements.json");
+const LEGACY_MINIMAL: &str = include_str!("../../tests/fixtures/legacy_minimal.json");
+const NO_KEY_NO_SEQ: &str = include_str!("../../tests/fixtures/no_key_no_seq.json");
+const SCHEMA_TEXT: &str = include_str!("../../schema/c2c-message.v1.json");
+
+fn ctx(key_mode: KeyMode) -> Context<'static> {
+    Context {
+        sdk_app_id: SdkAppId::from(1400000000),
+        client_ip: Some("203.0.113.7"),
+        opt_platform: Some("iOS"),
+        received_at: datetime!(2026-11-25 12:00:00.123456 UTC),
+        key_mode,
+    }
+}
+
+fn body(text: &str) -> Map<String, Value> {
+    match serde_json::from_str(text).expect("fixture is JSON") {
+        Value::Object(m) => m,
+        _ => panic!("fixture is an object"),
+    }
+}
+
+fn run(text: &str) -> (Output, Value) {
+    let out = normalize(&ctx(KeyMode::MsgKey), &body(text)).expect("normalizes");
+    let record: Value = serde_json::from_slice(&out.value).expect("record is JSON");
+    assert_valid(&record);
+    (out, record)
+}
+
+fn assert_valid(record: &Value) {
+    let schema: Value = serde_json::from_str(SCHEMA_TEXT).expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(record)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "schema violations: {errors:#?}\n{record:#}");
+}
+
 #[test]
-fn placeholder() {}
+fn doc_sample_field_by_field() {
+    let (out, r) = run(DOC_SAMPLE);
+    let id = "1400000000:Jonh:jared:48374_2837546_1557481126";
+    assert_eq!(out.id, id);
+    assert_eq!(out.key, "48374_2837546_1557481126");
+    assert_eq!(out.untyped_elements, 0);
+    let expected = json!({
+        "schema": "im-relay.c2c-message.v1",
+        "id": id,
+        "sdk_app_id": 1400000000u64,
+        "callback_command": "C2C.CallbackAfterSendMsg",
+        "msg_key": "48374_2837546_1557481126",
+        "msg_key_derived": false,
+        "msg_id": "144115233406643804-1727580296-4026038328",
+        "from_account": "jared",
+        "to_account": "Jonh",
+        "msg_seq": 48374,
+        "msg_random": 2837546,
+        "msg_time": 1557481126,
+        "msg_time_rfc3339": "2019-05-10T09:38:46Z",
+        "event_time_ms": 1670574414123u64,
+        "online_only": true,
+        "send_result": 0,
+        "delivered": true,
+        "error_info": "send msg succeed",
+        "unread_msg_num": 0,
+        "elements": [{"type": "text", "text": "red packet"}],
+        "cloud_custom_data": "your cloud custom data",
+        "client_ip": "203.0.113.7",
+        "opt_platform": "iOS",
+        "received_at": "2026-11-25T12:00:00.123Z",
+        "extra": {},
+    });
+    assert_eq!(r, expected);
+    let headers: Vec<(&str, &str)> = out.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("ce_specversion", "1.0"),
+            ("ce_id", id),
+            ("ce_source", "/tencent-im/1400000000"),
+            ("ce_type", EVENT_TYPE),
+            ("ce_time", "2019-05-10T09:38:46Z"),
+            ("content-type", "application/json"),
+            ("im_sdk_app_id", "1400000000"),
+            ("im_callback_command", "C2C.CallbackAfterSendMsg"),
+        ]
+    );
+}
+
+#[test]
+fn every_element_type_is_typed_and_nothing_is_lost() {
+    let (out, r) = run(ALL_ELEMENTS);
+    let e = r["elements"].as_array().unwrap();
+    let types: Vec<&str> = e.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "text", "location", "face", "custom", "sound", "image", "file", "video", "relay",
+            "unknown", "unknown"
+        ]
+    );
+    assert_eq!(e[0]["text"], "你好 👋 a&b=c \u{0} end");
+    assert_eq!(e[1], json!({"type": "location", "desc": "深圳", "latitude": 22.54, "longitude": 114.05}));
+    assert_eq!(e[2], json!({"type": "face", "index": 1, "data": "content"}));
+    assert_eq!(e[3]["data"], "{\"k\":[1,2]}");
+    assert_eq!(e[3]["sound"], "dingdong.aiff");
+    assert_eq!(
+        e[4],
+        json!({"type": "sound", "url": "https://example.com/a.silk", "uuid": "1053D4E2",
+               "size": 62351, "second": 1, "download_flag": 2})
+    );
+    assert_eq!(e[5]["image_format"], 1);
+    assert_eq!(e[5]["images"].as_array().unwrap().len(), 3);
+    assert_eq!(e[5]["images"][0]["url"], "https://example.com/o.jpg");
+    assert_eq!(e[5]["images"][1]["extra"], json!({"Quality": 80}));
+    assert_eq!(e[6]["file_name"], "file:a.txt");
+    assert_eq!(e[6]["file_size"], 1773552);
+    assert_eq!(e[7]["video_format"], "mp4");
+    assert_eq!(e[7]["thumb_height"], 1280);
+    assert_eq!(e[7]["thumb_download_flag"], 2);
+    let relay = &e[8];
+    assert_eq!(relay["abstract_list"], json!(["alice: hi", "bob: 你好"]));
+    assert_eq!(relay["messages"][0]["msg_time"], 1688000000);
+    assert_eq!(relay["messages"][0]["elements"][0], json!({"type": "text", "text": "hi"}));
+    assert_eq!(relay["messages"][1]["extra"], json!({"NewField": true}));
+    // An unknown type and a known type with a wrong shape are both kept raw.
+    assert_eq!(
+        e[9],
+        json!({"type": "unknown", "msg_type": "TIMStreamElem", "content": {"Chunks": ["a", "b"]}})
+    );
+    assert_eq!(
+        e[10],
+        json!({"type": "unknown", "msg_type": "TIMTextElem", "content": {"Text": 42}})
+    );
+    assert_eq!(out.untyped_elements, 2);
+    // Numbers beyond i32, a failed delivery, unknown top-level fields.
+    assert_eq!(r["msg_seq"], 4294967295u64);
+    assert_eq!(r["msg_random"], 2804799576u64);
+    assert_eq!(r["msg_time"], 2563141290u64);
+    assert_eq!(r["msg_time_rfc3339"], "2051-03-22T23:41:30Z");
+    assert_eq!(r["send_result"], 80001);
+    assert_eq!(r["delivered"], false);
+    assert_eq!(r["unread_msg_num"], -1);
+    assert_eq!(r["online_only"], false);
+    assert_eq!(r["extra"], json!({"SomeFutureField": {"nested": [1, "two"]}}));
+    // Ids are ordered by byte value: '0' sorts before '@'.
+    assert_eq!(
+        out.id,
+        "1400000000:0b9f3c9e-1a2b-4c5d-8e9f-0a1b2c3d4e5f:@RBT#001:4294967295_2804799576_2563141290"
+    );
+}
+
+#[test]
+fn legacy_payload_numbers_as_strings_and_a_derived_key() {
+    let (out, r) = run(LEGACY_MINIMAL);
+    assert_eq!(r["msg_seq"], 123);
+    assert_eq!(r["msg_random"], 2804799576u64);
+    assert_eq!(r["msg_time"], 2563141290u64);
+    assert_eq!(r["msg_key"], "123_2804799576_2563141290");
+    assert_eq!(r["msg_key_derived"], true);
+    assert_eq!(out.key, "123_2804799576_2563141290");
+    for absent in [
+        "msg_id",
+        "online_only",
+        "send_result",
+        "delivered",
+        "error_info",
+        "unread_msg_num",
+        "cloud_custom_data",
+        "event_time_ms",
+    ] {
+        assert_eq!(r[absent], Value::Null, "{absent}");
+    }
+    assert_eq!(
+        r["elements"][0],
+        json!({"type": "sound", "url": null, "uuid": "s1", "size": 100, "second": 3, "download_flag": null})
+    );
+}
+
+#[test]
+fn without_seq_the_key_is_a_stable_hash_of_the_body() {
+    let (a, r) = run(NO_KEY_NO_SEQ);
+    assert_eq!(r["msg_key_derived"], true);
+    assert!(a.key.starts_with("sha256_") && a.key.len() == 7 + 32, "{}", a.key);
+    // Same body with keys in another order: same key. Another body: another key.
+    let reordered = r#"{"MsgBody": [], "To_Account": "amy", "From_Account": "zed", "CallbackCommand": "C2C.CallbackAfterSendMsg"}"#;
+    let (b, _) = run(reordered);
+    assert_eq!(a.key, b.key);
+    let other = NO_KEY_NO_SEQ.replace("amy", "ann");
+    let (c, _) = run(&other);
+    assert_ne!(a.key, c.key);
+    assert_eq!(r["elements"], json!([]));
+    assert_eq!(r["msg_time_rfc3339"], Value::Null);
+}
+
+#[test]
+fn conversation_keys_are_the_same_in_both_directions() {
+    let there = body(DOC_SAMPLE);
+    let mut back = there.clone();
+    back.insert("From_Account".into(), json!("Jonh"));
+    back.insert("To_Account".into(), json!("jared"));
+    let a = normalize(&ctx(KeyMode::Conversation), &there).unwrap();
+    let b = normalize(&ctx(KeyMode::Conversation), &back).unwrap();
+    assert_eq!(a.key, "1400000000:Jonh:jared");
+    assert_eq!(a.key, b.key);
+    // Same MsgKey, same conversation: same dedup id whichever way it is told.
+    assert_eq!(a.id, b.id);
+}
+
+#[test]
+fn messages_we_cannot_relay_name_the_field() {
+    let cases: &[(Value, &str)] = &[
+        (json!({"To_Account": "b", "MsgBody": []}), "From_Account is missing"),
+        (json!({"From_Account": "", "To_Account": "b", "MsgBody": []}), "From_Account must not be empty"),
+        (json!({"From_Account": 5, "To_Account": "b", "MsgBody": []}), "From_Account must be a string"),
+        (json!({"From_Account": "a", "MsgBody": []}), "To_Account is missing"),
+        (json!({"From_Account": "a", "To_Account": "b"}), "MsgBody is missing"),
+        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": {}}), "MsgBody must be an array"),
+        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgSeq": -1}), "MsgSeq is out of range"),
+        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgTime": "soon"}), "MsgTime must be an integer"),
+        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": ""}), "MsgKey must not be empty"),
+        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": 7}), "MsgKey must be a string"),
+        (json!({"From_Account": "a".repeat(300), "To_Account": "b", "MsgBody": []}), "From_Account longer than 256 bytes"),
+    ];
+    for (v, want) in cases {
+        let Value::Object(m) = v else { unreachable!() };
+        let err = normalize(&ctx(KeyMode::MsgKey), m).unwrap_err();
+        assert_eq!(err.to_string(), *want, "{v}");
+    }
+}

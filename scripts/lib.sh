@@ -1,0 +1,41 @@
+# Shared by the scripts in this folder: where things live, and how the test broker is installed.
+# Source it; it defines functions and variables only.
+
+IM_RELAY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Built tools are cached outside the clone so a fresh clone (and CI) reuses them.
+IM_RELAY_CACHE="${IM_RELAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/im-relay}"
+TANSU_VERSION="0.6.0"
+TANSU_BIN="${TANSU_BIN:-$IM_RELAY_CACHE/tansu-$TANSU_VERSION/bin/tansu}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+IM_RELAY_TOPICS="${IM_RELAY_TOPICS:-im.c2c.messages}"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# tansu, an Apache-Kafka-compatible broker written in Rust, stands in for Kafka on machines
+# where no Kafka distribution can be fetched. Built once (7-10 min on 2 cores), then cached.
+ensure_tansu() {
+  if [ -x "$TANSU_BIN" ]; then return 0; fi
+  say "installing tansu $TANSU_VERSION into $IM_RELAY_CACHE (once; takes several minutes)"
+  cargo install --locked --quiet tansu --version "=$TANSU_VERSION" \
+    --features dynostore,libsql --root "$IM_RELAY_CACHE/tansu-$TANSU_VERSION" >&2
+}
+
+# Build dependencies of rdkafka's bundled librdkafka (C compiler, make, OpenSSL headers for
+# SASL/SSL). Installed with apt when missing and we are allowed to.
+ensure_build_deps() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(gcc)
+  command -v make >/dev/null || missing+=(make)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing build dependencies: ${missing[*]}"
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+  fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

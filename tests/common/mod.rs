@@ -1,0 +1,371 @@
+//! Test harness: a real broker (tansu) on its own port, the real app on port 0, signed
+//! callbacks over real HTTP, and the records read back from Kafka.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use im_relay::config::{Config, Secret};
+use im_relay::startup::Application;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const APP_ID: u64 = 1400000000;
+pub const TOKEN: &str = "test-token-0123456789";
+pub const PARTITIONS: i32 = 3;
+const MARKER_KEY: &str = "__im_relay_test_marker__";
+
+pub const DOC_SAMPLE: &str = include_str!("../fixtures/doc_sample.json");
+pub const ALL_ELEMENTS: &str = include_str!("../fixtures/all_elements.json");
+pub const LEGACY_MINIMAL: &str = include_str!("../fixtures/legacy_minimal.json");
+pub const NO_KEY_NO_SEQ: &str = include_str!("../fixtures/no_key_no_seq.json");
+pub const SCHEMA: &str = include_str!("../../schema/c2c-message.v1.json");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The tansu binary: `TANSU_BIN`, else where `scripts/lib.sh` caches it.
+fn tansu_bin() -> String {
+    if let Ok(bin) = std::env::var("TANSU_BIN") {
+        return bin;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = std::env::var("IM_RELAY_CACHE").unwrap_or(format!("{home}/.cache/im-relay"));
+    let bin = format!("{cache}/tansu-0.6.0/bin/tansu");
+    assert!(
+        std::path::Path::new(&bin).exists(),
+        "no tansu broker at {bin}: run ./scripts/test (it installs one) or set TANSU_BIN"
+    );
+    bin
+}
+
+/// A Kafka-compatible broker process of this test's own, in memory, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, port }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn create_topic(&self, name: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("admin client");
+        let topic = NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics(&[topic], &AdminOptions::new())
+            .await
+            .expect("create_topics answered");
+        for r in results {
+            r.expect("topic created");
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the broker process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub key: String,
+    pub headers: BTreeMap<String, String>,
+    pub value: Value,
+    pub partition: i32,
+}
+
+/// Reads the topic from the beginning until `want` records (markers excluded) are in, or
+/// `timeout` passes.
+pub fn read_records(bootstrap: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Received> {
+    read_until(bootstrap, topic, timeout, |got| got.len() >= want)
+}
+
+/// Reads the topic from the beginning until `done` says so, or `timeout` passes. tansu
+/// sometimes keeps a partition's newest batch from readers until another record lands there,
+/// so after a quiet spell a marker is written to every partition.
+pub fn read_until(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[Received]) -> bool,
+) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-{}", unique()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut last_progress = Instant::now();
+    let mut marked = false;
+    while !done(&got) && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                if key == MARKER_KEY {
+                    continue;
+                }
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                                (h.key.to_owned(), v.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let value = serde_json::from_slice(m.payload().unwrap_or_default())
+                    .expect("record value is JSON");
+                got.push(Received {
+                    key,
+                    headers,
+                    value,
+                    partition: m.partition(),
+                });
+                last_progress = Instant::now();
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {
+                if !marked && last_progress.elapsed() > Duration::from_secs(3) {
+                    write_markers(bootstrap, topic);
+                    marked = true;
+                }
+            }
+        }
+    }
+    got
+}
+
+fn write_markers(bootstrap: &str, topic: &str) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("marker producer");
+    for p in 0..PARTITIONS {
+        let _ = producer.send(
+            BaseRecord::<str, str>::to(topic)
+                .key(MARKER_KEY)
+                .payload("{}")
+                .partition(p),
+        );
+    }
+    let _ = producer.flush(Duration::from_secs(5));
+}
+
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Tencent's query string for `command`, signed with `token` at `time`.
+pub fn signed_query(command: &str, token: &str, time: i64) -> String {
+    let sign = hex::encode(im_relay::validate::sign_of(
+        &Secret::new(token),
+        &time.to_string(),
+    ));
+    format!(
+        "SdkAppid={APP_ID}&CallbackCommand={command}&contenttype=json&ClientIP=203.0.113.7\
+         &OptPlatform=Android&RequestTime={time}&Sign={sign}"
+    )
+}
+
+pub fn after_send_query() -> String {
+    signed_query("C2C.CallbackAfterSendMsg", TOKEN, now())
+}
+
+/// The app, running on port 0 against `broker`, publishing to its own topic.
+pub struct TestApp {
+    pub base: String,
+    pub url: String,
+    pub admin: String,
+    pub topic: String,
+    pub bootstrap: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Settings for a test app; `extra` overrides or adds `IM_RELAY_*` variables.
+pub fn test_env(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = [
+        ("IM_RELAY_SDK_APP_ID", APP_ID.to_string()),
+        ("IM_RELAY_TOKEN", TOKEN.to_owned()),
+        ("IM_RELAY_LISTEN", "127.0.0.1:0".to_owned()),
+        ("IM_RELAY_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+        ("IM_RELAY_KAFKA_BROKERS", broker.bootstrap()),
+        ("IM_RELAY_TOPIC", topic.to_owned()),
+        ("IM_RELAY_KAFKA_LINGER_MS", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    env
+}
+
+pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
+    let topic = format!("im.c2c.test-{}", unique());
+    broker.create_topic(&topic).await;
+    let env = test_env(broker, &topic, extra);
+    let config = Config::load(None, &|k| env.get(k).cloned()).expect("test config is valid");
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let path = config.callback_path.clone();
+    let app = Application::build(config).await.expect("app builds");
+    let base = format!("{scheme}://localhost:{}", app.port());
+    let admin = format!("http://127.0.0.1:{}", app.admin_port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        url: format!("{base}{path}"),
+        base,
+        admin,
+        topic,
+        bootstrap: broker.bootstrap(),
+        http: reqwest::Client::new(),
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// POSTs `body` with `query` and returns (status, parsed JSON body).
+    pub async fn post(&self, query: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}?{query}", self.url))
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body read");
+        let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+        (status, json)
+    }
+
+    pub async fn post_signed(&self, body: &str) -> (u16, Value) {
+        self.post(&after_send_query(), body.to_owned()).await
+    }
+
+    pub async fn records(&self, want: usize) -> Vec<Received> {
+        let (bootstrap, topic) = (self.bootstrap.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            read_records(&bootstrap, &topic, want, Duration::from_secs(30))
+        })
+        .await
+        .expect("reader ran")
+    }
+
+    /// Every record up to and including the one whose `id` is `id`.
+    pub async fn records_through(&self, id: &str) -> Vec<Received> {
+        let (bootstrap, topic, id) = (self.bootstrap.clone(), self.topic.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || {
+            read_until(&bootstrap, &topic, Duration::from_secs(30), |got| {
+                got.iter().any(|r| r.value["id"] == id.as_str())
+            })
+        })
+        .await
+        .expect("reader ran")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Triggers shutdown and waits for the app to finish it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("app task").expect("app stopped cleanly");
+        }
+    }
+}
+
+pub fn ok_body() -> Value {
+    serde_json::json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
+}
+
+/// Asserts `record` validates against the published schema.
+pub fn assert_schema_valid(record: &Value) {
+    let schema: Value = serde_json::from_str(SCHEMA).expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let errors: Vec<String> = validator.iter_errors(record).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "schema violations: {errors:#?}");
+}
