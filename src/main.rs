@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use im_relay::config::{self, Config};
 use im_relay::startup::Application;
-use im_relay::telemetry;
+use im_relay::{telemetry, validate};
 
 fn cli() -> clap::Command {
     clap::Command::new("im-relay")
@@ -13,6 +13,18 @@ fn cli() -> clap::Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(config::serve_command())
+        .subcommand(
+            clap::Command::new("sign")
+                .about("Print a signed query suffix (RequestTime=…&Sign=…), as Tencent would send it")
+                .after_help("The token is read from IM_RELAY_TOKEN (or the file named by IM_RELAY_TOKEN_FILE).")
+                .arg(
+                    clap::Arg::new("time")
+                        .long("time")
+                        .value_name("UNIX_SECONDS")
+                        .value_parser(clap::value_parser!(u64))
+                        .help("RequestTime to sign [default: now]"),
+                ),
+        )
 }
 
 fn main() -> ExitCode {
@@ -20,8 +32,30 @@ fn main() -> ExitCode {
     let matches = cli().get_matches();
     match matches.subcommand() {
         Some(("serve", flags)) => serve(flags),
+        Some(("sign", flags)) => sign(flags),
         _ => ExitCode::from(2),
     }
+}
+
+fn sign(flags: &clap::ArgMatches) -> ExitCode {
+    let token = std::env::var("IM_RELAY_TOKEN").ok().or_else(|| {
+        let path = std::env::var("IM_RELAY_TOKEN_FILE").ok()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        Some(text.trim_end_matches(['\r', '\n']).to_owned())
+    });
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        eprintln!("set IM_RELAY_TOKEN (or IM_RELAY_TOKEN_FILE) to the callback token");
+        return ExitCode::from(2);
+    };
+    let time = flags.get_one::<u64>("time").copied().unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let time = time.to_string();
+    let sign = validate::sign_of(&config::Secret::new(token), &time);
+    println!("RequestTime={time}&Sign={}", hex::encode(sign));
+    ExitCode::SUCCESS
 }
 
 fn serve(flags: &clap::ArgMatches) -> ExitCode {

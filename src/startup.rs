@@ -120,6 +120,7 @@ impl Application {
         let handle = Handle::new();
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let public_addr = self.public.local_addr()?;
+        let admin_addr = self.admin.local_addr()?;
         let public = match self.tls {
             Some(tls) => {
                 let server = axum_server::tls_rustls::from_tcp_rustls(self.public, tls)?;
@@ -155,7 +156,7 @@ impl Application {
             listen = %public_addr,
             scheme,
             path = %config.callback_path,
-            admin = %config.admin_listen,
+            admin = %admin_addr,
             topic = %config.kafka.topic,
             signed = !config.tokens.is_empty(),
             "im-relay serving"

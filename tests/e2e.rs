@@ -50,17 +50,29 @@ async fn doc_sample_lands_in_kafka_with_key_headers_and_value() {
     assert_eq!(v["error_info"], "send msg succeed");
     assert_eq!(v["unread_msg_num"], 0);
     assert_eq!(v["event_time_ms"], 1670574414123u64);
-    assert_eq!(v["elements"], json!([{"type": "text", "text": "red packet"}]));
+    assert_eq!(
+        v["elements"],
+        json!([{"type": "text", "text": "red packet"}])
+    );
     assert_eq!(v["cloud_custom_data"], "your cloud custom data");
     assert_eq!(v["client_ip"], "203.0.113.7");
     assert_eq!(v["opt_platform"], "Android");
     assert_eq!(v["extra"], json!({}));
     let received = v["received_at"].as_str().unwrap();
-    assert!(received.starts_with("20") && received.ends_with('Z'), "{received}");
+    assert!(
+        received.starts_with("20") && received.ends_with('Z'),
+        "{received}"
+    );
 
     let metrics = app.metrics().await;
-    assert!(metrics.contains("im_relay_callbacks_total{outcome=\"accepted\"}"), "{metrics}");
-    assert!(metrics.contains("im_relay_records_published_total"), "{metrics}");
+    assert!(
+        metrics.contains("im_relay_callbacks_total{outcome=\"accepted\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("im_relay_records_published_total"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
@@ -106,7 +118,10 @@ async fn real_shapes_round_trip_field_by_field() {
             "unknown", "unknown"
         ]
     );
-    assert_eq!(all["extra"]["SomeFutureField"], json!({"nested": [1, "two"]}));
+    assert_eq!(
+        all["extra"]["SomeFutureField"],
+        json!({"nested": [1, "two"]})
+    );
 
     let legacy = &by_from("user_a").value;
     assert_eq!(legacy["msg_key"], "123_2804799576_2563141290");
@@ -119,7 +134,10 @@ async fn real_shapes_round_trip_field_by_field() {
     assert_eq!(bare.value["id"], format!("1400000000:amy:zed:{}", bare.key));
 
     let metrics = app.metrics().await;
-    assert!(metrics.contains("im_relay_elements_untyped_total"), "{metrics}");
+    assert!(
+        metrics.contains("im_relay_elements_untyped_total"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
@@ -139,7 +157,10 @@ async fn other_commands_are_acknowledged_and_not_published() {
     assert_eq!(records.len(), 1, "{records:#?}");
     assert_eq!(records[0].value["from_account"], "jared");
     let metrics = app.metrics().await;
-    assert!(metrics.contains("im_relay_callbacks_total{outcome=\"ignored\"}"), "{metrics}");
+    assert!(
+        metrics.contains("im_relay_callbacks_total{outcome=\"ignored\"}"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
@@ -149,7 +170,11 @@ async fn conversation_keys_put_both_directions_on_one_partition() {
     let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
     let mut sent = 0;
     for i in 0..6 {
-        let (from, to) = if i % 2 == 0 { ("alice", "bob") } else { ("bob", "alice") };
+        let (from, to) = if i % 2 == 0 {
+            ("alice", "bob")
+        } else {
+            ("bob", "alice")
+        };
         let body = json!({
             "CallbackCommand": "C2C.CallbackAfterSendMsg", "From_Account": from, "To_Account": to,
             "MsgSeq": i, "MsgRandom": 7, "MsgTime": 1700000000 + i, "MsgKey": format!("{i}_7_{}", 1700000000 + i),
@@ -227,5 +252,46 @@ async fn health_endpoints_and_http2() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), ok_body());
     assert_eq!(app.records(1).await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_rotation_accepts_both_tokens_and_nothing_else() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_TOKEN_NEXT", "next-token")]).await;
+    let command = "C2C.CallbackAfterSendMsg";
+    let t = now();
+    assert_eq!(
+        app.post(&signed_query(command, TOKEN, t), DOC_SAMPLE).await,
+        (200, ok_body())
+    );
+    let other = DOC_SAMPLE.replace("48374_2837546_1557481126", "rotated");
+    assert_eq!(
+        app.post(&signed_query(command, "next-token", t), other)
+            .await,
+        (200, ok_body())
+    );
+    let (status, _) = app
+        .post(&signed_query(command, "old-token", t), DOC_SAMPLE)
+        .await;
+    assert_eq!(status, 401);
+    let keys: HashSet<String> = app.records(2).await.into_iter().map(|r| r.key).collect();
+    assert_eq!(
+        keys,
+        HashSet::from(["48374_2837546_1557481126".into(), "rotated".into()])
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_unsigned_callbacks_are_relayed() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_TOKEN", UNSET)]).await;
+    let query =
+        format!("SdkAppid={APP_ID}&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json");
+    assert_eq!(app.post(&query, DOC_SAMPLE).await, (200, ok_body()));
+    let records = app.records(1).await;
+    assert_eq!(records[0].value["client_ip"], Value::Null);
+    assert_eq!(records[0].value["opt_platform"], Value::Null);
     app.stop().await;
 }

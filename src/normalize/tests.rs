@@ -43,7 +43,10 @@ fn assert_valid(record: &Value) {
         .iter_errors(record)
         .map(|e| format!("{} at {}", e, e.instance_path))
         .collect();
-    assert!(errors.is_empty(), "schema violations: {errors:#?}\n{record:#}");
+    assert!(
+        errors.is_empty(),
+        "schema violations: {errors:#?}\n{record:#}"
+    );
 }
 
 #[test]
@@ -110,7 +113,10 @@ fn every_element_type_is_typed_and_nothing_is_lost() {
         ]
     );
     assert_eq!(e[0]["text"], "你好 👋 a&b=c \u{0} end");
-    assert_eq!(e[1], json!({"type": "location", "desc": "深圳", "latitude": 22.54, "longitude": 114.05}));
+    assert_eq!(
+        e[1],
+        json!({"type": "location", "desc": "深圳", "latitude": 22.54, "longitude": 114.05})
+    );
     assert_eq!(e[2], json!({"type": "face", "index": 1, "data": "content"}));
     assert_eq!(e[3]["data"], "{\"k\":[1,2]}");
     assert_eq!(e[3]["sound"], "dingdong.aiff");
@@ -131,7 +137,10 @@ fn every_element_type_is_typed_and_nothing_is_lost() {
     let relay = &e[8];
     assert_eq!(relay["abstract_list"], json!(["alice: hi", "bob: 你好"]));
     assert_eq!(relay["messages"][0]["msg_time"], 1688000000);
-    assert_eq!(relay["messages"][0]["elements"][0], json!({"type": "text", "text": "hi"}));
+    assert_eq!(
+        relay["messages"][0]["elements"][0],
+        json!({"type": "text", "text": "hi"})
+    );
     assert_eq!(relay["messages"][1]["extra"], json!({"NewField": true}));
     // An unknown type and a known type with a wrong shape are both kept raw.
     assert_eq!(
@@ -152,7 +161,10 @@ fn every_element_type_is_typed_and_nothing_is_lost() {
     assert_eq!(r["delivered"], false);
     assert_eq!(r["unread_msg_num"], -1);
     assert_eq!(r["online_only"], false);
-    assert_eq!(r["extra"], json!({"SomeFutureField": {"nested": [1, "two"]}}));
+    assert_eq!(
+        r["extra"],
+        json!({"SomeFutureField": {"nested": [1, "two"]}})
+    );
     // Ids are ordered by byte value: '0' sorts before '@'.
     assert_eq!(
         out.id,
@@ -191,7 +203,11 @@ fn legacy_payload_numbers_as_strings_and_a_derived_key() {
 fn without_seq_the_key_is_a_stable_hash_of_the_body() {
     let (a, r) = run(NO_KEY_NO_SEQ);
     assert_eq!(r["msg_key_derived"], true);
-    assert!(a.key.starts_with("sha256_") && a.key.len() == 7 + 32, "{}", a.key);
+    assert!(
+        a.key.starts_with("sha256_") && a.key.len() == 7 + 32,
+        "{}",
+        a.key
+    );
     // Same body with keys in another order: same key. Another body: another key.
     let reordered = r#"{"MsgBody": [], "To_Account": "amy", "From_Account": "zed", "CallbackCommand": "C2C.CallbackAfterSendMsg"}"#;
     let (b, _) = run(reordered);
@@ -220,17 +236,50 @@ fn conversation_keys_are_the_same_in_both_directions() {
 #[test]
 fn messages_we_cannot_relay_name_the_field() {
     let cases: &[(Value, &str)] = &[
-        (json!({"To_Account": "b", "MsgBody": []}), "From_Account is missing"),
-        (json!({"From_Account": "", "To_Account": "b", "MsgBody": []}), "From_Account must not be empty"),
-        (json!({"From_Account": 5, "To_Account": "b", "MsgBody": []}), "From_Account must be a string"),
-        (json!({"From_Account": "a", "MsgBody": []}), "To_Account is missing"),
-        (json!({"From_Account": "a", "To_Account": "b"}), "MsgBody is missing"),
-        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": {}}), "MsgBody must be an array"),
-        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgSeq": -1}), "MsgSeq is out of range"),
-        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgTime": "soon"}), "MsgTime must be an integer"),
-        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": ""}), "MsgKey must not be empty"),
-        (json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": 7}), "MsgKey must be a string"),
-        (json!({"From_Account": "a".repeat(300), "To_Account": "b", "MsgBody": []}), "From_Account longer than 256 bytes"),
+        (
+            json!({"To_Account": "b", "MsgBody": []}),
+            "From_Account is missing",
+        ),
+        (
+            json!({"From_Account": "", "To_Account": "b", "MsgBody": []}),
+            "From_Account must not be empty",
+        ),
+        (
+            json!({"From_Account": 5, "To_Account": "b", "MsgBody": []}),
+            "From_Account must be a string",
+        ),
+        (
+            json!({"From_Account": "a", "MsgBody": []}),
+            "To_Account is missing",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b"}),
+            "MsgBody is missing",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b", "MsgBody": {}}),
+            "MsgBody must be an array",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgSeq": -1}),
+            "MsgSeq is out of range",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgTime": "soon"}),
+            "MsgTime must be an integer",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": ""}),
+            "MsgKey must not be empty",
+        ),
+        (
+            json!({"From_Account": "a", "To_Account": "b", "MsgBody": [], "MsgKey": 7}),
+            "MsgKey must be a string",
+        ),
+        (
+            json!({"From_Account": "a".repeat(300), "To_Account": "b", "MsgBody": []}),
+            "From_Account longer than 256 bytes",
+        ),
     ];
     for (v, want) in cases {
         let Value::Object(m) = v else { unreachable!() };

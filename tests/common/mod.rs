@@ -63,7 +63,13 @@ impl Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -213,7 +219,11 @@ pub fn unique() -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn now() -> i64 {
@@ -251,7 +261,11 @@ pub struct TestApp {
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
-/// Settings for a test app; `extra` overrides or adds `IM_RELAY_*` variables.
+/// A value in `extra` that removes the variable instead of setting it.
+pub const UNSET: &str = "\0unset";
+
+/// Settings for a test app; `extra` overrides, adds or (with `UNSET`) removes `IM_RELAY_*`
+/// variables.
 pub fn test_env(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
     let mut env: HashMap<String, String> = [
         ("IM_RELAY_SDK_APP_ID", APP_ID.to_string()),
@@ -266,7 +280,11 @@ pub fn test_env(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> HashMap
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     for (k, v) in extra {
-        env.insert((*k).to_owned(), (*v).to_owned());
+        if *v == UNSET {
+            env.remove(*k);
+        } else {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
     }
     env
 }
@@ -276,7 +294,11 @@ pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
     broker.create_topic(&topic).await;
     let env = test_env(broker, &topic, extra);
     let config = Config::load(None, &|k| env.get(k).cloned()).expect("test config is valid");
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let path = config.callback_path.clone();
     let app = Application::build(config).await.expect("app builds");
     let base = format!("{scheme}://localhost:{}", app.port());
@@ -366,6 +388,9 @@ pub fn ok_body() -> Value {
 pub fn assert_schema_valid(record: &Value) {
     let schema: Value = serde_json::from_str(SCHEMA).expect("schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
-    let errors: Vec<String> = validator.iter_errors(record).map(|e| e.to_string()).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(record)
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "schema violations: {errors:#?}");
 }

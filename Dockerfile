@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile with the full Rust toolchain (librdkafka is built from source by
+# the rdkafka crate: it needs a C toolchain and OpenSSL headers), run on a slim base as non-root.
+
+FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --locked --release --bin im-relay \
+ && cp target/release/im-relay /im-relay
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
+COPY --from=build /im-relay /usr/local/bin/im-relay
+USER 10001
+ENV IM_RELAY_LISTEN=0.0.0.0:8080 \
+    IM_RELAY_ADMIN_LISTEN=0.0.0.0:8081
+EXPOSE 8080 8081
+# Ready = serving and not draining; bash's /dev/tcp avoids shipping curl.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '200 OK' <&3"]
+ENTRYPOINT ["im-relay"]
+CMD ["serve"]

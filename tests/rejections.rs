@@ -1,0 +1,289 @@
+//! Every rejection reason, over real HTTP: its status, Tencent's FAIL body, its metric — and
+//! nothing reaches the topic, while a valid callback right after still goes through.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::*;
+use im_relay::error::Reason;
+use serde_json::{Value, json};
+
+/// A message between the same two users as the sentinel: with conversation keys every such
+/// record shares one partition, so anything wrongly published would show up before it.
+fn message(key: &str) -> String {
+    json!({
+        "CallbackCommand": "C2C.CallbackAfterSendMsg", "From_Account": "alice", "To_Account": "bob",
+        "MsgSeq": 1, "MsgRandom": 2, "MsgTime": 1700000000, "MsgKey": format!("k-{key}"),
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hi"}}],
+    })
+    .to_string()
+}
+
+struct Case {
+    reason: Reason,
+    method: &'static str,
+    path: &'static str,
+    query: String,
+    body: Vec<u8>,
+}
+
+fn case(reason: Reason, query: String, body: impl Into<Vec<u8>>) -> Case {
+    Case {
+        reason,
+        method: "POST",
+        path: "/im/callback",
+        query,
+        body: body.into(),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let t = now();
+    let good = message("alice");
+    let q =
+        |rest: &str| format!("SdkAppid={APP_ID}&CallbackCommand=C2C.CallbackAfterSendMsg{rest}");
+    let sign = |time: i64| signed_query("C2C.CallbackAfterSendMsg", TOKEN, time);
+    let with_time = |time: &str| q(&format!("&RequestTime={time}&Sign={}", "0".repeat(64)));
+    vec![
+        Case {
+            path: "/elsewhere",
+            ..case(Reason::NotFound, sign(t), good.clone())
+        },
+        Case {
+            method: "GET",
+            ..case(Reason::MethodNotAllowed, sign(t), "")
+        },
+        Case {
+            method: "PUT",
+            ..case(Reason::MethodNotAllowed, sign(t), good.clone())
+        },
+        case(
+            Reason::DuplicateQueryParam,
+            format!("{}&SdkAppid={APP_ID}", sign(t)),
+            good.clone(),
+        ),
+        case(
+            Reason::DuplicateQueryParam,
+            format!("{}&Sign=abc", sign(t)),
+            good.clone(),
+        ),
+        case(
+            Reason::MissingSdkAppId,
+            "CallbackCommand=C2C.CallbackAfterSendMsg".into(),
+            good.clone(),
+        ),
+        case(Reason::MissingSdkAppId, String::new(), good.clone()),
+        case(
+            Reason::InvalidSdkAppId,
+            sign(t).replace(&APP_ID.to_string(), "14000x"),
+            good.clone(),
+        ),
+        case(
+            Reason::UnknownSdkAppId,
+            sign(t).replace(&APP_ID.to_string(), "1400000001"),
+            good.clone(),
+        ),
+        case(Reason::MissingSignature, q(""), good.clone()),
+        case(
+            Reason::MissingSignature,
+            q(&format!("&RequestTime={t}")),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidRequestTime,
+            with_time("yesterday"),
+            good.clone(),
+        ),
+        case(Reason::InvalidRequestTime, with_time("1.5"), good.clone()),
+        case(Reason::StaleRequestTime, sign(t - 61), good.clone()),
+        case(Reason::StaleRequestTime, sign(t + 120), good.clone()),
+        case(
+            Reason::MalformedSignature,
+            q(&format!("&RequestTime={t}&Sign=abc")),
+            good.clone(),
+        ),
+        case(
+            Reason::MalformedSignature,
+            q(&format!("&RequestTime={t}&Sign={}", "x".repeat(64))),
+            good.clone(),
+        ),
+        case(
+            Reason::BadSignature,
+            signed_query("C2C.CallbackAfterSendMsg", "wrong-token", t),
+            good.clone(),
+        ),
+        case(
+            Reason::MissingCallbackCommand,
+            sign(t).replace("CallbackCommand=C2C.CallbackAfterSendMsg&", ""),
+            good.clone(),
+        ),
+        case(Reason::EmptyBody, sign(t), ""),
+        case(Reason::InvalidJson, sign(t), "{\"From_Account\": "),
+        case(Reason::InvalidJson, sign(t), "[1, 2]"),
+        case(
+            Reason::InvalidJson,
+            sign(t),
+            b"{\"Text\": \"\xff\xfe\"}".to_vec(),
+        ),
+        case(
+            Reason::CommandMismatch,
+            sign(t),
+            good.replace("C2C.CallbackAfterSendMsg", "C2C.CallbackBeforeSendMsg"),
+        ),
+        case(
+            Reason::CommandMismatch,
+            signed_query("Group.CallbackAfterSendMsg", TOKEN, t),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"From_Account\"", "\"Sender\""),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"MsgSeq\":1", "\"MsgSeq\":\"one\""),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    let cases = cases();
+    for c in &cases {
+        let url = format!("{}{}?{}", app.base, c.path, c.query);
+        let resp = app
+            .http
+            .request(c.method.parse().unwrap(), url)
+            .body(c.body.clone())
+            .send()
+            .await
+            .expect("answered");
+        let status = resp.status();
+        let body: Value = resp.json().await.expect("a JSON body");
+        let label = c.reason.label();
+        assert_eq!(status, c.reason.status(), "{label}: {}", c.query);
+        assert_eq!(body["ActionStatus"], "FAIL", "{label}");
+        assert_eq!(body["ErrorCode"], 1, "{label}");
+        let info = body["ErrorInfo"].as_str().unwrap();
+        assert!(info.starts_with(c.reason.public_info()), "{label}: {info}");
+        assert!(!info.contains(TOKEN));
+        // The relay still serves a valid callback right after.
+        assert_eq!(
+            app.post_signed(&message("alice")).await,
+            (200, ok_body()),
+            "after {label}"
+        );
+    }
+
+    // Only the valid ones (all the same message, so one id) reached the topic.
+    let sentinel = message("sentinel");
+    assert_eq!(app.post_signed(&sentinel).await, (200, ok_body()));
+    let records = app.records_through("1400000000:alice:bob:k-sentinel").await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), cases.len() + 1, "{ids:?}");
+    assert!(
+        ids[..cases.len()]
+            .iter()
+            .all(|id| *id == "1400000000:alice:bob:k-alice")
+    );
+
+    let metrics = app.metrics().await;
+    for c in &cases {
+        let series = format!(
+            "im_relay_callbacks_rejected_total{{reason=\"{}\"}}",
+            c.reason.label()
+        );
+        assert!(metrics.contains(&series), "missing {series}");
+    }
+    app.stop().await;
+}
+
+/// Sends raw HTTP/1.1 bytes, half-closes, and returns everything the relay answered.
+async fn raw_exchange(app: &TestApp, request: String) -> String {
+    let port = app.base.rsplit(':').next().unwrap().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declared_oversize_is_refused_before_the_body_is_sent() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    // Only the headers: the relay must answer from Content-Length alone.
+    let request = format!(
+        "POST /im/callback?{} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        after_send_query(),
+        64 * 1024 + 1
+    );
+    let answer = raw_exchange(&app, request).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"ActionStatus\":\"FAIL\""), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncated_body_gets_a_fail_answer() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    let request = format!(
+        "POST /im/callback?{} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"From",
+        after_send_query()
+    );
+    let answer = raw_exchange(&app, request).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"ActionStatus\":\"FAIL\""), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn producer_refusals_become_503_with_a_fail_body() {
+    // No broker answers here: records wait in the producer's queue, which holds one.
+    let broker = Broker::start();
+    let dead = Broker::start();
+    let dead_port = dead.port;
+    drop(dead);
+    let dead_brokers = format!("127.0.0.1:{dead_port}");
+    let env_app = spawn_app(
+        &broker,
+        &[
+            ("IM_RELAY_KAFKA_BROKERS", dead_brokers.as_str()),
+            ("IM_RELAY_KAFKA_QUEUE_MAX_MESSAGES", "1"),
+            ("IM_RELAY_KAFKA_FLUSH_TIMEOUT_MS", "100"),
+            ("IM_RELAY_KAFKA_OPTIONS", "message.max.bytes=2000"),
+        ],
+    )
+    .await;
+    let big = message("alice").replace("\"hi\"", &format!("\"{}\"", "x".repeat(4000)));
+    let (status, reply) = env_app.post_signed(&big).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        reply["ErrorInfo"],
+        "relay cannot take the message now: record too large"
+    );
+
+    assert_eq!(
+        env_app.post_signed(&message("alice")).await,
+        (200, ok_body())
+    );
+    let (status, reply) = env_app.post_signed(&message("other")).await;
+    assert_eq!(status, 503);
+    assert_eq!(reply["ErrorInfo"], Reason::Overloaded.public_info());
+    env_app.stop().await;
+}
