@@ -15,6 +15,7 @@ use clap::{Arg, ArgAction, ArgMatches};
 
 use crate::domain::SdkAppId;
 use crate::normalize::KeyMode;
+use crate::spool::{Fsync, SpoolConfig};
 
 /// A secret value: never printed, never compared in variable time by us.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,6 +49,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub sign_max_skew_ms: u64,
     pub shutdown_drain_ms: u64,
+    pub spool: SpoolConfig,
+    pub dedup_window_records: usize,
+    pub dedup_window_ms: u64,
+    pub publish_max_in_flight: usize,
     pub kafka: KafkaConfig,
 }
 
@@ -61,11 +66,13 @@ pub struct TlsFiles {
 pub struct KafkaConfig {
     pub brokers: String,
     pub topic: String,
+    pub quarantine_topic: String,
     pub key: KeyMode,
     pub compression: String,
     pub linger_ms: u64,
     pub queue_max_messages: u64,
     pub message_timeout_ms: u64,
+    pub message_max_bytes: u64,
     pub flush_timeout_ms: u64,
     pub security_protocol: String,
     pub sasl_mechanism: Option<String>,
@@ -152,6 +159,41 @@ const SETTINGS: &[Setting] = &[
         "time in-flight requests get on shutdown",
     ),
     s(
+        "spool_dir",
+        Some("spool"),
+        "durable spool directory (one relay per directory)",
+    ),
+    s(
+        "spool_max_bytes",
+        Some("1073741824"),
+        "bound on the spool; beyond it: 503",
+    ),
+    s(
+        "spool_segment_bytes",
+        Some("67108864"),
+        "size at which a new spool segment starts",
+    ),
+    s(
+        "spool_fsync",
+        Some("always"),
+        "always | interval:<ms> | never",
+    ),
+    s(
+        "dedup_window_records",
+        Some("100000"),
+        "record ids remembered against duplicates (0: off)",
+    ),
+    s(
+        "dedup_window_ms",
+        Some("600000"),
+        "how long a record id is remembered",
+    ),
+    s(
+        "publish_max_in_flight",
+        Some("10000"),
+        "records sent to Kafka, not yet confirmed, at most",
+    ),
+    s(
         "kafka_brokers",
         Some("127.0.0.1:9092"),
         "bootstrap brokers, comma-separated",
@@ -160,6 +202,11 @@ const SETTINGS: &[Setting] = &[
         "topic",
         Some("im.c2c.messages"),
         "topic for message records",
+    ),
+    s(
+        "quarantine_topic",
+        Some("im.c2c.quarantine"),
+        "topic for callbacks that cannot be relayed",
     ),
     s("key", Some("msgkey"), "record key: msgkey | conversation"),
     s(
@@ -179,8 +226,13 @@ const SETTINGS: &[Setting] = &[
     ),
     s(
         "kafka_message_timeout_ms",
-        Some("300000"),
-        "time a record may take to be delivered",
+        Some("60000"),
+        "time librdkafka tries a record before we retry it",
+    ),
+    s(
+        "kafka_message_max_bytes",
+        Some("1000000"),
+        "largest record; larger ones go to quarantine",
     ),
     s(
         "kafka_flush_timeout_ms",
@@ -220,6 +272,7 @@ const OWNED_KAFKA_OPTIONS: &[&str] = &[
     "queue.buffering.max.messages",
     "message.timeout.ms",
     "delivery.timeout.ms",
+    "message.max.bytes",
     "security.protocol",
     "sasl.mechanism",
     "sasl.mechanisms",
@@ -591,12 +644,41 @@ impl Parser {
             }
         };
         let max_body_bytes = self.parse("max_body_bytes", "a byte count", 0usize);
-        if max_body_bytes == 0 || max_body_bytes > 16 << 20 {
-            self.fail("max_body_bytes", "must be between 1 and 16777216");
+        if max_body_bytes == 0 || max_body_bytes > 1 << 20 {
+            self.fail("max_body_bytes", "must be between 1 and 1048576");
         }
         let sign_max_skew_ms = self.parse("sign_max_skew_ms", "milliseconds", 0);
         let shutdown_drain_ms = self.parse("shutdown_drain_ms", "milliseconds", 0);
+        let spool = SpoolConfig {
+            dir: PathBuf::from(self.opt("spool_dir").unwrap_or("spool")),
+            max_bytes: self.parse("spool_max_bytes", "a byte count", 0),
+            segment_bytes: self.parse("spool_segment_bytes", "a byte count", 0),
+            fsync: self.parse(
+                "spool_fsync",
+                "always, interval:<ms> or never",
+                Fsync::Always,
+            ),
+        };
+        if spool.segment_bytes < 4096 || spool.max_bytes < spool.segment_bytes {
+            self.fail(
+                "spool_segment_bytes",
+                "must be at least 4096 and at most spool_max_bytes",
+            );
+        }
+        let dedup_window_records = self.parse("dedup_window_records", "a count", 0);
+        let dedup_window_ms = self.parse("dedup_window_ms", "milliseconds", 0);
+        let publish_max_in_flight = self.parse("publish_max_in_flight", "a count", 1);
+        if publish_max_in_flight == 0 {
+            self.fail("publish_max_in_flight", "must be at least 1");
+        }
         let kafka = self.kafka(options);
+        // A callback too big as a record still goes to quarantine as its raw body: that must fit.
+        if kafka.message_max_bytes < max_body_bytes as u64 + 16384 {
+            self.fail(
+                "kafka_message_max_bytes",
+                "must be at least max_body_bytes + 16384, so a quarantined body fits",
+            );
+        }
         Config {
             sdk_app_ids,
             tokens,
@@ -607,8 +689,25 @@ impl Parser {
             max_body_bytes,
             sign_max_skew_ms,
             shutdown_drain_ms,
+            spool,
+            dedup_window_records,
+            dedup_window_ms,
+            publish_max_in_flight,
             kafka,
         }
+    }
+
+    fn topic(&mut self, key: &str) -> String {
+        let topic = self.opt(key).unwrap_or("").to_owned();
+        // Kafka's own rule for topic names.
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) {
+            self.fail(
+                key,
+                format_args!("`{topic}` is not a valid Kafka topic name"),
+            );
+        }
+        topic
     }
 
     fn sdk_app_ids(&mut self) -> Vec<SdkAppId> {
@@ -634,14 +733,10 @@ impl Parser {
                 "must be a comma-separated list of host:port",
             );
         }
-        let topic = self.opt("topic").unwrap_or("").to_owned();
-        // Kafka's own rule for topic names.
-        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) {
-            self.fail(
-                "topic",
-                format_args!("`{topic}` is not a valid Kafka topic name"),
-            );
+        let topic = self.topic("topic");
+        let quarantine_topic = self.topic("quarantine_topic");
+        if topic == quarantine_topic {
+            self.fail("quarantine_topic", "must differ from topic");
         }
         let key = match self.one_of("key", &["msgkey", "conversation"]).as_str() {
             "conversation" => KeyMode::Conversation,
@@ -654,6 +749,13 @@ impl Parser {
         let linger_ms = self.parse("kafka_linger_ms", "milliseconds", 0);
         let queue_max_messages = self.parse("kafka_queue_max_messages", "a count", 1);
         let message_timeout_ms = self.parse("kafka_message_timeout_ms", "milliseconds", 0);
+        let message_max_bytes = self.parse("kafka_message_max_bytes", "a byte count", 0);
+        if !(10_000..=1_000_000_000).contains(&message_max_bytes) {
+            self.fail(
+                "kafka_message_max_bytes",
+                "must be between 10000 and 1000000000",
+            );
+        }
         let flush_timeout_ms = self.parse("kafka_flush_timeout_ms", "milliseconds", 0);
         let security_protocol = self.one_of(
             "kafka_security_protocol",
@@ -684,11 +786,13 @@ impl Parser {
         KafkaConfig {
             brokers,
             topic,
+            quarantine_topic,
             key,
             compression,
             linger_ms,
             queue_max_messages,
             message_timeout_ms,
+            message_max_bytes,
             flush_timeout_ms,
             security_protocol,
             sasl_mechanism,

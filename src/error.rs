@@ -56,12 +56,13 @@ pub enum Reason {
     InvalidJson,
     CommandMismatch,
     InvalidMessage,
-    Overloaded,
-    PublishUnavailable,
+    RecordTooLarge,
+    SpoolFull,
+    SpoolUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::NotFound,
         Reason::MethodNotAllowed,
         Reason::DuplicateQueryParam,
@@ -80,8 +81,9 @@ impl Reason {
         Reason::InvalidJson,
         Reason::CommandMismatch,
         Reason::InvalidMessage,
-        Reason::Overloaded,
-        Reason::PublishUnavailable,
+        Reason::RecordTooLarge,
+        Reason::SpoolFull,
+        Reason::SpoolUnavailable,
     ];
 
     /// `(metric label, HTTP status, public ErrorInfo)`.
@@ -158,15 +160,20 @@ impl Reason {
                 S::BAD_REQUEST,
                 "body is not a valid message",
             ),
-            Reason::Overloaded => (
-                "overloaded",
-                S::SERVICE_UNAVAILABLE,
-                "relay is overloaded, try again",
+            Reason::RecordTooLarge => (
+                "record_too_large",
+                S::PAYLOAD_TOO_LARGE,
+                "message is too large for the topic; kept in quarantine",
             ),
-            Reason::PublishUnavailable => (
-                "publish_unavailable",
+            Reason::SpoolFull => (
+                "spool_full",
                 S::SERVICE_UNAVAILABLE,
-                "relay cannot take the message now",
+                "relay is full, try again later",
+            ),
+            Reason::SpoolUnavailable => (
+                "spool_unavailable",
+                S::SERVICE_UNAVAILABLE,
+                "relay cannot store the message now, try again later",
             ),
         }
     }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod normalize;
 pub mod publish;
 pub mod receive;
+pub mod spool;
 pub mod startup;
 pub mod telemetry;
 pub mod validate;

@@ -1,14 +1,15 @@
 //! Cross-cutting: the only place that wires the stages together. `Application::build` checks
-//! what can fail (TLS files, the producer), binds both listeners and reports the ports it got;
-//! `run_until_stopped` serves until the shutdown future resolves, then stops in order: go
-//! unready, stop accepting, drain in-flight requests, flush the producer — each step bounded.
+//! what can fail (TLS files, the spool, the producer), binds both listeners and reports the
+//! ports it got; `run_until_stopped` serves until the shutdown future resolves, then stops in
+//! order: go unready, stop accepting, drain in-flight requests, close the spool, give the
+//! publisher a bounded time to deliver — what is left stays in the spool for the next start.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,14 +21,16 @@ use axum_server::tls_rustls::RustlsConfig;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
-use crate::publish::Publisher;
-use crate::receive::{self, Receiver};
+use crate::publish::{Event, Publisher, PublisherConfig};
+use crate::receive::{self, DedupWindow, Receiver};
+use crate::spool;
 use crate::telemetry;
 use crate::validate::Verifier;
 
 #[derive(Debug)]
 pub enum StartupError {
     Tls(io::Error),
+    Spool(io::Error),
     Bind(SocketAddr, io::Error),
     Kafka(rdkafka::error::KafkaError),
 }
@@ -36,6 +39,7 @@ impl fmt::Display for StartupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartupError::Tls(e) => write!(f, "cannot load the TLS certificate or key: {e}"),
+            StartupError::Spool(e) => write!(f, "cannot open the spool: {e}"),
             StartupError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             StartupError::Kafka(e) => write!(f, "cannot create the Kafka producer: {e}"),
         }
@@ -49,7 +53,11 @@ pub struct Application {
     public: TcpListener,
     admin: TcpListener,
     tls: Option<RustlsConfig>,
-    publisher: Arc<Publisher>,
+    appender: spool::Appender,
+    spool: Arc<spool::Shared>,
+    writer: std::thread::JoinHandle<()>,
+    publisher: Publisher,
+    events: mpsc::Sender<Event>,
     ready: Arc<AtomicBool>,
     metrics: PrometheusHandle,
 }
@@ -77,7 +85,31 @@ impl Application {
             }
             None => None,
         };
-        let publisher = Arc::new(Publisher::new(&config.kafka).map_err(StartupError::Kafka)?);
+        let (events, events_rx) = mpsc::channel();
+        let wake = events.clone();
+        let opened = spool::open(&config.spool, move || {
+            let _ = wake.send(Event::Appended);
+        })
+        .map_err(StartupError::Spool)?;
+        let r = &opened.recovery;
+        tracing::info!(
+            dir = %config.spool.dir.display(),
+            pending = r.pending,
+            segments = r.segments,
+            bytes = r.bytes,
+            damaged = r.damaged,
+            "spool opened"
+        );
+        let publisher = Publisher::new(
+            PublisherConfig {
+                kafka: config.kafka.clone(),
+                max_in_flight: config.publish_max_in_flight,
+            },
+            opened.reader,
+            opened.shared.clone(),
+            (events.clone(), events_rx),
+        )
+        .map_err(StartupError::Kafka)?;
         let public = bind(config.listen)?;
         let admin = bind(config.admin_listen)?;
         Ok(Application {
@@ -85,7 +117,11 @@ impl Application {
             public,
             admin,
             tls,
+            appender: opened.appender,
+            spool: opened.shared,
+            writer: opened.writer,
             publisher,
+            events,
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
         })
@@ -105,15 +141,23 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
         let config = &self.config;
+        let flush_timeout = Duration::from_millis(config.kafka.flush_timeout_ms);
+        let publisher = self.publisher.spawn(flush_timeout)?;
         let receiver = Arc::new(Receiver {
             verifier: Verifier::new(
                 config.sdk_app_ids.clone(),
                 config.tokens.clone(),
                 config.sign_max_skew_ms,
             ),
-            publisher: self.publisher.clone(),
+            spool: self.appender,
+            dedup: Mutex::new(DedupWindow::new(
+                config.dedup_window_records,
+                Duration::from_millis(config.dedup_window_ms),
+            )),
             key_mode: config.kafka.key,
             max_body_bytes: config.max_body_bytes,
+            // Room for the headers and the batch overhead Kafka counts too.
+            max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
         });
         let app = receive::router(receiver, &config.callback_path)
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -136,7 +180,12 @@ impl Application {
         let admin = {
             let listener = tokio::net::TcpListener::from_std(self.admin)?;
             let stop = admin_stop.clone();
-            let router = admin_router(self.ready.clone(), self.metrics.clone());
+            let health = Health {
+                ready: self.ready.clone(),
+                spool: self.spool.clone(),
+                room_bytes: 4 * config.max_body_bytes as u64,
+            };
+            let router = admin_router(health, self.metrics.clone());
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { stop.notified().await })
@@ -183,20 +232,22 @@ impl Application {
         handle.graceful_shutdown(Some(Duration::from_millis(config.shutdown_drain_ms)));
         let _ = public.await;
 
-        let flush_timeout = Duration::from_millis(config.kafka.flush_timeout_ms);
-        let publisher = self.publisher.clone();
-        let flushed = tokio::task::spawn_blocking(move || {
-            publisher
-                .flush(flush_timeout)
-                .map_err(|e| (e, publisher.in_flight()))
-        })
-        .await;
-        match flushed {
-            Ok(Ok(())) => tracing::info!("producer flushed"),
-            Ok(Err((error, in_flight))) => {
-                tracing::error!(%error, in_flight, "producer not flushed; records still in flight are lost")
+        // The server and its handlers are gone, and with them every appender: the writer
+        // syncs what it wrote and ends. Then the publisher gets its bounded flush.
+        let writer = self.writer;
+        let events = self.events;
+        let stopped = tokio::task::spawn_blocking(move || {
+            if writer.join().is_err() {
+                tracing::error!("spool writer panicked");
             }
-            Err(error) => tracing::error!(%error, "producer flush panicked"),
+            let _ = events.send(Event::Stop);
+            if publisher.join().is_err() {
+                tracing::error!("publisher panicked");
+            }
+        });
+        let patience = flush_timeout + Duration::from_secs(5);
+        if tokio::time::timeout(patience, stopped).await.is_err() {
+            tracing::error!("spool or publisher did not stop in time");
         }
         upkeep.abort();
         admin_stop.notify_one();
@@ -206,7 +257,17 @@ impl Application {
     }
 }
 
-fn admin_router(ready: Arc<AtomicBool>, metrics: PrometheusHandle) -> Router {
+/// What `/readyz` looks at. Kafka being away is not on the list: the spool takes callbacks
+/// meanwhile, and refusing Tencent would lose them.
+#[derive(Clone)]
+struct Health {
+    ready: Arc<AtomicBool>,
+    spool: Arc<spool::Shared>,
+    /// Room the spool must have left to count as able to take callbacks.
+    room_bytes: u64,
+}
+
+fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -217,10 +278,15 @@ fn admin_router(ready: Arc<AtomicBool>, metrics: PrometheusHandle) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                if ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready\n")
-                } else {
+                if !health.ready.load(Ordering::SeqCst) {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if !health.spool.can_take(health.room_bytes) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "spool full or disk failing\n",
+                    )
+                } else {
+                    (StatusCode::OK, "ready\n")
                 }
             }),
         )

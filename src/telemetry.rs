@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -75,6 +75,8 @@ pub enum Outcome {
     /// A command we do not relay: acknowledged, not published.
     Ignored,
     Rejected,
+    /// Already accepted within the dedup window: acknowledged, not published again.
+    Duplicate,
 }
 
 impl Outcome {
@@ -83,6 +85,7 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Ignored => "ignored",
             Outcome::Rejected => "rejected",
+            Outcome::Duplicate => "duplicate",
         }
     }
 }
@@ -150,6 +153,19 @@ impl CallbackRejected<'_> {
     }
 }
 
+/// An authenticated callback that cannot be relayed was spooled for the quarantine topic.
+pub struct CallbackQuarantined {
+    pub reason: Reason,
+}
+
+impl CallbackQuarantined {
+    pub fn emit(&self) {
+        let reason = self.reason.label();
+        counter!("im_relay_callbacks_quarantined_total", "reason" => reason).increment(1);
+        tracing::debug!(reason, "callback quarantined");
+    }
+}
+
 /// Elements kept raw because their type or shape was not one we know.
 pub struct ElementsUntyped(pub usize);
 
@@ -174,9 +190,43 @@ impl RecordPublished {
     }
 }
 
-/// A record could not be handed to Kafka or was not delivered. Data is at risk: ERROR.
+/// A delivery failed and will be retried from the spool's copy.
+pub struct PublishRetried<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub attempts: u32,
+}
+
+impl PublishRetried<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_publish_retries_total").increment(1);
+        // The first failure of a record says why; later ones would repeat it.
+        if self.attempts == 1 {
+            tracing::warn!(error = %self.error, "delivery failed; retrying");
+        }
+    }
+}
+
+/// The publisher's view of the backlog, refreshed on every turn of its loop.
+pub struct PublisherGauges {
+    pub backlog_records: u64,
+    pub spool_bytes: u64,
+    pub in_flight: usize,
+    pub oldest_unpublished: Duration,
+}
+
+impl PublisherGauges {
+    pub fn emit(&self) {
+        gauge!("im_relay_spool_backlog_records").set(self.backlog_records as f64);
+        gauge!("im_relay_spool_bytes").set(self.spool_bytes as f64);
+        gauge!("im_relay_publish_in_flight_records").set(self.in_flight as f64);
+        gauge!("im_relay_spool_oldest_unpublished_age_seconds")
+            .set(self.oldest_unpublished.as_secs_f64());
+    }
+}
+
+/// A record could not be handed to Kafka and will not be retried. Data is lost: ERROR.
 pub struct PublishFailed<'a> {
-    /// Fixed set: `queue_full`, `too_large`, `delivery`, `other`.
+    /// Fixed set: `refused`, `undecodable`.
     pub kind: &'static str,
     pub error: &'a dyn std::fmt::Display,
 }
@@ -185,5 +235,29 @@ impl PublishFailed<'_> {
     pub fn emit(&self) {
         counter!("im_relay_records_failed_total", "kind" => self.kind).increment(1);
         tracing::error!(kind = self.kind, error = %self.error, "record not published");
+    }
+}
+
+/// Damaged spool frames were skipped: the records in them are lost. ERROR.
+pub struct SpoolDamage {
+    pub damaged: usize,
+}
+
+impl SpoolDamage {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_damaged_frames_total").increment(self.damaged as u64);
+        tracing::error!(damaged = self.damaged, "damaged spool frames skipped");
+    }
+}
+
+/// The spool's active segment was synced to disk.
+pub struct SpoolSynced {
+    pub elapsed: Duration,
+}
+
+impl SpoolSynced {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_syncs_total").increment(1);
+        histogram!("im_relay_spool_sync_duration_seconds").record(self.elapsed.as_secs_f64());
     }
 }

@@ -61,9 +61,11 @@ async fn sigterm_drains_flushes_and_exits_zero() {
     let broker = Broker::start();
     let topic = format!("im.c2c.cli-{}", unique());
     broker.create_topic(&topic).await;
+    broker.create_topic(&quarantine_topic(&topic)).await;
+    let spool = tempfile::tempdir().unwrap();
     let mut child = relay()
         .arg("serve")
-        .envs(test_env(&broker, &topic, &[]))
+        .envs(test_env(&broker, &topic, spool.path(), &[]))
         .env("IM_RELAY_KAFKA_LINGER_MS", "500")
         .stderr(Stdio::piped())
         .spawn()
@@ -97,7 +99,7 @@ async fn sigterm_drains_flushes_and_exits_zero() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit {exit:?}, log: {rest:#?}");
     assert!(
-        rest.iter().any(|l| l.contains("producer flushed")),
+        rest.iter().any(|l| l.contains("publisher stopped")),
         "{rest:#?}"
     );
     assert!(rest.iter().all(|l| line_has_no_secret(l)));

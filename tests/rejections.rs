@@ -155,7 +155,7 @@ async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
     let broker = Broker::start();
     let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
     let cases = cases();
-    for c in &cases {
+    for (i, c) in cases.iter().enumerate() {
         let url = format!("{}{}?{}", app.base, c.path, c.query);
         let resp = app
             .http
@@ -175,13 +175,13 @@ async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
         assert!(!info.contains(TOKEN));
         // The relay still serves a valid callback right after.
         assert_eq!(
-            app.post_signed(&message("alice")).await,
+            app.post_signed(&message(&format!("after-{i}"))).await,
             (200, ok_body()),
             "after {label}"
         );
     }
 
-    // Only the valid ones (all the same message, so one id) reached the topic.
+    // Only the valid ones reached the topic, in order (one conversation, one partition).
     let sentinel = message("sentinel");
     assert_eq!(app.post_signed(&sentinel).await, (200, ok_body()));
     let records = app.records_through("1400000000:alice:bob:k-sentinel").await;
@@ -189,12 +189,11 @@ async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
         .iter()
         .map(|r| r.value["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids.len(), cases.len() + 1, "{ids:?}");
-    assert!(
-        ids[..cases.len()]
-            .iter()
-            .all(|id| *id == "1400000000:alice:bob:k-alice")
-    );
+    let expected: Vec<String> = (0..cases.len())
+        .map(|i| format!("1400000000:alice:bob:k-after-{i}"))
+        .chain(["1400000000:alice:bob:k-sentinel".to_owned()])
+        .collect();
+    assert_eq!(ids, expected);
 
     let metrics = app.metrics().await;
     for c in &cases {
@@ -253,37 +252,88 @@ async fn truncated_body_gets_a_fail_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn producer_refusals_become_503_with_a_fail_body() {
-    // No broker answers here: records wait in the producer's queue, which holds one.
+async fn what_cannot_be_relayed_is_quarantined_with_its_reason() {
     let broker = Broker::start();
-    let dead = Broker::start();
-    let dead_port = dead.port;
-    drop(dead);
-    let dead_brokers = format!("127.0.0.1:{dead_port}");
-    let env_app = spawn_app(
-        &broker,
-        &[
-            ("IM_RELAY_KAFKA_BROKERS", dead_brokers.as_str()),
-            ("IM_RELAY_KAFKA_QUEUE_MAX_MESSAGES", "1"),
-            ("IM_RELAY_KAFKA_FLUSH_TIMEOUT_MS", "100"),
-            ("IM_RELAY_KAFKA_OPTIONS", "message.max.bytes=2000"),
-        ],
-    )
-    .await;
-    let big = message("alice").replace("\"hi\"", &format!("\"{}\"", "x".repeat(4000)));
-    let (status, reply) = env_app.post_signed(&big).await;
-    assert_eq!(status, 503);
-    assert_eq!(
-        reply["ErrorInfo"],
-        "relay cannot take the message now: record too large"
+    let app = spawn_app(&broker, &[("IM_RELAY_KAFKA_MESSAGE_MAX_BYTES", "90000")]).await;
+    // Empty video elements: 47 bytes each in the body, five times that in the record.
+    let empty_video = r#"{"MsgType":"TIMVideoFileElem","MsgContent":{}}"#;
+    let elements = vec![empty_video; 1200].join(",");
+    let big = message("big").replace(
+        r#"[{"MsgContent":{"Text":"hi"},"MsgType":"TIMTextElem"}]"#,
+        &format!("[{elements}]"),
     );
+    assert!(big.len() < 65536 && big.contains("TIMVideoFileElem"));
+    let cases = [
+        (Reason::InvalidJson, "{\"From_Account\": ".to_owned()),
+        (
+            Reason::InvalidMessage,
+            message("a").replace("\"MsgSeq\":1", "\"MsgSeq\":\"one\""),
+        ),
+        (
+            Reason::CommandMismatch,
+            message("b").replace("C2C.CallbackAfterSendMsg", "C2C.CallbackBeforeSendMsg"),
+        ),
+        (Reason::RecordTooLarge, big),
+    ];
+    for (reason, body) in &cases {
+        let (status, reply) = app.post_signed(body).await;
+        assert_eq!(status, reason.status().as_u16(), "{reason:?}");
+        assert_eq!(reply["ActionStatus"], "FAIL");
+    }
+    // Unauthenticated garbage is never stored.
+    let (status, _) = app.post("SdkAppid=1400000000&CallbackCommand=x", "{").await;
+    assert_eq!(status, 401);
 
+    let kept = app.quarantined(cases.len()).await;
+    assert_eq!(kept.len(), cases.len());
+    // Keyless records spread over partitions: match them by reason, not by order.
+    for (reason, body) in &cases {
+        let r = kept
+            .iter()
+            .find(|r| r.headers["im_quarantine_reason"] == reason.label())
+            .unwrap_or_else(|| panic!("{reason:?} not quarantined"));
+        assert_eq!(r.raw, body.as_bytes(), "{reason:?}");
+        assert_eq!(r.headers["im_sdk_app_id"], "1400000000");
+        let query = &r.headers["im_query"];
+        assert!(
+            query.contains("RequestTime=") && !query.contains("Sign="),
+            "{query}"
+        );
+    }
+    let invalid = kept
+        .iter()
+        .find(|r| r.headers["im_quarantine_reason"] == "invalid_message")
+        .unwrap();
     assert_eq!(
-        env_app.post_signed(&message("alice")).await,
+        invalid.headers["im_quarantine_detail"],
+        "MsgSeq must be an integer"
+    );
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("im_relay_callbacks_quarantined_total{reason=\"record_too_large\"}"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_callback_is_acknowledged_once_and_published_once() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    for _ in 0..3 {
+        assert_eq!(app.post_signed(&message("dup")).await, (200, ok_body()));
+    }
+    assert_eq!(
+        app.post_signed(&message("sentinel")).await,
         (200, ok_body())
     );
-    let (status, reply) = env_app.post_signed(&message("other")).await;
-    assert_eq!(status, 503);
-    assert_eq!(reply["ErrorInfo"], Reason::Overloaded.public_info());
-    env_app.stop().await;
+    let records = app.records_through("1400000000:alice:bob:k-sentinel").await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        app.metrics()
+            .await
+            .contains("im_relay_callbacks_total{outcome=\"duplicate\"} 2")
+    );
+    app.stop().await;
 }

@@ -123,6 +123,7 @@ impl Drop for Broker {
 /// A record read back from Kafka.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub raw: Vec<u8>,
     pub key: String,
     pub headers: BTreeMap<String, String>,
     pub value: Value,
@@ -174,9 +175,11 @@ pub fn read_until(
                             .collect()
                     })
                     .unwrap_or_default();
-                let value = serde_json::from_slice(m.payload().unwrap_or_default())
-                    .expect("record value is JSON");
+                let raw = m.payload().unwrap_or_default().to_vec();
+                // Quarantined bodies need not be JSON.
+                let value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
                 got.push(Received {
+                    raw,
                     key,
                     headers,
                     value,
@@ -251,6 +254,7 @@ pub fn after_send_query() -> String {
 
 /// The app, running on port 0 against `broker`, publishing to its own topic.
 pub struct TestApp {
+    pub spool: tempfile::TempDir,
     pub base: String,
     pub url: String,
     pub admin: String,
@@ -261,13 +265,24 @@ pub struct TestApp {
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
+pub fn quarantine_topic(topic: &str) -> String {
+    format!("{topic}.quarantine")
+}
+
 /// A value in `extra` that removes the variable instead of setting it.
 pub const UNSET: &str = "\0unset";
 
 /// Settings for a test app; `extra` overrides, adds or (with `UNSET`) removes `IM_RELAY_*`
 /// variables.
-pub fn test_env(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+pub fn test_env(
+    broker: &Broker,
+    topic: &str,
+    spool_dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> HashMap<String, String> {
     let mut env: HashMap<String, String> = [
+        ("IM_RELAY_QUARANTINE_TOPIC", quarantine_topic(topic)),
+        ("IM_RELAY_SPOOL_DIR", spool_dir.display().to_string()),
         ("IM_RELAY_SDK_APP_ID", APP_ID.to_string()),
         ("IM_RELAY_TOKEN", TOKEN.to_owned()),
         ("IM_RELAY_LISTEN", "127.0.0.1:0".to_owned()),
@@ -292,7 +307,9 @@ pub fn test_env(broker: &Broker, topic: &str, extra: &[(&str, &str)]) -> HashMap
 pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
     let topic = format!("im.c2c.test-{}", unique());
     broker.create_topic(&topic).await;
-    let env = test_env(broker, &topic, extra);
+    broker.create_topic(&quarantine_topic(&topic)).await;
+    let spool = tempfile::tempdir().expect("spool dir");
+    let env = test_env(broker, &topic, spool.path(), extra);
     let config = Config::load(None, &|k| env.get(k).cloned()).expect("test config is valid");
     let scheme = if config.tls.is_some() {
         "https"
@@ -308,6 +325,7 @@ pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
         let _ = stopped.await;
     }));
     TestApp {
+        spool,
         url: format!("{base}{path}"),
         base,
         admin,
@@ -340,7 +358,15 @@ impl TestApp {
     }
 
     pub async fn records(&self, want: usize) -> Vec<Received> {
-        let (bootstrap, topic) = (self.bootstrap.clone(), self.topic.clone());
+        self.records_in(&self.topic, want).await
+    }
+
+    pub async fn quarantined(&self, want: usize) -> Vec<Received> {
+        self.records_in(&quarantine_topic(&self.topic), want).await
+    }
+
+    pub async fn records_in(&self, topic: &str, want: usize) -> Vec<Received> {
+        let (bootstrap, topic) = (self.bootstrap.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
             read_records(&bootstrap, &topic, want, Duration::from_secs(30))
         })

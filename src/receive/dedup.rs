@@ -1,0 +1,88 @@
+//! A bounded window of recently accepted record ids, so that a callback Tencent retries (when
+//! the console's retry-on-timeout is on) is acknowledged but not published twice. Bounded in
+//! count and age; in memory only, so a restart forgets it (consumers still dedupe on `ce_id`).
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
+
+pub struct DedupWindow {
+    max_records: usize,
+    max_age: Duration,
+    /// 64-bit keyed hashes of ids: collisions are negligible at this size, memory is fixed.
+    seen: HashMap<u64, Instant>,
+    order: VecDeque<(u64, Instant)>,
+    hasher: RandomState,
+}
+
+impl DedupWindow {
+    pub fn new(max_records: usize, max_age: Duration) -> Self {
+        DedupWindow {
+            max_records,
+            max_age,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some(&(h, at)) = self.order.front() {
+            if self.order.len() <= self.max_records && now.duration_since(at) < self.max_age {
+                break;
+            }
+            self.order.pop_front();
+            if self.seen.get(&h) == Some(&at) {
+                self.seen.remove(&h);
+            }
+        }
+    }
+
+    /// True when `id` was accepted within the window.
+    pub fn contains(&mut self, id: &str, now: Instant) -> bool {
+        self.evict(now);
+        self.max_records > 0 && self.seen.contains_key(&self.hasher.hash_one(id))
+    }
+
+    /// Remembers `id` as accepted (call only once it is safely stored).
+    pub fn insert(&mut self, id: &str, now: Instant) {
+        if self.max_records == 0 {
+            return;
+        }
+        let h = self.hasher.hash_one(id);
+        self.seen.insert(h, now);
+        self.order.push_back((h, now));
+        self.evict(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_within_count_and_age() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(3, Duration::from_secs(60));
+        assert!(!w.contains("a", t0));
+        w.insert("a", t0);
+        assert!(w.contains("a", t0));
+        for id in ["b", "c", "d"] {
+            w.insert(id, t0);
+        }
+        // Count bound: "a" is the oldest of four.
+        assert!(!w.contains("a", t0));
+        assert!(w.contains("d", t0));
+        // Age bound.
+        assert!(!w.contains("d", t0 + Duration::from_secs(61)));
+        assert!(w.seen.is_empty() && w.order.is_empty());
+    }
+
+    #[test]
+    fn zero_disables_it() {
+        let mut w = DedupWindow::new(0, Duration::from_secs(60));
+        w.insert("a", Instant::now());
+        assert!(!w.contains("a", Instant::now()));
+    }
+}

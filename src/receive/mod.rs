@@ -1,0 +1,278 @@
+//! Stage 1 of the road: **receive**. The public HTTP endpoint Tencent calls. It reads the
+//! request in the order that spends least on strangers — query and signature first, the body
+//! (capped before it is read) only after — hands it down the road, and answers in Tencent's
+//! shape, always. `OK` is sent only once the record is in the spool.
+//!
+//! A callback that passed authentication but cannot be relayed (bad JSON, wrong types, a
+//! command mismatch, a record too large for Kafka) is still kept: its raw body goes through
+//! the spool to the quarantine topic, and the caller gets the 4xx that says why.
+
+mod dedup;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub use dedup::DedupWindow;
+
+use crate::domain::CallbackCommand;
+use crate::error::{Ack, Reason, Rejection};
+use crate::normalize::{self, KeyMode};
+use crate::publish::{Entry, Target};
+use crate::spool::{AppendError, Appender};
+use crate::telemetry::{
+    CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackRejected, ElementsUntyped,
+    Outcome,
+};
+use crate::validate::{CallbackQuery, Verifier};
+
+/// What the callback endpoint needs, built once by `startup`.
+pub struct Receiver {
+    pub verifier: Verifier,
+    pub spool: Appender,
+    pub dedup: Mutex<DedupWindow>,
+    pub key_mode: KeyMode,
+    pub max_body_bytes: usize,
+    /// Records larger than this would be refused by Kafka: they go to quarantine instead.
+    pub max_record_bytes: usize,
+}
+
+pub fn router(receiver: Arc<Receiver>, path: &str) -> Router {
+    Router::new()
+        .route(
+            path,
+            post(callback).fallback(|| refuse(Reason::MethodNotAllowed)),
+        )
+        .fallback(|| refuse(Reason::NotFound))
+        .with_state(receiver)
+}
+
+async fn refuse(reason: Reason) -> Response {
+    finish(Err(reason.into()), Instant::now(), None)
+}
+
+async fn callback(State(receiver): State<Arc<Receiver>>, request: Request) -> Response {
+    let started = Instant::now();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let result = handle(&receiver, request).await;
+    finish(result, started, peer)
+}
+
+fn finish(
+    result: Result<Outcome, Rejection>,
+    started: Instant,
+    peer: Option<SocketAddr>,
+) -> Response {
+    let outcome = match &result {
+        Ok(o) => *o,
+        Err(r) => {
+            CallbackRejected {
+                reason: r.reason,
+                detail: r.detail.as_deref(),
+                peer,
+            }
+            .emit();
+            Outcome::Rejected
+        }
+    };
+    CallbackFinished {
+        outcome,
+        elapsed: started.elapsed(),
+    }
+    .emit();
+    match result {
+        Ok(_) => Ack.into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+fn unix_ms(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Rejection> {
+    let received_at = OffsetDateTime::now_utc();
+    let (parts, body) = request.into_parts();
+    let raw_query = parts.uri.query().unwrap_or("");
+    let query = receiver
+        .verifier
+        .verify(Some(raw_query), received_at.unix_timestamp())?;
+    // Authenticated from here on: what cannot be relayed is quarantined, not dropped.
+    let bytes = read_body(&parts.headers, body, receiver.max_body_bytes).await?;
+    if bytes.is_empty() {
+        return Err(Reason::EmptyBody.into());
+    }
+    let quarantine = |rejection: Rejection| Quarantine {
+        receiver,
+        query: &query,
+        raw_query,
+        body: &bytes,
+        received_at,
+        rejection,
+    };
+    let body = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => {
+            let r = Rejection::with_detail(Reason::InvalidJson, "not an object");
+            return quarantine(r).keep().await;
+        }
+        Err(e) => {
+            let detail = format!(
+                "{:?} at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            );
+            let r = Rejection::with_detail(Reason::InvalidJson, detail);
+            return quarantine(r).keep().await;
+        }
+    };
+    // Tencent repeats the command in the body; a disagreement means someone edited one of them.
+    match body.get("CallbackCommand") {
+        None => {}
+        Some(Value::String(c)) if c == query.command.as_str() => {}
+        Some(_) => return quarantine(Reason::CommandMismatch.into()).keep().await,
+    }
+    if let CallbackCommand::Other(command) = &query.command {
+        CallbackIgnored { command }.emit();
+        return Ok(Outcome::Ignored);
+    }
+    let ctx = normalize::Context {
+        sdk_app_id: query.sdk_app_id,
+        client_ip: query.client_ip.as_deref(),
+        opt_platform: query.opt_platform.as_deref(),
+        received_at,
+        key_mode: receiver.key_mode,
+    };
+    let record = match normalize::normalize(&ctx, &body) {
+        Ok(r) => r,
+        Err(e) => {
+            let r = Rejection::with_detail(Reason::InvalidMessage, e.to_string());
+            return quarantine(r).keep().await;
+        }
+    };
+    if record.value.len() > receiver.max_record_bytes {
+        return quarantine(Reason::RecordTooLarge.into()).keep().await;
+    }
+    ElementsUntyped(record.untyped_elements).emit();
+    let now = Instant::now();
+    if lock(&receiver.dedup).contains(&record.id, now) {
+        return Ok(Outcome::Duplicate);
+    }
+    let entry = Entry {
+        target: Target::Messages,
+        key: Some(record.key.into_bytes()),
+        headers: record
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+            .collect(),
+        value: record.value,
+        received_at_ms: unix_ms(received_at),
+    };
+    append(&receiver.spool, entry).await?;
+    lock(&receiver.dedup).insert(&record.id, now);
+    Ok(Outcome::Accepted)
+}
+
+fn lock(m: &Mutex<DedupWindow>) -> std::sync::MutexGuard<'_, DedupWindow> {
+    // The window holds no invariant a panic could break: keep using it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn append(spool: &Appender, entry: Entry) -> Result<u64, Rejection> {
+    spool.append(entry.encode()).await.map_err(|e| match e {
+        AppendError::Full => Rejection::from(Reason::SpoolFull),
+        AppendError::Io(_) => Rejection::from(Reason::SpoolUnavailable),
+    })
+}
+
+/// An authenticated callback we cannot relay, on its way to the quarantine topic.
+struct Quarantine<'a> {
+    receiver: &'a Receiver,
+    query: &'a CallbackQuery,
+    raw_query: &'a str,
+    body: &'a Bytes,
+    received_at: OffsetDateTime,
+    rejection: Rejection,
+}
+
+impl Quarantine<'_> {
+    /// Spools the raw callback with its reason; answers with the rejection (or 503 when even
+    /// that cannot be stored, so a retrying sender tries again).
+    async fn keep(self) -> Result<Outcome, Rejection> {
+        // `Sign` is a credential for the rest of its freshness window: not kept.
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(
+                form_urlencoded::parse(self.raw_query.as_bytes()).filter(|(k, _)| k != "Sign"),
+            )
+            .finish();
+        let mut headers = vec![
+            (
+                "im_quarantine_reason",
+                self.rejection.reason.label().to_owned(),
+            ),
+            ("im_sdk_app_id", self.query.sdk_app_id.to_string()),
+            (
+                "im_callback_command",
+                self.query.command.as_str().to_owned(),
+            ),
+            ("im_query", query),
+            (
+                "im_received_at",
+                self.received_at.format(&Rfc3339).unwrap_or_default(),
+            ),
+            ("content-type", "application/octet-stream".to_owned()),
+        ];
+        if let Some(detail) = &self.rejection.detail {
+            headers.push(("im_quarantine_detail", detail.clone()));
+        }
+        let entry = Entry {
+            target: Target::Quarantine,
+            key: None,
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+                .collect(),
+            value: self.body.to_vec(),
+            received_at_ms: unix_ms(self.received_at),
+        };
+        append(&self.receiver.spool, entry).await?;
+        CallbackQuarantined {
+            reason: self.rejection.reason,
+        }
+        .emit();
+        Err(self.rejection)
+    }
+}
+
+/// Reads the body, refusing it as soon as it is known to exceed `limit` — from
+/// `Content-Length` before a byte is read, or while streaming when there is none.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Rejection> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Reason::BodyTooLarge.into());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Reason::BodyTooLarge.into()),
+        Err(_) => Err(Reason::BodyReadFailed.into()),
+    }
+}
