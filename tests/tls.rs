@@ -24,7 +24,7 @@ async fn https_serves_http1_and_http2_with_the_configured_certificate() {
     assert!(app.url.starts_with("https://localhost:"), "{}", app.url);
 
     let root = reqwest::Certificate::from_pem(generated.cert.pem().as_bytes()).unwrap();
-    for (client, version) in [
+    for (i, (client, version)) in [
         (
             reqwest::Client::builder()
                 .add_root_certificate(root.clone())
@@ -35,12 +35,17 @@ async fn https_serves_http1_and_http2_with_the_configured_certificate() {
             reqwest::Client::builder().add_root_certificate(root.clone()),
             reqwest::Version::HTTP_2,
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Distinct messages: the same one twice would be dropped as a duplicate.
+        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", &format!("tls-{i}"));
         let resp = client
             .build()
             .unwrap()
             .post(format!("{}?{}", app.url, after_send_query()))
-            .body(DOC_SAMPLE)
+            .body(body)
             .send()
             .await
             .expect("TLS handshake and request");
