@@ -238,15 +238,21 @@ impl PublishFailed<'_> {
     }
 }
 
-/// Damaged spool frames were skipped: the records in them are lost. ERROR.
+/// A damaged stretch of a spool segment was skipped: the record(s) in it are lost. ERROR.
 pub struct SpoolDamage {
-    pub damaged: usize,
+    /// First sequence number of the segment (its file name).
+    pub segment: u64,
+    pub bytes: usize,
 }
 
 impl SpoolDamage {
     pub fn emit(&self) {
-        counter!("im_relay_spool_damaged_frames_total").increment(self.damaged as u64);
-        tracing::error!(damaged = self.damaged, "damaged spool frames skipped");
+        counter!("im_relay_spool_damaged_frames_total").increment(1);
+        tracing::error!(
+            segment = self.segment,
+            bytes = self.bytes,
+            "damaged spool frames skipped"
+        );
     }
 }
 

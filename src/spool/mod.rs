@@ -286,10 +286,11 @@ pub fn open(cfg: &SpoolConfig, wake: impl Fn() + Send + 'static) -> io::Result<O
         );
     }
     if recovery.damaged > 0 {
-        SpoolDamage {
-            damaged: recovery.damaged,
-        }
-        .emit();
+        // Counted (and logged one by one) as the reader skips them.
+        tracing::error!(
+            damaged = recovery.damaged,
+            "spool holds damaged frames; the records in them are lost"
+        );
     }
     let next_seq = last_seq + 1;
     let active = segment_path(&cfg.dir, next_seq);
@@ -543,8 +544,11 @@ impl Reader {
             Read::by_ref(&mut file)
                 .take(READ_CHUNK as u64)
                 .read_to_end(&mut self.buf)?;
+            // The chunk ended before the file did: a frame cut there is read again next pass.
+            let chunk_cut = self.buf.len() == READ_CHUNK;
             let mut at = 0;
             let mut waiting = false;
+            let mut more = false;
             while n < max && at < self.buf.len() {
                 match frame::decode(&self.buf[at..]) {
                     frame::Decoded::Frame { seq, .. } if seq > appended => {
@@ -558,6 +562,10 @@ impl Reader {
                             n += 1;
                         }
                         at += size;
+                    }
+                    frame::Decoded::Incomplete if chunk_cut => {
+                        more = true;
+                        break;
                     }
                     frame::Decoded::Incomplete if active => {
                         waiting = true;
@@ -576,7 +584,7 @@ impl Reader {
                 continue;
             }
             self.current = Some((first, file, offset));
-            if at_end || waiting {
+            if (at_end || waiting) && !more {
                 break;
             }
         }
@@ -589,8 +597,11 @@ impl Reader {
         let skip = (1..rest.len())
             .find(|&i| matches!(frame::decode(&rest[i..]), frame::Decoded::Frame { .. }))
             .unwrap_or(rest.len());
-        SpoolDamage { damaged: 1 }.emit();
-        tracing::error!(segment, bytes = skip, "damaged spool frame skipped");
+        SpoolDamage {
+            segment,
+            bytes: skip,
+        }
+        .emit();
         skip
     }
 

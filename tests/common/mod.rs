@@ -157,7 +157,13 @@ pub fn read_until(
     let deadline = Instant::now() + timeout;
     let mut last_progress = Instant::now();
     let mut marked = false;
-    while !done(&got) && Instant::now() < deadline {
+    // `done` may look at every record: on big reads, ask it only now and then.
+    let mut idle = true;
+    while Instant::now() < deadline {
+        if (idle || got.len() < 1000 || got.len() % 1000 == 0) && done(&got) {
+            break;
+        }
+        idle = false;
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
@@ -189,6 +195,7 @@ pub fn read_until(
             }
             Some(Err(e)) => panic!("consumer error: {e}"),
             None => {
+                idle = true;
                 if !marked && last_progress.elapsed() > Duration::from_secs(3) {
                     write_markers(bootstrap, topic);
                     marked = true;
@@ -419,4 +426,165 @@ pub fn assert_schema_valid(record: &Value) {
         .map(|e| e.to_string())
         .collect();
     assert!(errors.is_empty(), "schema violations: {errors:#?}");
+}
+
+/// The `im-relay` binary run as a child process, so a test can `kill -9` it.
+pub struct RelayProcess {
+    child: Child,
+    pub env: HashMap<String, String>,
+    pub log: std::path::PathBuf,
+}
+
+impl RelayProcess {
+    /// Starts the binary with `env` (fixed ports, so restarts keep the same address) and
+    /// waits until `/readyz` answers 200.
+    pub fn start(env: &HashMap<String, String>, log: &std::path::Path) -> RelayProcess {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_im-relay"))
+            .arg("serve")
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("relay starts");
+        let p = RelayProcess {
+            child,
+            env: env.clone(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.ready() != Some(true) {
+            assert!(
+                Instant::now() < deadline,
+                "relay not ready; log: {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    fn admin(&self) -> String {
+        self.env["IM_RELAY_ADMIN_LISTEN"].clone()
+    }
+
+    /// `Some(true)` ready, `Some(false)` answering but not ready, `None` not answering.
+    pub fn ready(&self) -> Option<bool> {
+        let mut s = std::net::TcpStream::connect(self.admin()).ok()?;
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"))
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(self.admin()).expect("admin answers");
+        use std::io::{Read, Write};
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// SIGKILL: no drain, no flush, no goodbye.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, and waits for the exit code.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+/// A free `127.0.0.1:port`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// A steady stream of signed callbacks with unique keys from `workers` concurrent senders,
+/// until `stop` is set; returns the ids that were answered `OK`.
+pub async fn drive(
+    url: String,
+    workers: usize,
+    prefix: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (client, url, stop, prefix) =
+            (client.clone(), url.clone(), stop.clone(), prefix.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("{prefix}-{w}-{n}");
+                n += 1;
+                let body = serde_json::json!({
+                    "CallbackCommand": "C2C.CallbackAfterSendMsg",
+                    "From_Account": format!("user{w}"), "To_Account": "sink",
+                    "MsgKey": key, "MsgTime": now(),
+                    "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "load"}}],
+                });
+                let sent = client
+                    .post(format!("{url}?{}", after_send_query()))
+                    .body(body.to_string())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        if r.json::<Value>().await.ok() == Some(ok_body()) {
+                            acked.push(format!("{APP_ID}:sink:user{w}:{key}"));
+                        }
+                    }
+                    // Refused or relay down: not acknowledged, so not owed.
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// Reads `topic` until every id in `acked` is there (or `timeout`); returns
+/// (missing ids, duplicate count).
+pub fn missing_and_duplicates(
+    bootstrap: &str,
+    topic: &str,
+    acked: &[String],
+    timeout: Duration,
+) -> (Vec<String>, usize) {
+    use std::collections::HashSet;
+    let want: HashSet<&str> = acked.iter().map(String::as_str).collect();
+    let records = read_until(bootstrap, topic, timeout, |got| {
+        let have: HashSet<&str> = got.iter().filter_map(|r| r.value["id"].as_str()).collect();
+        want.is_subset(&have)
+    });
+    let ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r.value["id"].as_str())
+        .collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    let missing = want.difference(&unique).map(|s| s.to_string()).collect();
+    (missing, ids.len() - unique.len())
 }

@@ -1,0 +1,354 @@
+//! Zero loss: whatever got `OK` ends up in Kafka — through `kill -9`, a frozen broker, a full
+//! spool and damaged spool files. The relay runs as a real process where it must die.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use im_relay::publish::{Entry, Target};
+use im_relay::spool::{self, Fsync, SpoolConfig};
+
+/// A small deterministic generator, seeded from the clock; the seed is printed so a failing
+/// run can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn from_clock() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("random seed: {seed}");
+        Lcg(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+struct Setup {
+    broker: Broker,
+    topic: String,
+    env: std::collections::HashMap<String, String>,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(extra: &[(&str, &str)]) -> Setup {
+    let broker = Broker::start();
+    let topic = format!("im.c2c.zl-{}", unique());
+    broker.create_topic(&topic).await;
+    broker.create_topic(&quarantine_topic(&topic)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut all = vec![
+        ("IM_RELAY_LISTEN", listen.as_str()),
+        ("IM_RELAY_ADMIN_LISTEN", admin.as_str()),
+    ];
+    all.extend_from_slice(extra);
+    let spool_dir = dir.path().join("spool");
+    let env = test_env(&broker, &topic, &spool_dir, &all);
+    Setup {
+        broker,
+        topic,
+        env,
+        dir,
+    }
+}
+
+impl Setup {
+    fn url(&self) -> String {
+        format!("http://{}/im/callback", self.env["IM_RELAY_LISTEN"])
+    }
+
+    fn start(&self) -> RelayProcess {
+        RelayProcess::start(&self.env, &self.dir.path().join("relay.log"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+
+    async fn check(&self, acked: Vec<String>) {
+        let (bootstrap, topic) = (self.broker.bootstrap(), self.topic.clone());
+        let total = acked.len();
+        let (missing, duplicates) = tokio::task::spawn_blocking(move || {
+            missing_and_duplicates(&bootstrap, &topic, &acked, Duration::from_secs(90))
+        })
+        .await
+        .unwrap();
+        eprintln!(
+            "acknowledged {total}, missing {}, duplicates {duplicates}",
+            missing.len()
+        );
+        if !missing.is_empty() {
+            let _ = std::fs::write(
+                format!("/tmp/im-relay-failed-{}.log", std::process::id()),
+                self.log(),
+            );
+            for line in self
+                .log()
+                .lines()
+                .filter(|l| !l.contains("\"INFO\""))
+                .take(40)
+            {
+                eprintln!("relay log: {line}");
+            }
+        }
+        assert!(
+            total > 100,
+            "the stream was too thin to prove anything: {total}"
+        );
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged records missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
+    let s = setup(&[]).await;
+    let mut relay = s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 8, "crash", stop.clone()));
+    let mut rng = Lcg::from_clock();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
+        eprintln!("round {round}: kill -9");
+        relay.kill9();
+        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+        relay = s.start();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = driver.await.unwrap();
+    assert!(relay.terminate().success(), "{}", s.log());
+    // The last run may have left records for the next start: run once more to drain them.
+    let relay = s.start();
+    s.check(acked).await;
+    assert!(relay.terminate().success());
+    assert!(
+        !s.log().contains("damaged spool frames skipped"),
+        "{}",
+        s.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_broker_and_a_crash_during_it_lose_nothing() {
+    let s = setup(&[("IM_RELAY_SPOOL_FSYNC", "interval:50")]).await;
+    let mut relay = s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 4, "outage", stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    s.broker.signal("-STOP");
+    let frozen = Instant::now();
+    let mut red = Vec::new();
+    let mut killed = false;
+    while frozen.elapsed() < Duration::from_secs(22) {
+        if !killed && frozen.elapsed() > Duration::from_secs(8) {
+            relay.kill9();
+            relay = s.start();
+            killed = true;
+        }
+        if relay.ready() == Some(false) {
+            red.push(frozen.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let backlog = backlog_records(&relay.metrics());
+    s.broker.signal("-CONT");
+    assert!(
+        red.is_empty(),
+        "readiness went red while only Kafka was down: {red:?}"
+    );
+    assert!(
+        backlog > 0.0,
+        "records waited in the spool during the outage"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = driver.await.unwrap();
+    s.check(acked).await;
+    // The backlog drains.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backlog_records(&relay.metrics()) > 0.0 {
+        assert!(Instant::now() < deadline, "backlog did not drain");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(relay.terminate().success());
+    assert!(
+        !s.log().contains("damaged spool frames skipped"),
+        "{}",
+        s.log()
+    );
+}
+
+fn backlog_records(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("im_relay_spool_backlog_records "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_answers_503_and_recovers_by_itself() {
+    let broker = Broker::start();
+    let app = spawn_app(
+        &broker,
+        &[
+            ("IM_RELAY_SPOOL_MAX_BYTES", "65536"),
+            ("IM_RELAY_SPOOL_SEGMENT_BYTES", "8192"),
+            ("IM_RELAY_MAX_BODY_BYTES", "4096"),
+            ("IM_RELAY_KAFKA_MESSAGE_MAX_BYTES", "100000"),
+        ],
+    )
+    .await;
+    broker.signal("-STOP");
+    let mut acked = Vec::new();
+    let mut full = false;
+    for i in 0..2000 {
+        let key = format!("full-{i}");
+        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", &key);
+        let (status, reply) = app.post_signed(&body).await;
+        match status {
+            200 => acked.push(format!("1400000000:Jonh:jared:{key}")),
+            503 => {
+                assert_eq!(reply["ErrorInfo"], "relay is full, try again later");
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}: {reply}"),
+        }
+    }
+    assert!(full, "the spool never filled");
+    let ready = reqwest::get(format!("{}/readyz", app.admin)).await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "readiness is red while the spool is full"
+    );
+    assert!(
+        app.metrics()
+            .await
+            .contains("im_relay_callbacks_rejected_total{reason=\"spool_full\"}")
+    );
+
+    broker.signal("-CONT");
+    // Service resumes by itself once the backlog is delivered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", "after-full");
+        if app.post_signed(&body).await.0 == 200 {
+            acked.push("1400000000:Jonh:jared:after-full".into());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = reqwest::get(format!("{}/readyz", app.admin)).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
+    let total = acked.len();
+    let (missing, _) = tokio::task::spawn_blocking(move || {
+        missing_and_duplicates(&bootstrap, &topic, &acked, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert!(total > 10);
+    assert!(missing.is_empty(), "missing {missing:?}");
+    assert!(
+        !app.metrics()
+            .await
+            .contains("im_relay_spool_damaged_frames_total")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_spool_files_are_recovered_record_by_record() {
+    let s = setup(&[]).await;
+    // A spool left behind by an earlier run: ten records, then damage.
+    let dir = std::path::PathBuf::from(&s.env["IM_RELAY_SPOOL_DIR"]);
+    let cfg = SpoolConfig {
+        dir: dir.clone(),
+        max_bytes: 1 << 30,
+        segment_bytes: 1 << 20,
+        fsync: Fsync::Always,
+    };
+    let opened = spool::open(&cfg, || {}).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let key = format!("left-{i}");
+        let id = format!("1400000000:a:b:{key}");
+        let value = serde_json::json!({"id": id}).to_string().into_bytes();
+        let entry = Entry {
+            target: Target::Messages,
+            key: Some(key.into_bytes()),
+            headers: vec![("ce_id".into(), id.clone().into_bytes())],
+            value,
+            received_at_ms: 0,
+        };
+        opened.appender.append(entry.encode()).await.unwrap();
+        ids.push(id);
+    }
+    drop(opened.appender);
+    opened.writer.join().unwrap();
+    drop(opened.reader);
+    drop(opened.shared);
+    let seg = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "seg") && std::fs::metadata(p).unwrap().len() > 0
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Flip a byte inside the third record's payload, and tear the last record in half.
+    let third = bytes.windows(7).position(|w| w == b"left-2\"").unwrap();
+    bytes[third] ^= 0x20;
+    let last = bytes.windows(7).rposition(|w| w == b"left-9\"").unwrap();
+    bytes.truncate(last);
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let relay = s.start();
+    let expected: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2 && *i != 9)
+        .map(|(_, id)| id.clone())
+        .collect();
+    let (bootstrap, topic) = (s.broker.bootstrap(), s.topic.clone());
+    let want = expected.clone();
+    let (missing, _) = tokio::task::spawn_blocking(move || {
+        missing_and_duplicates(&bootstrap, &topic, &want, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(missing.is_empty(), "intact records lost: {missing:?}");
+    let metrics = relay.metrics();
+    assert!(
+        metrics.contains("im_relay_spool_damaged_frames_total 1"),
+        "{metrics}"
+    );
+    assert!(relay.terminate().success());
+    let log = s.log();
+    assert!(log.contains("damaged spool frames skipped"), "{log}");
+    assert!(
+        log.contains("cut a write the last run did not finish"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
