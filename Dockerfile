@@ -16,11 +16,16 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay \
+ && mkdir -p /var/lib/im-relay/spool \
+ && chown 10001 /var/lib/im-relay/spool
 COPY --from=build /im-relay /usr/local/bin/im-relay
 USER 10001
 ENV IM_RELAY_LISTEN=0.0.0.0:8080 \
-    IM_RELAY_ADMIN_LISTEN=0.0.0.0:8081
+    IM_RELAY_ADMIN_LISTEN=0.0.0.0:8081 \
+    IM_RELAY_SPOOL_DIR=/var/lib/im-relay/spool
+# The durable spool: acknowledged callbacks not yet in Kafka. Keep it on a persistent volume.
+VOLUME ["/var/lib/im-relay/spool"]
 EXPOSE 8080 8081
 # Ready = serving and not draining; bash's /dev/tcp avoids shipping curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

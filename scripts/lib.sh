@@ -7,7 +7,7 @@ IM_RELAY_CACHE="${IM_RELAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/im-relay}"
 TANSU_VERSION="0.6.0"
 TANSU_BIN="${TANSU_BIN:-$IM_RELAY_CACHE/tansu-$TANSU_VERSION/bin/tansu}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
-IM_RELAY_TOPICS="${IM_RELAY_TOPICS:-im.c2c.messages}"
+IM_RELAY_TOPICS="${IM_RELAY_TOPICS:-im.c2c.messages im.c2c.quarantine}"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

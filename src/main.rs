@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use im_relay::config::{self, Config};
 use im_relay::startup::Application;
-use im_relay::{telemetry, validate};
+use im_relay::{publish, spool, telemetry, validate};
 
 fn cli() -> clap::Command {
     clap::Command::new("im-relay")
@@ -13,6 +13,21 @@ fn cli() -> clap::Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(config::serve_command())
+        .subcommand(
+            clap::Command::new("spool")
+                .about("Inspect the durable spool (read-only; safe while the relay runs)")
+                .subcommand_required(true)
+                .subcommand(
+                    clap::Command::new("status")
+                        .about("Backlog, oldest unpublished record, segments, damage")
+                        .arg(
+                            clap::Arg::new("spool_dir")
+                                .long("spool-dir")
+                                .value_name("DIR")
+                                .help("spool directory [env: IM_RELAY_SPOOL_DIR] [default: spool]"),
+                        ),
+                ),
+        )
         .subcommand(
             clap::Command::new("sign")
                 .about("Print a signed query suffix (RequestTime=…&Sign=…), as Tencent would send it")
@@ -33,8 +48,50 @@ fn main() -> ExitCode {
     match matches.subcommand() {
         Some(("serve", flags)) => serve(flags),
         Some(("sign", flags)) => sign(flags),
+        Some(("spool", sub)) => match sub.subcommand() {
+            Some(("status", flags)) => spool_status(flags),
+            _ => ExitCode::from(2),
+        },
         _ => ExitCode::from(2),
     }
+}
+
+fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
+    let dir = flags
+        .get_one::<String>("spool_dir")
+        .cloned()
+        .or_else(|| std::env::var("IM_RELAY_SPOOL_DIR").ok())
+        .unwrap_or_else(|| "spool".into());
+    let dir = std::path::Path::new(&dir);
+    let report = spool::inspect(dir).and_then(|(r, _)| Ok((r, spool::oldest_pending(dir)?)));
+    let (r, oldest) = match report {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("cannot read the spool in {}: {error}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let age = oldest
+        .and_then(|payload| publish::Entry::decode(&payload))
+        .map(|e| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            format!(
+                "{:.1}s",
+                now_ms.saturating_sub(e.received_at_ms) as f64 / 1000.0
+            )
+        })
+        .unwrap_or_else(|| "-".into());
+    println!("spool:               {}", dir.display());
+    println!("committed position:  {}", r.committed);
+    println!("backlog records:     {}", r.pending);
+    println!("oldest unpublished:  {age}");
+    println!("segments:            {}", r.segments);
+    println!("bytes:               {}", r.bytes);
+    println!("damaged frames:      {}", r.damaged);
+    println!("torn tail bytes:     {}", r.torn_bytes);
+    ExitCode::SUCCESS
 }
 
 fn sign(flags: &clap::ArgMatches) -> ExitCode {

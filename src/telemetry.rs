@@ -256,6 +256,20 @@ impl SpoolDamage {
     }
 }
 
+/// One group-committed batch of records was written to the spool.
+pub struct SpoolAppended {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl SpoolAppended {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_appended_records_total").increment(self.records as u64);
+        counter!("im_relay_spool_appended_bytes_total").increment(self.bytes as u64);
+        counter!("im_relay_spool_writes_total").increment(1);
+    }
+}
+
 /// The spool's active segment was synced to disk.
 pub struct SpoolSynced {
     pub elapsed: Duration,

@@ -168,6 +168,24 @@ async fn a_frozen_broker_and_a_crash_during_it_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let backlog = backlog_records(&relay.metrics());
+    // The operator's view of the same backlog, read from the files while the relay runs.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_im-relay"))
+        .args([
+            "spool",
+            "status",
+            "--spool-dir",
+            &s.env["IM_RELAY_SPOOL_DIR"],
+        ])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let on_disk: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog records:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(on_disk > 0, "{status}");
+    assert!(status.contains("damaged frames:      0"), "{status}");
     s.broker.signal("-CONT");
     assert!(
         red.is_empty(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::telemetry::{SpoolDamage, SpoolSynced};
+use crate::telemetry::{SpoolAppended, SpoolDamage, SpoolSynced};
 
 /// When appended bytes are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +243,22 @@ pub fn inspect(dir: &Path) -> io::Result<(Recovery, Vec<ScannedSegment>)> {
     Ok((r, scans))
 }
 
+/// The payload of the oldest record not yet committed, if any (read-only, like `inspect`).
+pub fn oldest_pending(dir: &Path) -> io::Result<Option<Vec<u8>>> {
+    let committed = read_committed(dir);
+    for (_, path) in list_segments(dir)? {
+        let bytes = fs::read(&path)?;
+        for (seq, at, _) in frame::scan(&bytes).frames {
+            if seq > committed
+                && let frame::Decoded::Frame { payload, .. } = frame::decode(&bytes[at..])
+            {
+                return Ok(Some(payload.to_vec()));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// An open spool: its handles, what recovery found, and the writer thread (which ends, after
 /// a last sync, once every `Appender` is dropped).
 pub struct Opened {
@@ -409,6 +425,11 @@ impl Writer {
         });
         match result {
             Ok(()) => {
+                SpoolAppended {
+                    records: accepted.len(),
+                    bytes: buf.len(),
+                }
+                .emit();
                 self.offset += buf.len() as u64;
                 self.dirty |= self.shared.fsync != Fsync::Always;
                 self.next_seq = seq;

@@ -507,6 +507,14 @@ impl RelayProcess {
     }
 }
 
+impl Drop for RelayProcess {
+    /// A failed test must not leave a relay running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A free `127.0.0.1:port`.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
