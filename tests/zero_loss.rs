@@ -77,13 +77,14 @@ impl Setup {
     }
 
     async fn check(&self, acked: Vec<String>) {
-        let (bootstrap, topic) = (self.broker.bootstrap(), self.topic.clone());
         let total = acked.len();
-        let (missing, duplicates) = tokio::task::spawn_blocking(move || {
-            missing_and_duplicates(&bootstrap, &topic, &acked, Duration::from_secs(90))
-        })
-        .await
-        .unwrap();
+        let (missing, duplicates) = missing_after(
+            self.broker.bootstrap(),
+            self.topic.clone(),
+            acked,
+            Duration::from_secs(90),
+        )
+        .await;
         eprintln!(
             "acknowledged {total}, missing {}, duplicates {duplicates}",
             missing.len()
@@ -278,13 +279,14 @@ async fn a_full_spool_answers_503_and_recovers_by_itself() {
     }
     let ready = reqwest::get(format!("{}/readyz", app.admin)).await.unwrap();
     assert_eq!(ready.status(), 200);
-    let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
     let total = acked.len();
-    let (missing, _) = tokio::task::spawn_blocking(move || {
-        missing_and_duplicates(&bootstrap, &topic, &acked, Duration::from_secs(60))
-    })
-    .await
-    .unwrap();
+    let (missing, _) = missing_after(
+        app.bootstrap.clone(),
+        app.topic.clone(),
+        acked,
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(total > 10);
     assert!(missing.is_empty(), "missing {missing:?}");
     assert!(
@@ -348,13 +350,13 @@ async fn damaged_spool_files_are_recovered_record_by_record() {
         .filter(|(i, _)| *i != 2 && *i != 9)
         .map(|(_, id)| id.clone())
         .collect();
-    let (bootstrap, topic) = (s.broker.bootstrap(), s.topic.clone());
-    let want = expected.clone();
-    let (missing, _) = tokio::task::spawn_blocking(move || {
-        missing_and_duplicates(&bootstrap, &topic, &want, Duration::from_secs(30))
-    })
-    .await
-    .unwrap();
+    let (missing, _) = missing_after(
+        s.broker.bootstrap(),
+        s.topic.clone(),
+        expected,
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(missing.is_empty(), "intact records lost: {missing:?}");
     let metrics = relay.metrics();
     assert!(

@@ -97,14 +97,20 @@ async fn a_restart_resumes_after_the_committed_position_and_deletes_delivered_se
     close(s);
 }
 
+/// Ten records written and the spool closed: their sequence numbers and their segment.
+async fn ten_records(cfg: &SpoolConfig) -> (Vec<u64>, PathBuf) {
+    let s = open_quiet(cfg);
+    let seqs = append_n(&s.appender, 0..10).await;
+    close(s);
+    let (_, path) = list_segments(&cfg.dir).unwrap().pop().unwrap();
+    (seqs, path)
+}
+
 #[tokio::test]
 async fn a_torn_tail_is_cut_and_every_whole_record_kept() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let s = open_quiet(&cfg);
-    let seqs = append_n(&s.appender, 0..10).await;
-    close(s);
-    let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let (seqs, path) = ten_records(&cfg).await;
     let len = fs::metadata(&path).unwrap().len();
     // A crash in the middle of writing the last frame.
     OpenOptions::new()
@@ -133,10 +139,7 @@ async fn a_torn_tail_is_cut_and_every_whole_record_kept() {
 async fn a_flipped_byte_loses_only_its_record() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let s = open_quiet(&cfg);
-    let seqs = append_n(&s.appender, 0..10).await;
-    close(s);
-    let (_, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let (seqs, path) = ten_records(&cfg).await;
     let mut bytes = fs::read(&path).unwrap();
     let fourth = frame::scan(&bytes).frames[3];
     bytes[fourth.1 + frame::HEADER_BYTES + 2] ^= 0xff;

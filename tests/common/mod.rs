@@ -574,6 +574,18 @@ pub async fn drive(
     all
 }
 
+/// `missing_and_duplicates` off the async runtime.
+pub async fn missing_after(
+    bootstrap: String,
+    topic: String,
+    acked: Vec<String>,
+    timeout: Duration,
+) -> (Vec<String>, usize) {
+    tokio::task::spawn_blocking(move || missing_and_duplicates(&bootstrap, &topic, &acked, timeout))
+        .await
+        .expect("reader ran")
+}
+
 /// Reads `topic` until every id in `acked` is there (or `timeout`); returns
 /// (missing ids, duplicate count).
 pub fn missing_and_duplicates(
