@@ -40,8 +40,10 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub sdk_app_ids: Vec<SdkAppId>,
-    /// Current token first, then the next one during a rotation. Empty: no signature check.
+    /// Current token first, then the next one during a rotation. Empty: no signature check
+    /// (only with `allow_unsigned`).
     pub tokens: Vec<Secret>,
+    pub allow_unsigned: bool,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub callback_path: String,
@@ -49,6 +51,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub sign_max_skew_ms: u64,
     pub shutdown_drain_ms: u64,
+    pub header_read_timeout_ms: u64,
+    pub request_timeout_ms: u64,
     pub spool: SpoolConfig,
     pub dedup_window_records: usize,
     pub dedup_window_ms: u64,
@@ -123,6 +127,11 @@ const SETTINGS: &[Setting] = &[
         "second token accepted during a token rotation",
     ),
     s(
+        "allow_unsigned",
+        Some("false"),
+        "run without a token (no signature checks): true | false",
+    ),
+    s(
         "listen",
         Some("0.0.0.0:8080"),
         "address for Tencent's callbacks",
@@ -157,6 +166,16 @@ const SETTINGS: &[Setting] = &[
         "shutdown_drain_ms",
         Some("10000"),
         "time in-flight requests get on shutdown",
+    ),
+    s(
+        "header_read_timeout_ms",
+        Some("10000"),
+        "time a client gets to send a request's headers (slowloris guard)",
+    ),
+    s(
+        "request_timeout_ms",
+        Some("10000"),
+        "time a client gets to send a request's body",
     ),
     s(
         "spool_dir",
@@ -621,6 +640,14 @@ impl Parser {
         if tokens.len() == 1 && self.values.contains_key("token_next") {
             self.fail("token_next", "is set but token is not");
         }
+        let allow_unsigned = self.parse("allow_unsigned", "true or false", false);
+        if tokens.is_empty() && !allow_unsigned {
+            self.fail(
+                "token",
+                "must be set: without it anyone can post callbacks \
+                 (set IM_RELAY_ALLOW_UNSIGNED=true to run without signature checks anyway)",
+            );
+        }
         let any = SocketAddr::from(([0, 0, 0, 0], 0));
         let listen = self.parse("listen", "an address (host:port)", any);
         let admin_listen = self.parse("admin_listen", "an address (host:port)", any);
@@ -649,6 +676,11 @@ impl Parser {
         }
         let sign_max_skew_ms = self.parse("sign_max_skew_ms", "milliseconds", 0);
         let shutdown_drain_ms = self.parse("shutdown_drain_ms", "milliseconds", 0);
+        let header_read_timeout_ms = self.parse("header_read_timeout_ms", "milliseconds", 1);
+        let request_timeout_ms = self.parse("request_timeout_ms", "milliseconds", 1);
+        if header_read_timeout_ms == 0 || request_timeout_ms == 0 {
+            self.fail("request_timeout_ms", "timeouts must be above 0");
+        }
         let spool = SpoolConfig {
             dir: PathBuf::from(self.opt("spool_dir").unwrap_or("spool")),
             max_bytes: self.parse("spool_max_bytes", "a byte count", 0),
@@ -682,6 +714,7 @@ impl Parser {
         Config {
             sdk_app_ids,
             tokens,
+            allow_unsigned,
             listen,
             admin_listen,
             callback_path,
@@ -689,6 +722,8 @@ impl Parser {
             max_body_bytes,
             sign_max_skew_ms,
             shutdown_drain_ms,
+            header_read_timeout_ms,
+            request_timeout_ms,
             spool,
             dedup_window_records,
             dedup_window_ms,
@@ -822,9 +857,14 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let c = load(&[], &[("IM_RELAY_SDK_APP_ID", "1400000000")]).unwrap();
+        let env = [
+            ("IM_RELAY_SDK_APP_ID", "1400000000"),
+            ("IM_RELAY_TOKEN", "t"),
+        ];
+        let c = load(&[], &env).unwrap();
         assert_eq!(c.sdk_app_ids, vec![SdkAppId::from(1400000000)]);
-        assert!(c.tokens.is_empty());
+        assert_eq!(c.tokens.len(), 1);
+        assert!(!c.allow_unsigned);
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.admin_listen.to_string(), "0.0.0.0:8081");
         assert_eq!(c.callback_path, "/im/callback");
@@ -851,6 +891,7 @@ mod tests {
             &[
                 ("IM_RELAY_TOPIC", "from.env"),
                 ("IM_RELAY_LISTEN", "127.0.0.1:2"),
+                ("IM_RELAY_ALLOW_UNSIGNED", "true"),
             ],
         )
         .unwrap();
@@ -925,6 +966,21 @@ mod tests {
         }
         assert!(!text.contains("pw-never-shown"));
         assert!(err.0.len() >= 11, "{text}");
+    }
+
+    #[test]
+    fn a_token_is_required_unless_unsigned_is_allowed() {
+        let err = load(&[], &[("IM_RELAY_SDK_APP_ID", "1")]).unwrap_err();
+        assert!(
+            err.to_string().contains("IM_RELAY_ALLOW_UNSIGNED=true"),
+            "{err}"
+        );
+        let env = [
+            ("IM_RELAY_SDK_APP_ID", "1"),
+            ("IM_RELAY_ALLOW_UNSIGNED", "true"),
+        ];
+        let c = load(&[], &env).unwrap();
+        assert!(c.tokens.is_empty() && c.allow_unsigned);
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub enum Reason {
     MissingCallbackCommand,
     BodyTooLarge,
     BodyReadFailed,
+    RequestTimeout,
     EmptyBody,
     InvalidJson,
     CommandMismatch,
@@ -62,7 +63,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::NotFound,
         Reason::MethodNotAllowed,
         Reason::DuplicateQueryParam,
@@ -77,6 +78,7 @@ impl Reason {
         Reason::MissingCallbackCommand,
         Reason::BodyTooLarge,
         Reason::BodyReadFailed,
+        Reason::RequestTimeout,
         Reason::EmptyBody,
         Reason::InvalidJson,
         Reason::CommandMismatch,
@@ -148,6 +150,11 @@ impl Reason {
             Reason::BodyReadFailed => {
                 ("body_read_failed", S::BAD_REQUEST, "body could not be read")
             }
+            Reason::RequestTimeout => (
+                "request_timeout",
+                S::REQUEST_TIMEOUT,
+                "body did not arrive in time",
+            ),
             Reason::EmptyBody => ("empty_body", S::BAD_REQUEST, "body is empty"),
             Reason::InvalidJson => ("invalid_json", S::BAD_REQUEST, "body is not a JSON object"),
             Reason::CommandMismatch => (

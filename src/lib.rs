@@ -1,21 +1,23 @@
-//! im-relay: Tencent Cloud IM after-send callbacks in, Kafka records out.
+//! im-relay: Tencent Cloud IM after-send callbacks in, Kafka records out, nothing acknowledged
+//! ever lost.
 //!
 //! A callback walks one road, one module per stage:
 //!
 //! ```text
-//!  Tencent ──HTTP──▶ receive ──▶ validate ──▶ normalize ──▶ publish ──▶ Kafka
-//!                   (axum,       (SdkAppid,   (typed,       (idempotent
-//!                    body cap,    Sign,        lossless      producer,
-//!                    Tencent      freshness)   record +      delivery
-//!                    answers)                  headers)      reports)
+//!  Tencent ─HTTP─▶ receive ─▶ validate ─▶ normalize ─▶ spool ══▶ publish ─▶ Kafka
+//!                 (axum, body  (SdkAppid,  (typed,      (durable   (idempotent
+//!                  cap, answers Sign,       lossless     log; OK    producer,
+//!                  in Tencent's freshness)  record +     only once  commits what
+//!                  shape)                   headers)     written)   Kafka confirmed)
 //! ```
 //!
-//! `receive` reads the query first and the (capped) body only after `validate` accepted the
-//! query; `normalize` is pure — callback in, record bytes and headers out; `publish` knows
-//! Kafka and nothing of HTTP. Around the road: `domain` holds the parsed identities the stages
-//! share, `error` the one answer shape at the HTTP edge, `config` the typed settings,
+//! `receive` reads the query first and the (capped) body only after `validate` accepted it;
+//! `normalize` is pure — callback in, record bytes and headers out; the `spool` knows frames,
+//! bytes and positions, not Tencent nor Kafka; `publish` runs on its own thread, reads the
+//! spool and knows Kafka, never HTTP. Around the road: `domain` holds the parsed identities the
+//! stages share, `error` the one answer shape at the HTTP edge, `config` the typed settings,
 //! `telemetry` the events (log line + metric), and `startup`, the only module that wires the
-//! stages together, owns listeners and shutdown.
+//! stages together, owns listeners and the order of shutdown.
 
 pub mod config;
 pub mod domain;

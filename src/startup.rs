@@ -156,6 +156,7 @@ impl Application {
             )),
             key_mode: config.kafka.key,
             max_body_bytes: config.max_body_bytes,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
             // Room for the headers and the batch overhead Kafka counts too.
             max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
         });
@@ -165,16 +166,33 @@ impl Application {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let public_addr = self.public.local_addr()?;
         let admin_addr = self.admin.local_addr()?;
+        // A client that trickles its headers is cut off (slowloris); the body has its own
+        // deadline in `receive`, the TLS handshake axum-server's 10 s.
+        let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
         let public = match self.tls {
             Some(tls) => {
-                let server = axum_server::tls_rustls::from_tcp_rustls(self.public, tls)?;
+                let mut server = axum_server::tls_rustls::from_tcp_rustls(self.public, tls)?;
+                server
+                    .http_builder()
+                    .http1()
+                    .header_read_timeout(header_timeout);
                 tokio::spawn(server.handle(handle.clone()).serve(app))
             }
             None => {
-                let server = axum_server::from_tcp(self.public)?;
+                let mut server = axum_server::from_tcp(self.public)?;
+                server
+                    .http_builder()
+                    .http1()
+                    .header_read_timeout(header_timeout);
                 tokio::spawn(server.handle(handle.clone()).serve(app))
             }
         };
+        if config.tokens.is_empty() {
+            tracing::warn!(
+                "no callback token: signatures are not checked and anyone who can reach this \
+                 port can post callbacks (IM_RELAY_ALLOW_UNSIGNED=true)"
+            );
+        }
 
         let admin_stop = Arc::new(tokio::sync::Notify::new());
         let admin = {

@@ -286,7 +286,14 @@ async fn token_rotation_accepts_both_tokens_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_token_unsigned_callbacks_are_relayed() {
     let broker = Broker::start();
-    let app = spawn_app(&broker, &[("IM_RELAY_TOKEN", UNSET)]).await;
+    let app = spawn_app(
+        &broker,
+        &[
+            ("IM_RELAY_TOKEN", UNSET),
+            ("IM_RELAY_ALLOW_UNSIGNED", "true"),
+        ],
+    )
+    .await;
     let query =
         format!("SdkAppid={APP_ID}&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json");
     assert_eq!(app.post(&query, DOC_SAMPLE).await, (200, ok_body()));

@@ -44,6 +44,8 @@ pub struct Receiver {
     pub dedup: Mutex<DedupWindow>,
     pub key_mode: KeyMode,
     pub max_body_bytes: usize,
+    /// Time the body may take to arrive (headers are bounded by the server).
+    pub request_timeout: std::time::Duration,
     /// Records larger than this would be refused by Kafka: they go to quarantine instead.
     pub max_record_bytes: usize,
 }
@@ -112,7 +114,10 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
         .verifier
         .verify(Some(raw_query), received_at.unix_timestamp())?;
     // Authenticated from here on: what cannot be relayed is quarantined, not dropped.
-    let bytes = read_body(&parts.headers, body, receiver.max_body_bytes).await?;
+    let reading = read_body(&parts.headers, body, receiver.max_body_bytes);
+    let bytes = tokio::time::timeout(receiver.request_timeout, reading)
+        .await
+        .map_err(|_| Rejection::from(Reason::RequestTimeout))??;
     if bytes.is_empty() {
         return Err(Reason::EmptyBody.into());
     }
