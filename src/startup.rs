@@ -154,6 +154,11 @@ impl Application {
                 config.dedup_window_records,
                 Duration::from_millis(config.dedup_window_ms),
             )),
+            // A replay older than twice the skew window is refused as stale anyway.
+            replays: Mutex::new(DedupWindow::new(
+                config.dedup_window_records,
+                Duration::from_millis(2 * config.sign_max_skew_ms + 1000),
+            )),
             key_mode: config.kafka.key,
             max_body_bytes: config.max_body_bytes,
             request_timeout: Duration::from_millis(config.request_timeout_ms),

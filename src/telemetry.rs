@@ -77,6 +77,8 @@ pub enum Outcome {
     Rejected,
     /// Already accepted within the dedup window: acknowledged, not published again.
     Duplicate,
+    /// The very same signed request seen again within the freshness window.
+    Replayed,
 }
 
 impl Outcome {
@@ -86,6 +88,7 @@ impl Outcome {
             Outcome::Ignored => "ignored",
             Outcome::Rejected => "rejected",
             Outcome::Duplicate => "duplicate",
+            Outcome::Replayed => "replayed",
         }
     }
 }

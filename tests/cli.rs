@@ -67,6 +67,9 @@ async fn sigterm_drains_flushes_and_exits_zero() {
         .arg("serve")
         .envs(test_env(&broker, &topic, spool.path(), &[]))
         .env("IM_RELAY_KAFKA_LINGER_MS", "500")
+        // Everything the relay says, to show secrets are in none of it.
+        .env("IM_RELAY_LOG", "debug")
+        .env("IM_RELAY_TOKEN_NEXT", "next-secret-token")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -89,6 +92,15 @@ async fn sigterm_drains_flushes_and_exits_zero() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // Failing authentication, logged (rate-limited) without the secret.
+    let forged = signed_query("C2C.CallbackAfterSendMsg", "guess", now());
+    let resp = reqwest::Client::new()
+        .post(format!("http://{listen}/im/callback?{forged}"))
+        .body(DOC_SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -103,6 +115,10 @@ async fn sigterm_drains_flushes_and_exits_zero() {
         "{rest:#?}"
     );
     assert!(rest.iter().all(|l| line_has_no_secret(l)));
+    assert!(
+        rest.iter().any(|l| l.contains("bad_signature")),
+        "the refusal is logged: {rest:#?}"
+    );
 
     let bootstrap = broker.bootstrap();
     let records = tokio::task::spawn_blocking(move || {
@@ -115,7 +131,7 @@ async fn sigterm_drains_flushes_and_exits_zero() {
 }
 
 fn line_has_no_secret(line: &str) -> bool {
-    !line.contains(TOKEN)
+    !line.contains(TOKEN) && !line.contains("next-secret-token")
 }
 
 #[test]

@@ -147,6 +147,140 @@ fn cases() -> Vec<Case> {
             sign(t),
             good.replace("\"MsgSeq\":1", "\"MsgSeq\":\"one\""),
         ),
+        // Methods and paths.
+        Case {
+            method: "DELETE",
+            ..case(Reason::MethodNotAllowed, sign(t), "")
+        },
+        Case {
+            method: "PATCH",
+            ..case(Reason::MethodNotAllowed, sign(t), good.clone())
+        },
+        Case {
+            path: "/im/callback/extra",
+            ..case(Reason::NotFound, sign(t), good.clone())
+        },
+        Case {
+            path: "/",
+            ..case(Reason::NotFound, sign(t), good.clone())
+        },
+        // Query parameters: duplicated, not numbers, wrong length.
+        case(
+            Reason::DuplicateQueryParam,
+            format!("{}&CallbackCommand=C2C.CallbackAfterSendMsg", sign(t)),
+            good.clone(),
+        ),
+        case(
+            Reason::DuplicateQueryParam,
+            format!("{}&RequestTime={t}", sign(t)),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidSdkAppId,
+            sign(t).replace("SdkAppid=", "SdkAppid=%2B"),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidSdkAppId,
+            sign(t).replace("SdkAppid=1400000000", "SdkAppid=1400000000.0"),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidSdkAppId,
+            sign(t).replace("SdkAppid=", "SdkAppid=%20"),
+            good.clone(),
+        ),
+        case(Reason::InvalidRequestTime, with_time(""), good.clone()),
+        case(
+            Reason::InvalidRequestTime,
+            with_time("99999999999999999999"),
+            good.clone(),
+        ),
+        case(
+            Reason::MalformedSignature,
+            q(&format!("&RequestTime={t}&Sign={}", "a".repeat(63))),
+            good.clone(),
+        ),
+        case(
+            Reason::MalformedSignature,
+            q(&format!("&RequestTime={t}&Sign={}", "a".repeat(65))),
+            good.clone(),
+        ),
+        case(
+            Reason::BadSignature,
+            {
+                // A genuine Sign, but for another second.
+                let other = signed_query("C2C.CallbackAfterSendMsg", TOKEN, t - 1);
+                let sign_of_other = other.rsplit("Sign=").next().unwrap().to_owned();
+                q(&format!("&RequestTime={t}&Sign={sign_of_other}"))
+            },
+            good.clone(),
+        ),
+        // Bodies that are not one JSON object.
+        case(Reason::InvalidJson, sign(t), "   "),
+        case(Reason::InvalidJson, sign(t), "null"),
+        case(Reason::InvalidJson, sign(t), "\"hello\""),
+        case(Reason::InvalidJson, sign(t), format!("{good}x")),
+        case(
+            Reason::InvalidJson,
+            sign(t),
+            good.replace(
+                "\"To_Account\":\"bob\"",
+                "\"To_Account\":\"bob\",\"To_Account\":\"eve\"",
+            ),
+        ),
+        case(
+            Reason::InvalidJson,
+            sign(t),
+            format!("{}{}", "{\"a\":[".repeat(200), "]}".repeat(200)),
+        ),
+        case(
+            Reason::InvalidJson,
+            sign(t),
+            good.replace("\"MsgSeq\":1", "\"MsgSeq\":1e400"),
+        ),
+        case(
+            Reason::InvalidJson,
+            sign(t),
+            good.replace("\"Text\":\"hi\"", "\"Text\":\"h\u{1}i\""),
+        ),
+        // JSON objects that are not messages.
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"MsgBody\":[", "\"MsgBody\":\"[\",\"X\":["),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"To_Account\":\"bob\"", "\"To_Account\":42"),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace(
+                "\"From_Account\":\"alice\"",
+                &format!("\"From_Account\":\"{}\"", "a".repeat(300)),
+            ),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"MsgRandom\":2", "\"MsgRandom\":-2"),
+        ),
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            good.replace("\"MsgTime\":1700000000", "\"MsgTime\":1700000000.5"),
+        ),
+        case(
+            Reason::CommandMismatch,
+            sign(t),
+            good.replace(
+                "\"CallbackCommand\":\"C2C.CallbackAfterSendMsg\"",
+                "\"CallbackCommand\":7",
+            ),
+        ),
     ]
 }
 
@@ -155,6 +289,7 @@ async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
     let broker = Broker::start();
     let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
     let cases = cases();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
     for (i, c) in cases.iter().enumerate() {
         let url = format!("{}{}?{}", app.base, c.path, c.query);
         let resp = app
@@ -317,8 +452,11 @@ async fn what_cannot_be_relayed_is_quarantined_with_its_reason() {
 async fn a_retried_callback_is_acknowledged_once_and_published_once() {
     let broker = Broker::start();
     let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
-    for _ in 0..3 {
-        assert_eq!(app.post_signed(&message("dup")).await, (200, ok_body()));
+    // A retry by Tencent is a new request: another RequestTime, the same message.
+    let t = now();
+    for age in 0..3 {
+        let query = signed_query("C2C.CallbackAfterSendMsg", TOKEN, t - age);
+        assert_eq!(app.post(&query, message("dup")).await, (200, ok_body()));
     }
     assert_eq!(
         app.post_signed(&message("sentinel")).await,
@@ -334,6 +472,33 @@ async fn a_retried_callback_is_acknowledged_once_and_published_once() {
         app.metrics()
             .await
             .contains("im_relay_callbacks_total{outcome=\"duplicate\"} 2")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_request_is_answered_but_not_processed_again() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    let query = after_send_query();
+    // Same signed URL, same body: a replay. Same signed URL, another body: processed (Tencent
+    // signs only the time, so one second's callbacks share a Sign).
+    assert_eq!(app.post(&query, message("r1")).await, (200, ok_body()));
+    assert_eq!(app.post(&query, message("r1")).await, (200, ok_body()));
+    assert_eq!(app.post(&query, message("r2")).await, (200, ok_body()));
+    let records = app.records_through("1400000000:alice:bob:k-r2").await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["1400000000:alice:bob:k-r1", "1400000000:alice:bob:k-r2"]
+    );
+    assert!(
+        app.metrics()
+            .await
+            .contains("im_relay_callbacks_total{outcome=\"replayed\"} 1")
     );
     app.stop().await;
 }

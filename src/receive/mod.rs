@@ -8,6 +8,7 @@
 //! the spool to the quarantine topic, and the caller gets the 4xx that says why.
 
 mod dedup;
+mod json;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,8 @@ pub struct Receiver {
     pub verifier: Verifier,
     pub spool: Appender,
     pub dedup: Mutex<DedupWindow>,
+    /// Signed requests seen within the freshness window (digest of query and body).
+    pub replays: Mutex<DedupWindow>,
     pub key_mode: KeyMode,
     pub max_body_bytes: usize,
     /// Time the body may take to arrive (headers are bounded by the server).
@@ -121,27 +124,56 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
     if bytes.is_empty() {
         return Err(Reason::EmptyBody.into());
     }
+    // A replay of an identical signed request within the freshness window: answered, not
+    // processed again (the signature covers only the time, so this is all it can prove).
+    let replay_key = query.request_time.map(|_| replay_key(raw_query, &bytes));
+    if let Some(key) = &replay_key
+        && lock(&receiver.replays).contains(key, Instant::now())
+    {
+        return Ok(Outcome::Replayed);
+    }
+    let outcome = relay(receiver, &query, raw_query, &bytes, received_at).await?;
+    if let Some(key) = &replay_key {
+        lock(&receiver.replays).insert(key, Instant::now());
+    }
+    Ok(outcome)
+}
+
+/// Digest of the whole signed request: query (with `Sign` and `RequestTime`) and body.
+fn replay_key(raw_query: &str, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(raw_query.as_bytes());
+    h.update([0]);
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// From an authenticated body to a spooled record (or a quarantined body).
+async fn relay(
+    receiver: &Receiver,
+    query: &CallbackQuery,
+    raw_query: &str,
+    bytes: &Bytes,
+    received_at: OffsetDateTime,
+) -> Result<Outcome, Rejection> {
     let quarantine = |rejection: Rejection| Quarantine {
         receiver,
-        query: &query,
+        query,
         raw_query,
-        body: &bytes,
+        body: bytes,
         received_at,
         rejection,
     };
-    let body = match serde_json::from_slice::<Value>(&bytes) {
+    let body = match json::parse(bytes) {
         Ok(Value::Object(map)) => map,
         Ok(_) => {
             let r = Rejection::with_detail(Reason::InvalidJson, "not an object");
             return quarantine(r).keep().await;
         }
         Err(e) => {
-            let detail = format!(
-                "{:?} at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            );
+            // serde_json's message names the problem and where; it never echoes the input.
+            let detail: String = e.to_string().chars().take(120).collect();
             let r = Rejection::with_detail(Reason::InvalidJson, detail);
             return quarantine(r).keep().await;
         }
