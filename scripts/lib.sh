@@ -20,6 +20,16 @@ ensure_tansu() {
     --features dynostore,libsql --root "$IM_RELAY_CACHE/tansu-$TANSU_VERSION" >&2
 }
 
+# cargo-deny, for the offline supply-chain checks (licenses, bans, sources). Cached like tansu.
+CARGO_DENY_VERSION="0.20.2"
+CARGO_DENY="$IM_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION/bin/cargo-deny"
+ensure_cargo_deny() {
+  if [ -x "$CARGO_DENY" ]; then return 0; fi
+  say "installing cargo-deny $CARGO_DENY_VERSION into $IM_RELAY_CACHE (once)"
+  cargo install --locked --quiet cargo-deny --version "=$CARGO_DENY_VERSION" \
+    --root "$IM_RELAY_CACHE/cargo-deny-$CARGO_DENY_VERSION" >&2
+}
+
 # Build dependencies of rdkafka's bundled librdkafka (C compiler, make, OpenSSL headers for
 # SASL/SSL). Installed with apt when missing and we are allowed to.
 ensure_build_deps() {

@@ -287,3 +287,138 @@ fn messages_we_cannot_relay_name_the_field() {
         assert_eq!(err.to_string(), *want, "{v}");
     }
 }
+
+mod properties {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn validator() -> &'static jsonschema::Validator {
+        static V: OnceLock<jsonschema::Validator> = OnceLock::new();
+        V.get_or_init(|| {
+            let schema: Value = serde_json::from_str(SCHEMA_TEXT).unwrap();
+            jsonschema::validator_for(&schema).unwrap()
+        })
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+            "[0-9]{1,25}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(field_name(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Tencent's own field names most of the time, so the typed paths are exercised.
+    fn field_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "From_Account",
+                "To_Account",
+                "MsgSeq",
+                "MsgRandom",
+                "MsgTime",
+                "MsgKey",
+                "MsgBody",
+                "MsgType",
+                "MsgContent",
+                "Text",
+                "ImageInfoArray",
+                "MsgList",
+                "AbstractList",
+                "Latitude",
+                "Index",
+                "Size",
+                "OnlineOnlyFlag",
+                "URL",
+            ])
+            .prop_map(str::to_owned),
+            ".{0,8}",
+        ]
+    }
+
+    fn element() -> impl Strategy<Value = Value> {
+        let content = prop::collection::btree_map(field_name(), any_json(), 0..4)
+            .prop_map(|m| Value::Object(m.into_iter().collect()));
+        (
+            prop::sample::select(vec![
+                "TIMTextElem",
+                "TIMLocationElem",
+                "TIMFaceElem",
+                "TIMCustomElem",
+                "TIMSoundElem",
+                "TIMImageElem",
+                "TIMFileElem",
+                "TIMVideoFileElem",
+                "TIMRelayElem",
+                "TIMNewElem",
+            ]),
+            content,
+        )
+            .prop_map(|(t, c)| json!({"MsgType": t, "MsgContent": c}))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the JSON, normalize answers: a record or an error naming a field.
+        #[test]
+        fn never_panics_and_records_always_validate(body in prop::collection::btree_map(field_name(), any_json(), 0..10)) {
+            let body: Map<String, Value> = body.into_iter().collect();
+            if let Ok(out) = normalize(&ctx(KeyMode::MsgKey), &body) {
+                let record: Value = serde_json::from_slice(&out.value).unwrap();
+                prop_assert!(validator().is_valid(&record), "{record:#}");
+            }
+        }
+
+        /// Any valid callback becomes a record that validates and carries its fields.
+        #[test]
+        fn valid_callbacks_round_trip(
+            from in "\\PC{1,40}", to in "\\PC{1,40}",
+            seq in any::<u32>(), random in any::<u32>(), time in 0i64..4_000_000_000,
+            seq_as_text in any::<bool>(), key in proptest::option::of("[ -~]{1,50}"),
+            elements in prop::collection::vec(element(), 0..5),
+            extra in prop::collection::btree_map("[a-z]{1,8}", any_json(), 0..3),
+        ) {
+            let mut body = json!({
+                "CallbackCommand": "C2C.CallbackAfterSendMsg",
+                "From_Account": from, "To_Account": to,
+                "MsgSeq": if seq_as_text { Value::from(seq.to_string()) } else { Value::from(seq) },
+                "MsgRandom": random, "MsgTime": time, "MsgBody": elements,
+            });
+            if let Some(k) = &key {
+                body["MsgKey"] = Value::from(k.clone());
+            }
+            let Value::Object(mut body) = body else { unreachable!() };
+            for (k, v) in extra {
+                body.entry(k).or_insert(v);
+            }
+            let out = normalize(&ctx(KeyMode::MsgKey), &body).unwrap();
+            let r: Value = serde_json::from_slice(&out.value).unwrap();
+            prop_assert!(validator().is_valid(&r), "{r:#}");
+            prop_assert_eq!(&r["from_account"], &Value::from(from));
+            prop_assert_eq!(&r["to_account"], &Value::from(to));
+            prop_assert_eq!(&r["msg_seq"], &Value::from(seq));
+            prop_assert_eq!(&r["msg_random"], &Value::from(random));
+            prop_assert_eq!(&r["msg_time"], &Value::from(time));
+            let expected_key = key.unwrap_or_else(|| format!("{seq}_{random}_{time}"));
+            prop_assert_eq!(&out.key, &expected_key);
+            prop_assert_eq!(r["elements"].as_array().unwrap().len(), body["MsgBody"].as_array().unwrap().len());
+        }
+    }
+}
