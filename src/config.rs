@@ -64,6 +64,8 @@ pub struct Config {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// How often the files are checked for a new certificate.
+    pub reload_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +154,11 @@ const SETTINGS: &[Setting] = &[
         "PEM certificate chain; serve HTTPS when set with tls_key",
     ),
     s("tls_key", None, "PEM private key for tls_cert"),
+    s(
+        "tls_reload_ms",
+        Some("10000"),
+        "how often the certificate files are checked for changes",
+    ),
     s(
         "max_body_bytes",
         Some("65536"),
@@ -659,7 +666,11 @@ impl Parser {
             self.fail("callback_path", "must start with `/`");
         }
         let tls = match (self.file("tls_cert"), self.file("tls_key")) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                reload_ms: self.parse("tls_reload_ms", "milliseconds", 10_000).max(100),
+            }),
             (None, None) => None,
             (Some(_), None) => {
                 self.fail("tls_key", "must be set together with tls_cert");

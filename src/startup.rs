@@ -174,6 +174,12 @@ impl Application {
         // A client that trickles its headers is cut off (slowloris); the body has its own
         // deadline in `receive`, the TLS handshake axum-server's 10 s.
         let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+        let reloader = match (&self.tls, &config.tls) {
+            (Some(tls), Some(files)) => {
+                Some(tokio::spawn(reload_certificate(tls.clone(), files.clone())))
+            }
+            _ => None,
+        };
         let public = match self.tls {
             Some(tls) => {
                 let mut server = axum_server::tls_rustls::from_tcp_rustls(self.public, tls)?;
@@ -273,10 +279,41 @@ impl Application {
             tracing::error!("spool or publisher did not stop in time");
         }
         upkeep.abort();
+        if let Some(r) = reloader {
+            r.abort();
+        }
         admin_stop.notify_one();
         let _ = admin.await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Swaps in a renewed certificate (cert-manager, certbot) without a restart: the files are
+/// checked every `reload_ms`; new connections get the new certificate, a broken pair is logged
+/// and the old one kept.
+async fn reload_certificate(tls: RustlsConfig, files: crate::config::TlsFiles) {
+    let stamp = |f: &crate::config::TlsFiles| {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (m(&f.cert), m(&f.key))
+    };
+    let mut seen = stamp(&files);
+    loop {
+        tokio::time::sleep(Duration::from_millis(files.reload_ms)).await;
+        let now = stamp(&files);
+        if now == seen {
+            continue;
+        }
+        match tls.reload_from_pem_file(&files.cert, &files.key).await {
+            Ok(()) => {
+                seen = now;
+                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            }
+            // Possibly caught between writing the two files: try again next round.
+            Err(error) => {
+                tracing::warn!(%error, "new TLS certificate not loaded; keeping the old one")
+            }
+        }
     }
 }
 
