@@ -8,7 +8,7 @@
 //! the spool to the quarantine topic, and the caller gets the 4xx that says why.
 
 mod dedup;
-mod json;
+pub mod json;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
