@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Arg, ArgAction, ArgMatches};
+use ipnet::IpNet;
 
 use crate::domain::SdkAppId;
 use crate::normalize::KeyMode;
@@ -53,6 +54,9 @@ pub struct Config {
     pub shutdown_drain_ms: u64,
     pub header_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    pub max_connections: usize,
+    pub allow_cidrs: Vec<IpNet>,
+    pub trusted_proxies: Vec<IpNet>,
     pub spool: SpoolConfig,
     pub dedup_window_records: usize,
     pub dedup_window_ms: u64,
@@ -183,6 +187,21 @@ const SETTINGS: &[Setting] = &[
         "request_timeout_ms",
         Some("10000"),
         "time a client gets to send a request's body",
+    ),
+    s(
+        "max_connections",
+        Some("4096"),
+        "open connections to the callback listener, at most",
+    ),
+    s(
+        "allow_cidrs",
+        None,
+        "networks allowed to call, comma-separated (empty: any)",
+    ),
+    s(
+        "trusted_proxies",
+        None,
+        "networks whose X-Forwarded-For is believed, comma-separated",
     ),
     s(
         "spool_dir",
@@ -692,6 +711,12 @@ impl Parser {
         if header_read_timeout_ms == 0 || request_timeout_ms == 0 {
             self.fail("request_timeout_ms", "timeouts must be above 0");
         }
+        let max_connections = self.parse("max_connections", "a count", 1);
+        if max_connections == 0 {
+            self.fail("max_connections", "must be at least 1");
+        }
+        let allow_cidrs = self.networks("allow_cidrs");
+        let trusted_proxies = self.networks("trusted_proxies");
         let spool = SpoolConfig {
             dir: PathBuf::from(self.opt("spool_dir").unwrap_or("spool")),
             max_bytes: self.parse("spool_max_bytes", "a byte count", 0),
@@ -735,12 +760,31 @@ impl Parser {
             shutdown_drain_ms,
             header_read_timeout_ms,
             request_timeout_ms,
+            max_connections,
+            allow_cidrs,
+            trusted_proxies,
             spool,
             dedup_window_records,
             dedup_window_ms,
             publish_max_in_flight,
             kafka,
         }
+    }
+
+    /// A comma list of networks (`10.0.0.0/8`) or single addresses (`203.0.113.7`).
+    fn networks(&mut self, key: &str) -> Vec<IpNet> {
+        let raw = self.opt(key).unwrap_or("").to_owned();
+        let mut nets = Vec::new();
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let parsed = part
+                .parse::<IpNet>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => nets.push(n),
+                Err(_) => self.fail(key, format_args!("`{part}` is not a network or an address")),
+            }
+        }
+        nets
     }
 
     fn topic(&mut self, key: &str) -> String {

@@ -40,6 +40,7 @@ impl IntoResponse for Ack {
 pub enum Reason {
     NotFound,
     MethodNotAllowed,
+    SourceNotAllowed,
     DuplicateQueryParam,
     MissingSdkAppId,
     InvalidSdkAppId,
@@ -63,9 +64,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::NotFound,
         Reason::MethodNotAllowed,
+        Reason::SourceNotAllowed,
         Reason::DuplicateQueryParam,
         Reason::MissingSdkAppId,
         Reason::InvalidSdkAppId,
@@ -97,6 +99,11 @@ impl Reason {
                 "method_not_allowed",
                 S::METHOD_NOT_ALLOWED,
                 "callbacks must be POSTed",
+            ),
+            Reason::SourceNotAllowed => (
+                "source_not_allowed",
+                S::FORBIDDEN,
+                "source address not allowed",
             ),
             Reason::DuplicateQueryParam => (
                 "duplicate_query_param",

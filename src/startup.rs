@@ -17,12 +17,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
 use crate::publish::{Event, Publisher, PublisherConfig};
-use crate::receive::{self, DedupWindow, Receiver};
+use crate::receive::{self, ConnectionLimit, DedupWindow, Receiver, SourcePolicy};
 use crate::spool;
 use crate::telemetry;
 use crate::validate::Verifier;
@@ -144,6 +144,10 @@ impl Application {
         let flush_timeout = Duration::from_millis(config.kafka.flush_timeout_ms);
         let publisher = self.publisher.spawn(flush_timeout)?;
         let receiver = Arc::new(Receiver {
+            sources: SourcePolicy {
+                allow: config.allow_cidrs.clone(),
+                trusted_proxies: config.trusted_proxies.clone(),
+            },
             verifier: Verifier::new(
                 config.sdk_app_ids.clone(),
                 config.tokens.clone(),
@@ -180,21 +184,17 @@ impl Application {
             }
             _ => None,
         };
+        let limit = ConnectionLimit::new(config.max_connections);
         let public = match self.tls {
             Some(tls) => {
-                let mut server = axum_server::tls_rustls::from_tcp_rustls(self.public, tls)?;
-                server
-                    .http_builder()
-                    .http1()
-                    .header_read_timeout(header_timeout);
+                let acceptor = RustlsAcceptor::new(tls).acceptor(limit);
+                let mut server = axum_server::from_tcp(self.public)?.acceptor(acceptor);
+                http_limits(server.http_builder(), header_timeout);
                 tokio::spawn(server.handle(handle.clone()).serve(app))
             }
             None => {
-                let mut server = axum_server::from_tcp(self.public)?;
-                server
-                    .http_builder()
-                    .http1()
-                    .header_read_timeout(header_timeout);
+                let mut server = axum_server::from_tcp(self.public)?.acceptor(limit);
+                http_limits(server.http_builder(), header_timeout);
                 tokio::spawn(server.handle(handle.clone()).serve(app))
             }
         };
@@ -287,6 +287,21 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Bounds on what one connection may ask of us: header size and count, HTTP/2 streams.
+fn http_limits(
+    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    header_timeout: Duration,
+) {
+    // 16 KiB of request head (hyper's floor is 8 KiB); Tencent sends well under 1 KiB.
+    b.http1()
+        .header_read_timeout(header_timeout)
+        .max_buf_size(16 * 1024)
+        .max_headers(64);
+    b.http2()
+        .max_concurrent_streams(64)
+        .max_header_list_size(16 * 1024);
 }
 
 /// Swaps in a renewed certificate (cert-manager, certbot) without a restart: the files are

@@ -169,6 +169,33 @@ impl CallbackQuarantined {
     }
 }
 
+/// A connection to the public listener was accepted.
+pub struct ConnectionOpened;
+
+impl ConnectionOpened {
+    pub fn emit(&self) {
+        gauge!("im_relay_http_open_connections").increment(1.0);
+    }
+}
+
+/// A connection to the public listener ended.
+pub struct ConnectionClosed;
+
+impl ConnectionClosed {
+    pub fn emit(&self) {
+        gauge!("im_relay_http_open_connections").decrement(1.0);
+    }
+}
+
+/// A connection over `max_connections` was closed at once.
+pub struct ConnectionRefused;
+
+impl ConnectionRefused {
+    pub fn emit(&self) {
+        counter!("im_relay_http_connections_refused_total").increment(1);
+    }
+}
+
 /// Elements kept raw because their type or shape was not one we know.
 pub struct ElementsUntyped(pub usize);
 

@@ -7,8 +7,10 @@
 //! command mismatch, a record too large for Kafka) is still kept: its raw body goes through
 //! the spool to the quarantine topic, and the caller gets the 4xx that says why.
 
+mod connections;
 mod dedup;
 pub mod json;
+mod source;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,9 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+pub use connections::ConnectionLimit;
 pub use dedup::DedupWindow;
+pub use source::SourcePolicy;
 
 use crate::domain::CallbackCommand;
 use crate::error::{Ack, Reason, Rejection};
@@ -40,6 +44,7 @@ use crate::validate::{CallbackQuery, Verifier};
 
 /// What the callback endpoint needs, built once by `startup`.
 pub struct Receiver {
+    pub sources: SourcePolicy,
     pub verifier: Verifier,
     pub spool: Appender,
     pub dedup: Mutex<DedupWindow>,
@@ -73,7 +78,12 @@ async fn callback(State(receiver): State<Arc<Receiver>>, request: Request) -> Re
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let result = handle(&receiver, request).await;
+    let result = match peer {
+        Some(p) if !receiver.sources.allows(p.ip(), request.headers()) => {
+            Err(Reason::SourceNotAllowed.into())
+        }
+        _ => handle(&receiver, request).await,
+    };
     finish(result, started, peer)
 }
 
