@@ -469,6 +469,10 @@ impl RelayProcess {
         p
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn admin(&self) -> String {
         self.env["IM_RELAY_ADMIN_LISTEN"].clone()
     }
