@@ -86,3 +86,31 @@ async fn a_stalled_body_gets_408_with_a_fail_body() {
     assert!(answer.contains("\"ActionStatus\":\"FAIL\""), "{answer}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_deadline() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_HEADER_READ_TIMEOUT_MS", "1000")]).await;
+    let addr = format!("127.0.0.1:{}", port(&app));
+    let query = after_send_query();
+    let (first, then) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /im/callback?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{DOC_SAMPLE}",
+            DOC_SAMPLE.len()
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        // Kept alive after the answer, then closed once idle past the deadline.
+        (first, s.read(&mut buf).map_err(|e| e.kind()))
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(then, Ok(0), "the idle connection was not closed");
+    app.stop().await;
+}
