@@ -318,6 +318,7 @@ const OWNED_KAFKA_OPTIONS: &[&str] = &[
     "message.timeout.ms",
     "delivery.timeout.ms",
     "message.max.bytes",
+    "statistics.interval.ms",
     "security.protocol",
     "sasl.mechanism",
     "sasl.mechanisms",

@@ -70,9 +70,13 @@ impl CallbackCommand {
     /// A metric label from a fixed set: commands are chosen by whoever calls us, so the raw
     /// text never becomes a label.
     pub fn label(&self) -> &'static str {
-        match self {
-            CallbackCommand::C2cAfterSendMsg => "c2c_after_send_msg",
-            CallbackCommand::Other(_) => "other",
+        match self.as_str() {
+            Self::C2C_AFTER_SEND_MSG => "c2c_after_send_msg",
+            "C2C.CallbackBeforeSendMsg" => "c2c_before_send_msg",
+            "Group.CallbackAfterSendMsg" => "group_after_send_msg",
+            "Group.CallbackBeforeSendMsg" => "group_before_send_msg",
+            "State.StateChange" => "state_change",
+            _ => "other",
         }
     }
 }

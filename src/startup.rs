@@ -223,10 +223,13 @@ impl Application {
         };
         let upkeep = {
             let metrics = self.metrics.clone();
+            let process = metrics_process::Collector::default();
+            telemetry::describe_process(&process);
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    telemetry::refresh_gauges(&process);
                     metrics.run_upkeep();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             })
         };

@@ -302,3 +302,22 @@ async fn without_a_token_unsigned_callbacks_are_relayed() {
     assert_eq!(records[0].value["opt_platform"], Value::Null);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traceparent_is_carried_to_the_record() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = app
+        .http
+        .post(format!("{}?{}", app.url, after_send_query()))
+        .header("traceparent", tp)
+        .body(DOC_SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let records = app.records(1).await;
+    assert_eq!(records[0].headers["traceparent"], tp);
+    app.stop().await;
+}

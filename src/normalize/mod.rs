@@ -56,6 +56,20 @@ pub struct Output {
     pub headers: Vec<(&'static str, String)>,
     /// Elements kept raw because their type or shape was unknown.
     pub untyped_elements: usize,
+    /// What the traffic statistics count.
+    pub stats: Stats,
+}
+
+/// Figures about the message for the traffic statistics (not part of the record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub element_types: Vec<&'static str>,
+    pub delivered: Option<bool>,
+    pub online_only: Option<bool>,
+    /// `received_at − MsgTime`, in seconds.
+    pub age_seconds: Option<f64>,
+    pub from: String,
+    pub to: String,
 }
 
 /// The callback is not a message we can relay: the public text names the field.
@@ -204,12 +218,22 @@ pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output,
         .iter()
         .filter(|e| matches!(e.kind, Kind::Unknown { .. }))
         .count();
+    let stats = Stats {
+        element_types: elements.iter().map(|e| e.kind.label()).collect(),
+        delivered: record.delivered,
+        online_only: record.online_only,
+        age_seconds: msg_time
+            .map(|t| (ctx.received_at.unix_timestamp_nanos() as f64 / 1e9) - t as f64),
+        from: from.as_str().to_owned(),
+        to: to.as_str().to_owned(),
+    };
     Ok(Output {
         id,
         key,
         value,
         headers,
         untyped_elements,
+        stats,
     })
 }
 

@@ -23,7 +23,9 @@ use rdkafka::producer::{
 
 use crate::config::KafkaConfig;
 use crate::spool;
-use crate::telemetry::{PublishFailed, PublishRetried, PublisherGauges, RecordPublished};
+use crate::telemetry::{
+    KafkaStatistics, PublishFailed, PublishRetried, PublisherGauges, RecordPublished,
+};
 pub use entry::{Entry, Target};
 
 /// What wakes the publisher thread.
@@ -57,6 +59,10 @@ impl ClientContext for Reporter {
             L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
             L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
         }
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        KafkaStatistics(&statistics).emit();
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -98,6 +104,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         )
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
         .set("message.max.bytes", cfg.message_max_bytes.to_string())
+        // Feeds the broker gauges (RTT, in-flight, retries, errors).
+        .set("statistics.interval.ms", "5000")
         .set("security.protocol", &cfg.security_protocol);
     if let Some(m) = &cfg.sasl_mechanism {
         c.set("sasl.mechanism", m);

@@ -37,8 +37,8 @@ use crate::normalize::{self, KeyMode};
 use crate::publish::{Entry, Target};
 use crate::spool::{AppendError, Appender};
 use crate::telemetry::{
-    CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackRejected, ElementsUntyped,
-    Outcome,
+    CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackReceived, CallbackRejected,
+    ElementsUntyped, MessageAccepted, Outcome,
 };
 use crate::validate::{CallbackQuery, Verifier};
 
@@ -92,6 +92,10 @@ fn finish(
     started: Instant,
     peer: Option<SocketAddr>,
 ) -> Response {
+    let status = match &result {
+        Ok(_) => 200,
+        Err(r) => r.reason.status().as_u16(),
+    };
     let outcome = match &result {
         Ok(o) => *o,
         Err(r) => {
@@ -106,6 +110,7 @@ fn finish(
     };
     CallbackFinished {
         outcome,
+        status,
         elapsed: started.elapsed(),
     }
     .emit();
@@ -131,9 +136,22 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
     let bytes = tokio::time::timeout(receiver.request_timeout, reading)
         .await
         .map_err(|_| Rejection::from(Reason::RequestTimeout))??;
+    CallbackReceived {
+        command: query.command.label(),
+        skew_seconds: query.request_time.map(|t| received_at.unix_timestamp() - t),
+        body_bytes: bytes.len(),
+    }
+    .emit();
     if bytes.is_empty() {
         return Err(Reason::EmptyBody.into());
     }
+    // W3C trace context, carried to the record so a trace can follow the message downstream.
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned);
     // A replay of an identical signed request within the freshness window: answered, not
     // processed again (the signature covers only the time, so this is all it can prove).
     let replay_key = query.request_time.map(|_| replay_key(raw_query, &bytes));
@@ -142,7 +160,15 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
     {
         return Ok(Outcome::Replayed);
     }
-    let outcome = relay(receiver, &query, raw_query, &bytes, received_at).await?;
+    let outcome = relay(
+        receiver,
+        &query,
+        raw_query,
+        &bytes,
+        received_at,
+        traceparent,
+    )
+    .await?;
     if let Some(key) = &replay_key {
         lock(&receiver.replays).insert(key, Instant::now());
     }
@@ -166,6 +192,7 @@ async fn relay(
     raw_query: &str,
     bytes: &Bytes,
     received_at: OffsetDateTime,
+    traceparent: Option<String>,
 ) -> Result<Outcome, Rejection> {
     let quarantine = |rejection: Rejection| Quarantine {
         receiver,
@@ -220,19 +247,33 @@ async fn relay(
     if lock(&receiver.dedup).contains(&record.id, now) {
         return Ok(Outcome::Duplicate);
     }
+    let mut headers: Vec<(String, Vec<u8>)> = record
+        .headers
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+        .collect();
+    if let Some(tp) = traceparent {
+        headers.push(("traceparent".to_owned(), tp.into_bytes()));
+    }
     let entry = Entry {
         target: Target::Messages,
         key: Some(record.key.into_bytes()),
-        headers: record
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-            .collect(),
+        headers,
         value: record.value,
         received_at_ms: unix_ms(received_at),
     };
     append(&receiver.spool, entry).await?;
     lock(&receiver.dedup).insert(&record.id, now);
+    let s = &record.stats;
+    MessageAccepted {
+        element_types: &s.element_types,
+        delivered: s.delivered,
+        online_only: s.online_only,
+        age_seconds: s.age_seconds,
+        from: &s.from,
+        to: &s.to,
+    }
+    .emit();
     Ok(Outcome::Accepted)
 }
 
