@@ -7,7 +7,10 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+# The commit, for im_relay_build_info (there is no .git in the build context).
+ARG GIT_SHA=unknown
+ENV IM_RELAY_GIT_SHA=$GIT_SHA
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 RUN cargo build --locked --release --bin im-relay \
  && cp target/release/im-relay /im-relay

@@ -371,7 +371,8 @@ pub fn serve_command() -> clap::Command {
     cmd.after_help(
         "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
          IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in _FILE \
-         naming a file that holds the value.",
+         naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
+         IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
     )
 }
 

@@ -410,6 +410,7 @@ impl Publisher {
         PublisherGauges {
             backlog_records: self.shared.backlog(),
             spool_bytes: self.shared.bytes(),
+            spool_max_bytes: self.shared.max_bytes(),
             in_flight: self.pending.len(),
             oldest_unpublished: oldest.unwrap_or_default(),
         }

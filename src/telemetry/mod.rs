@@ -404,6 +404,7 @@ impl PublishRetried<'_> {
 pub struct PublisherGauges {
     pub backlog_records: u64,
     pub spool_bytes: u64,
+    pub spool_max_bytes: u64,
     pub in_flight: usize,
     pub oldest_unpublished: Duration,
 }
@@ -412,6 +413,7 @@ impl PublisherGauges {
     pub fn emit(&self) {
         gauge!("im_relay_spool_backlog_records").set(self.backlog_records as f64);
         gauge!("im_relay_spool_bytes").set(self.spool_bytes as f64);
+        gauge!("im_relay_spool_max_bytes").set(self.spool_max_bytes as f64);
         gauge!("im_relay_publish_in_flight_records").set(self.in_flight as f64);
         gauge!("im_relay_spool_oldest_unpublished_age_seconds")
             .set(self.oldest_unpublished.as_secs_f64());
