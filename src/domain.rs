@@ -177,9 +177,11 @@ mod tests {
             CallbackCommand::parse("C2C.CallbackAfterSendMsg"),
             CallbackCommand::C2cAfterSendMsg
         );
-        let other = CallbackCommand::parse("Group.CallbackAfterSendMsg");
-        assert_eq!(other.as_str(), "Group.CallbackAfterSendMsg");
-        assert_eq!(other.label(), "other");
+        let group = CallbackCommand::parse("Group.CallbackAfterSendMsg");
+        assert_eq!(group.as_str(), "Group.CallbackAfterSendMsg");
+        // Known neighbours get their own label; anything else shares `other`.
+        assert_eq!(group.label(), "group_after_send_msg");
+        assert_eq!(CallbackCommand::parse("Sns.CallbackFriendAdd").label(), "other");
         // Case matters: Tencent spells commands exactly.
         assert_eq!(
             CallbackCommand::parse("c2c.callbackaftersendmsg").label(),
