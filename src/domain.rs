@@ -181,7 +181,10 @@ mod tests {
         assert_eq!(group.as_str(), "Group.CallbackAfterSendMsg");
         // Known neighbours get their own label; anything else shares `other`.
         assert_eq!(group.label(), "group_after_send_msg");
-        assert_eq!(CallbackCommand::parse("Sns.CallbackFriendAdd").label(), "other");
+        assert_eq!(
+            CallbackCommand::parse("Sns.CallbackFriendAdd").label(),
+            "other"
+        );
         // Case matters: Tencent spells commands exactly.
         assert_eq!(
             CallbackCommand::parse("c2c.callbackaftersendmsg").label(),
