@@ -86,8 +86,9 @@ async fn metrics_count_what_happened() {
     for b in &bodies {
         assert_eq!(app.post_signed(b).await, (200, ok_body()));
     }
-    // A retry (another RequestTime, same message): a duplicate.
-    let retry = signed_query("C2C.CallbackAfterSendMsg", TOKEN, now() - 1);
+    // A retry (another RequestTime, same message): a duplicate. Far enough in the past that it
+    // cannot equal the first request's time, which would make it a replay instead.
+    let retry = signed_query("C2C.CallbackAfterSendMsg", TOKEN, now() - 30);
     assert_eq!(app.post(&retry, bodies[0].clone()).await, (200, ok_body()));
     // Another command: ignored. A forgery and a stranger's app: rejected.
     let group = signed_query("Group.CallbackAfterSendMsg", TOKEN, now());
