@@ -56,40 +56,18 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 300.0,
             ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("im_relay_request_duration_seconds".into()),
-                    &latency,
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("im_relay_record_delivery_seconds".into()),
-                        &delivery,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("im_relay_signature_skew_seconds".into()),
-                        &skew,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("im_relay_request_body_bytes".into()),
-                        &bytes,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("im_relay_message_age_seconds".into()),
-                        &age,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("im_relay_spool_sync_duration_seconds".into()),
-                        &latency,
-                    )
+            let buckets: [(&str, &[f64]); 6] = [
+                ("im_relay_request_duration_seconds", &latency),
+                ("im_relay_record_delivery_seconds", &delivery),
+                ("im_relay_signature_skew_seconds", &skew),
+                ("im_relay_request_body_bytes", &bytes),
+                ("im_relay_message_age_seconds", &age),
+                ("im_relay_spool_sync_duration_seconds", &latency),
+            ];
+            let recorder = buckets
+                .into_iter()
+                .try_fold(PrometheusBuilder::new(), |b, (name, list)| {
+                    b.set_buckets_for_metric(Matcher::Full(name.into()), list)
                 })
                 .map(PrometheusBuilder::build_recorder)
                 .expect("bucket lists are non-empty");
