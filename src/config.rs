@@ -327,6 +327,13 @@ const OWNED_KAFKA_OPTIONS: &[&str] = &[
     "ssl.ca.location",
 ];
 
+/// A secret kept in a file (`…_FILE`, a mounted Kubernetes Secret). Files written by `echo` end
+/// in a newline that is not part of the secret.
+pub fn read_secret_file(path: &str) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
 fn env_name(key: &str) -> String {
     format!("IM_RELAY_{}", key.to_ascii_uppercase())
 }
@@ -457,9 +464,8 @@ impl Layers<'_> {
                 None
             }
             (Some(v), None) => Some(v),
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
-                // Files written by `echo` end in a newline that is not part of the secret.
-                Ok(v) => Some(v.trim_end_matches(['\r', '\n']).to_owned()),
+            (None, Some(path)) => match read_secret_file(&path) {
+                Ok(v) => Some(v),
                 Err(e) => {
                     self.errors
                         .push(format!("{file_env}: cannot read `{path}`: {}", e.kind()));

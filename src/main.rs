@@ -97,8 +97,7 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
 fn sign(flags: &clap::ArgMatches) -> ExitCode {
     let token = std::env::var("IM_RELAY_TOKEN").ok().or_else(|| {
         let path = std::env::var("IM_RELAY_TOKEN_FILE").ok()?;
-        let text = std::fs::read_to_string(path).ok()?;
-        Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        config::read_secret_file(&path).ok()
     });
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         eprintln!("set IM_RELAY_TOKEN (or IM_RELAY_TOKEN_FILE) to the callback token");
