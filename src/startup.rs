@@ -293,7 +293,7 @@ impl Application {
 }
 
 /// Bounds on what one connection may ask of us: header size and count, HTTP/2 streams.
-fn http_limits(
+pub fn http_limits(
     b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     header_timeout: Duration,
 ) {
