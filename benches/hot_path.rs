@@ -3,6 +3,10 @@
 //! `cargo bench --bench hot_path`; compare runs on the same machine only.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+
+/// The allocator the relay runs with (`src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::hint::black_box;
 
 use im_relay::config::Secret;

@@ -7,6 +7,8 @@
 //!   written together, with at most one sync per batch (group commit).
 //! - `Fsync::Always` syncs before answering (survives power loss); `Interval` and `Never` rely
 //!   on the page cache, which survives a process crash (kill -9) but not a power cut.
+//!   `Interval` syncs on a second thread, so appends never wait for the disk; a full
+//!   segment's last sync happens there too (a 64 MiB `fdatasync` took 50 ms here).
 //! - Positions are frame sequence numbers. The committed position (everything at or below it
 //!   is in Kafka) lives in the `committed` file; segments wholly below it are deleted.
 //! - On open, every segment is scanned: damaged frames are skipped and counted, a torn tail is
@@ -324,6 +326,22 @@ pub fn open(cfg: &SpoolConfig, wake: impl Fn() + Send + 'static) -> io::Result<O
         _lock: lock,
     });
     let (tx, rx) = mpsc::channel();
+    let syncer = match cfg.fsync {
+        Fsync::Interval(_) => {
+            let (tx, rx) = mpsc::channel::<File>();
+            let thread = std::thread::Builder::new()
+                .name("spool-syncer".into())
+                .spawn(move || {
+                    for file in rx {
+                        if let Err(error) = sync_file(&file) {
+                            tracing::error!(%error, "spool sync failed");
+                        }
+                    }
+                })?;
+            Some((tx, thread))
+        }
+        _ => None,
+    };
     let writer = Writer {
         shared: shared.clone(),
         segment_bytes: cfg.segment_bytes,
@@ -333,6 +351,7 @@ pub fn open(cfg: &SpoolConfig, wake: impl Fn() + Send + 'static) -> io::Result<O
         dirty: false,
         last_sync: Instant::now(),
         wake: Box::new(wake),
+        syncer,
     };
     let writer = std::thread::Builder::new()
         .name("spool-writer".into())
@@ -355,6 +374,8 @@ struct Writer {
     dirty: bool,
     last_sync: Instant,
     wake: Box<dyn Fn() + Send>,
+    /// `Interval` only: the thread that syncs, and its queue of files to sync.
+    syncer: Option<(mpsc::Sender<File>, std::thread::JoinHandle<()>)>,
 }
 
 /// Appends gathered into one write.
@@ -387,6 +408,10 @@ impl Writer {
             self.sync_if_due();
         }
         // Every handle is gone: make what was written durable before leaving.
+        if let Some((queue, thread)) = self.syncer.take() {
+            drop(queue);
+            let _ = thread.join();
+        }
         if self.dirty {
             self.sync();
         }
@@ -466,8 +491,13 @@ impl Writer {
 
     fn rotate_if_full(&mut self, incoming: u64) -> io::Result<()> {
         if self.offset > 0 && self.offset + incoming > self.segment_bytes {
-            if self.dirty {
-                self.sync_checked()?;
+            // `Always`: already synced. `Never`: not promised. `Interval`: in the background.
+            if self.dirty
+                && let Some((queue, _)) = &self.syncer
+            {
+                let full = self.file.try_clone()?;
+                self.dirty = queue.send(full).is_err();
+                self.last_sync = Instant::now();
             }
             self.start_segment()?;
         }
@@ -489,7 +519,16 @@ impl Writer {
             && self.dirty
             && self.last_sync.elapsed() >= every
         {
-            self.sync();
+            let queued = match (&self.syncer, self.file.try_clone()) {
+                (Some((queue, _)), Ok(file)) => queue.send(file).is_ok(),
+                _ => false,
+            };
+            if queued {
+                self.dirty = false;
+                self.last_sync = Instant::now();
+            } else {
+                self.sync();
+            }
         }
     }
 
@@ -500,16 +539,21 @@ impl Writer {
     }
 
     fn sync_checked(&mut self) -> io::Result<()> {
-        let started = Instant::now();
-        self.file.sync_data()?;
+        sync_file(&self.file)?;
         self.dirty = false;
         self.last_sync = Instant::now();
-        SpoolSynced {
-            elapsed: started.elapsed(),
-        }
-        .emit();
         Ok(())
     }
+}
+
+fn sync_file(file: &File) -> io::Result<()> {
+    let started = Instant::now();
+    file.sync_data()?;
+    SpoolSynced {
+        elapsed: started.elapsed(),
+    }
+    .emit();
+    Ok(())
 }
 
 /// Reads records back in order from the committed position, and commits.
