@@ -215,6 +215,39 @@ async fn a_frozen_broker_and_a_crash_during_it_lose_nothing() {
     );
 }
 
+/// Frozen for three message timeouts: every record librdkafka held timed out, more than once.
+/// Seen with a 90 s freeze before the fix: after the broker came back, every resend timed out
+/// again until the relay was restarted. Now the producer is rebuilt and the backlog drains.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_frozen_for_longer_than_the_message_timeout_drains_without_a_restart() {
+    let s = setup(&[
+        ("IM_RELAY_SPOOL_FSYNC", "interval:50"),
+        ("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "3000"),
+    ])
+    .await;
+    let relay = s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 4, "long-outage", stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.broker.signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    s.broker.signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = driver.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backlog_records(&relay.metrics()) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "backlog did not drain: {}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    s.check(acked).await;
+    assert!(relay.terminate().success());
+}
+
 fn backlog_records(metrics: &str) -> f64 {
     metrics
         .lines()

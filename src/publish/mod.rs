@@ -148,6 +148,12 @@ pub struct Publisher {
     events: mpsc::Receiver<Event>,
     /// Read from the spool and not yet confirmed, by sequence number.
     pending: BTreeMap<u64, Pending>,
+    /// How many of `pending` wait to be (re)sent: when none, the loop skips its scans.
+    unsent: usize,
+    last_gauges: Instant,
+    /// When Kafka last confirmed a record, and when the producer was last (re)built.
+    last_delivery: Instant,
+    built_at: Instant,
     rebuild: bool,
     read_buf: VecDeque<(u64, Vec<u8>)>,
 }
@@ -180,6 +186,10 @@ impl Publisher {
             events_tx: events.0,
             events: events.1,
             pending: BTreeMap::new(),
+            unsent: 0,
+            last_gauges: Instant::now(),
+            last_delivery: Instant::now(),
+            built_at: Instant::now(),
             rebuild: false,
             read_buf: VecDeque::new(),
         })
@@ -205,14 +215,18 @@ impl Publisher {
 
     fn run(&mut self) {
         loop {
-            let wait = self
-                .pending
-                .values()
-                .filter(|p| !p.in_producer)
-                .map(|p| p.retry_at.saturating_duration_since(Instant::now()))
-                .min()
-                .unwrap_or(Duration::from_millis(100))
-                .min(Duration::from_millis(100));
+            let idle = Duration::from_millis(100);
+            let wait = if self.unsent == 0 {
+                idle
+            } else {
+                self.pending
+                    .values()
+                    .filter(|p| !p.in_producer)
+                    .map(|p| p.retry_at.saturating_duration_since(Instant::now()))
+                    .min()
+                    .unwrap_or(idle)
+                    .min(idle)
+            };
             let mut stop = false;
             if let Ok(first) = self.events.recv_timeout(wait) {
                 stop |= self.handle(first);
@@ -241,7 +255,9 @@ impl Publisher {
             Event::Delivered {
                 seq, error: None, ..
             } => {
+                self.last_delivery = Instant::now();
                 if let Some(p) = self.pending.remove(&seq) {
+                    self.unsent -= usize::from(!p.in_producer);
                     RecordPublished {
                         latency: Duration::from_millis(
                             now_ms().saturating_sub(p.entry.received_at_ms),
@@ -259,7 +275,16 @@ impl Publisher {
                 if self.producer.client().fatal_error().is_some() {
                     self.rebuild = true;
                 }
+                // Failing, and nothing confirmed for a whole message timeout: the producer may
+                // be stuck in a state it does not leave by itself (seen after a broker froze
+                // for a minute: every resend timed out until a restart). A new one starts
+                // clean; the records wait in `pending` and in the spool meanwhile.
+                let stuck = Duration::from_millis(self.cfg.kafka.message_timeout_ms);
+                if self.last_delivery.elapsed() >= stuck && self.built_at.elapsed() >= stuck {
+                    self.rebuild = true;
+                }
                 if let Some(p) = self.pending.get_mut(&seq) {
+                    self.unsent += usize::from(p.in_producer);
                     p.in_producer = false;
                     p.attempts += 1;
                     p.retry_at = Instant::now() + backoff(p.attempts);
@@ -274,13 +299,21 @@ impl Publisher {
         }
     }
 
-    /// A fatal error (the idempotent producer lost its sequence state): start a new producer
-    /// and resend everything unconfirmed, in order.
+    /// A fatal error (the idempotent producer lost its sequence state), or no delivery for a
+    /// whole message timeout: start a new producer and resend everything unconfirmed, in order.
     fn rebuild_producer(&mut self) {
+        let fatal = self
+            .producer
+            .client()
+            .fatal_error()
+            .map(|(_, reason)| reason);
         tracing::error!(
             in_flight = self.pending.len(),
-            "fatal producer error; rebuilding the producer"
+            fatal,
+            since_last_delivery_s = self.last_delivery.elapsed().as_secs(),
+            "rebuilding the producer"
         );
+        self.built_at = Instant::now();
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
         match Self::producer(&self.cfg.kafka, self.events_tx.clone(), self.generation + 1) {
@@ -292,6 +325,7 @@ impl Publisher {
                     p.in_producer = false;
                     p.retry_at = Instant::now();
                 }
+                self.unsent = self.pending.len();
             }
             Err(error) => tracing::error!(%error, "cannot rebuild the producer; will retry"),
         }
@@ -326,12 +360,16 @@ impl Publisher {
                     retry_at: Instant::now(),
                 },
             );
+            self.unsent += 1;
             self.send(seq);
         }
     }
 
     /// Sends every pending record whose retry time has come, oldest first.
     fn send_due(&mut self) {
+        if self.unsent == 0 {
+            return;
+        }
         let now = Instant::now();
         let due: Vec<u64> = self
             .pending
@@ -373,6 +411,7 @@ impl Publisher {
         match self.producer.send(record) {
             Ok(()) => {
                 p.in_producer = true;
+                self.unsent -= 1;
                 true
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -387,6 +426,7 @@ impl Publisher {
                 }
                 .emit();
                 self.pending.remove(&seq);
+                self.unsent -= 1;
                 true
             }
         }
@@ -401,12 +441,20 @@ impl Publisher {
         if let Err(error) = self.reader.commit(committed, force) {
             tracing::error!(%error, "cannot persist the spool position");
         }
+        // Gauges are read at scrape time: ten updates a second are plenty.
+        if !force && self.last_gauges.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last_gauges = Instant::now();
+        // The count is kept exact at every change; recounted here all the same, so that a
+        // slip could delay a resend by 100 ms at most, never strand a record.
+        self.unsent = self.pending.values().filter(|p| !p.in_producer).count();
+        // Sequence order is arrival order: the first pending record is the oldest.
         let oldest = self
             .pending
             .values()
-            .map(|p| p.entry.received_at_ms)
-            .min()
-            .map(|t| Duration::from_millis(now_ms().saturating_sub(t)));
+            .next()
+            .map(|p| Duration::from_millis(now_ms().saturating_sub(p.entry.received_at_ms)));
         PublisherGauges {
             backlog_records: self.shared.backlog(),
             spool_bytes: self.shared.bytes(),
