@@ -235,7 +235,7 @@ const SETTINGS: &[Setting] = &[
     ),
     s(
         "publish_max_in_flight",
-        Some("10000"),
+        Some("2000"),
         "records sent to Kafka, not yet confirmed, at most",
     ),
     s(

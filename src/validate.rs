@@ -3,6 +3,7 @@
 //! fresh and correct (spec §1–2). Knows the secrets; never Kafka, never the body.
 
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
@@ -35,7 +36,7 @@ struct RawQuery {
 impl RawQuery {
     fn parse(query: &str) -> Result<Self, Rejection> {
         let mut q = RawQuery::default();
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        for (name, value) in query_pairs(query) {
             let slot = match name.as_ref() {
                 "SdkAppid" => &mut q.sdk_app_id,
                 "CallbackCommand" => &mut q.command,
@@ -57,6 +58,20 @@ impl RawQuery {
         }
         Ok(q)
     }
+}
+
+/// `form_urlencoded::parse`, without its decoding (a tenth of the hot path's instructions) for
+/// the pieces that need none: Tencent's queries carry no `%` or `+`.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query.split('&').filter(|p| !p.is_empty()).map(|piece| {
+        if piece.bytes().any(|b| b == b'%' || b == b'+') {
+            let pair = form_urlencoded::parse(piece.as_bytes()).next();
+            pair.unwrap_or((Cow::Borrowed(""), Cow::Borrowed("")))
+        } else {
+            let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+            (Cow::Borrowed(name), Cow::Borrowed(value))
+        }
+    })
 }
 
 /// Checks callbacks against the configured app ids and tokens.
@@ -139,6 +154,16 @@ fn parse_unix_seconds(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The fast path splits exactly as `form_urlencoded` does, and decodes the same.
+        #[test]
+        fn query_pairs_match_form_urlencoded(q in "[a-zA-Z0-9=&%+._~-]{0,60}") {
+            let ours: Vec<_> = query_pairs(&q).collect();
+            let theirs: Vec<_> = form_urlencoded::parse(q.as_bytes()).collect();
+            proptest::prop_assert_eq!(ours, theirs);
+        }
+    }
 
     const APP: u64 = 1400000000;
     const NOW: i64 = 1669872112;
