@@ -54,6 +54,17 @@ pub struct Report {
 }
 
 impl Report {
+    fn empty() -> Self {
+        Report {
+            elapsed: Duration::ZERO,
+            acked: Vec::new(),
+            refused: BTreeMap::new(),
+            errors: 0,
+            // 1 µs to 1 min, three significant digits.
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        }
+    }
+
     pub fn sent(&self) -> u64 {
         self.acked.len() as u64 + self.refused.values().sum::<u64>() + self.errors
     }
@@ -96,13 +107,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     let tasks: Vec<_> = (0..shared.opts.connections.max(1))
         .map(|_| tokio::spawn(connection(shared.clone())))
         .collect();
-    let mut report = Report {
-        elapsed: Duration::ZERO,
-        acked: Vec::new(),
-        refused: BTreeMap::new(),
-        errors: 0,
-        latency_us: histogram(),
-    };
+    let mut report = Report::empty();
     for task in tasks {
         let part = task.await.map_err(|e| e.to_string())?;
         report.acked.extend(part.acked);
@@ -119,21 +124,10 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     Ok(report)
 }
 
-fn histogram() -> Histogram<u64> {
-    // 1 µs to 1 min, three significant digits.
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
-}
-
 /// One keep-alive connection, sending requests one after another until the run ends.
 async fn connection(shared: Arc<Shared>) -> Report {
     let opts = &shared.opts;
-    let mut part = Report {
-        elapsed: Duration::ZERO,
-        acked: Vec::new(),
-        refused: BTreeMap::new(),
-        errors: 0,
-        latency_us: histogram(),
-    };
+    let mut part = Report::empty();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     let mut signed = Signed::default();
     loop {
