@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -143,6 +144,18 @@ impl<'a> MsgKey<'a> {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Wall-clock time in Unix milliseconds (0 for a clock set before 1970).
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock time in Unix seconds.
+pub fn unix_seconds() -> u64 {
+    unix_millis() / 1000
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use im_relay::config::{self, Config};
+use im_relay::domain::{unix_millis, unix_seconds};
 use im_relay::startup::Application;
 use im_relay::{publish, spool, telemetry, validate};
 
@@ -82,12 +83,9 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
     let age = oldest
         .and_then(|payload| publish::Entry::decode(&payload))
         .map(|e| {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
             format!(
                 "{:.1}s",
-                now_ms.saturating_sub(e.received_at_ms) as f64 / 1000.0
+                unix_millis().saturating_sub(e.received_at_ms) as f64 / 1000.0
             )
         })
         .unwrap_or_else(|| "-".into());
@@ -120,11 +118,10 @@ fn sign(flags: &clap::ArgMatches) -> ExitCode {
     let Some(token) = token_from_env() else {
         return ExitCode::from(2);
     };
-    let time = flags.get_one::<u64>("time").copied().unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    });
+    let time = flags
+        .get_one::<u64>("time")
+        .copied()
+        .unwrap_or_else(unix_seconds);
     let time = time.to_string();
     let sign = validate::sign_of(&token, &time);
     println!("RequestTime={time}&Sign={}", hex::encode(sign));
@@ -309,10 +306,7 @@ fn bench(flags: &clap::ArgMatches) -> ExitCode {
     let run_id = flags
         .get_one::<String>("run_id")
         .cloned()
-        .unwrap_or_else(|| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-            format!("bench-{}", now.map_or(0, |d| d.as_millis()))
-        });
+        .unwrap_or_else(|| format!("bench-{}", unix_millis()));
     let opts = bench::Options {
         url,
         token,

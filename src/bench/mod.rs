@@ -10,7 +10,7 @@ pub mod verify;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -27,6 +27,7 @@ pub use payload::callback;
 pub use verify::{Verification, VerifyOptions};
 
 use crate::config::Secret;
+use crate::domain::unix_seconds;
 use crate::validate::sign_of;
 
 pub struct Options {
@@ -226,12 +227,6 @@ impl Signed {
         }
         &self.query
     }
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn connect(url: &hyper::Uri, host: &str) -> Result<SendRequest<Full<Bytes>>, String> {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -22,6 +22,7 @@ use rdkafka::producer::{
 };
 
 use crate::config::KafkaConfig;
+use crate::domain::unix_millis;
 use crate::spool;
 use crate::telemetry::{
     KafkaStatistics, PublishFailed, PublishRetried, PublisherGauges, RecordPublished,
@@ -158,12 +159,6 @@ pub struct Publisher {
     read_buf: VecDeque<(u64, Vec<u8>)>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn backoff(attempts: u32) -> Duration {
     Duration::from_millis(100u64 << attempts.min(6)).min(Duration::from_secs(5))
 }
@@ -260,7 +255,7 @@ impl Publisher {
                     self.unsent -= usize::from(!p.in_producer);
                     RecordPublished {
                         latency: Duration::from_millis(
-                            now_ms().saturating_sub(p.entry.received_at_ms),
+                            unix_millis().saturating_sub(p.entry.received_at_ms),
                         ),
                     }
                     .emit();
@@ -450,11 +445,10 @@ impl Publisher {
         // slip could delay a resend by 100 ms at most, never strand a record.
         self.unsent = self.pending.values().filter(|p| !p.in_producer).count();
         // Sequence order is arrival order: the first pending record is the oldest.
-        let oldest = self
-            .pending
-            .values()
-            .next()
-            .map(|p| Duration::from_millis(now_ms().saturating_sub(p.entry.received_at_ms)));
+        let oldest =
+            self.pending.values().next().map(|p| {
+                Duration::from_millis(unix_millis().saturating_sub(p.entry.received_at_ms))
+            });
         PublisherGauges {
             backlog_records: self.shared.backlog(),
             spool_bytes: self.shared.bytes(),

@@ -6,12 +6,13 @@ pub mod activity;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+use crate::domain::unix_seconds;
 use crate::error::Reason;
 
 /// Installs the log subscriber: JSON lines unless `IM_RELAY_LOG_FORMAT=pretty`; the level
@@ -168,12 +169,6 @@ pub struct MessageAccepted<'a> {
 
 static ACTIVITY: LazyLock<Mutex<activity::Activity>> = LazyLock::new(Default::default);
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl MessageAccepted<'_> {
     pub fn emit(&self) {
         let tri = |b: Option<bool>, yes: &'static str, no: &'static str| match b {
@@ -194,7 +189,7 @@ impl MessageAccepted<'_> {
             histogram!("im_relay_message_age_seconds").record(age);
         }
         if let Ok(mut a) = ACTIVITY.lock() {
-            a.record(self.from, self.to, unix_now());
+            a.record(self.from, self.to, unix_seconds());
         }
     }
 }
@@ -202,7 +197,7 @@ impl MessageAccepted<'_> {
 /// Refreshes the gauges computed rather than counted: active users, process figures.
 pub fn refresh_gauges(process: &metrics_process::Collector) {
     if let Ok(mut a) = ACTIVITY.lock() {
-        for (window, senders, recipients) in a.estimates(unix_now()) {
+        for (window, senders, recipients) in a.estimates(unix_seconds()) {
             gauge!("im_relay_active_users", "role" => "sender", "window" => window)
                 .set(senders as f64);
             gauge!("im_relay_active_users", "role" => "recipient", "window" => window)
@@ -280,9 +275,7 @@ impl CallbackRejected<'_> {
         counter!("im_relay_callbacks_rejected_total", "reason" => reason).increment(1);
         static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
         static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = unix_seconds();
         if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
             SUPPRESSED.fetch_add(1, Ordering::Relaxed);
             return;

@@ -237,10 +237,7 @@ pub fn unique() -> String {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    im_relay::domain::unix_seconds() as i64
 }
 
 /// Tencent's query string for `command`, signed with `token` at `time`.
