@@ -492,12 +492,8 @@ impl Writer {
     fn rotate_if_full(&mut self, incoming: u64) -> io::Result<()> {
         if self.offset > 0 && self.offset + incoming > self.segment_bytes {
             // `Always`: already synced. `Never`: not promised. `Interval`: in the background.
-            if self.dirty
-                && let Some((queue, _)) = &self.syncer
-            {
-                let full = self.file.try_clone()?;
-                self.dirty = queue.send(full).is_err();
-                self.last_sync = Instant::now();
+            if self.dirty && self.syncer.is_some() {
+                self.sync_in_background()?;
             }
             self.start_segment()?;
         }
@@ -518,18 +514,24 @@ impl Writer {
         if let Fsync::Interval(every) = self.shared.fsync
             && self.dirty
             && self.last_sync.elapsed() >= every
+            && let Err(error) = self.sync_in_background()
         {
-            let queued = match (&self.syncer, self.file.try_clone()) {
-                (Some((queue, _)), Ok(file)) => queue.send(file).is_ok(),
-                _ => false,
-            };
-            if queued {
-                self.dirty = false;
-                self.last_sync = Instant::now();
-            } else {
-                self.sync();
-            }
+            tracing::error!(%error, "spool sync failed");
         }
+    }
+
+    /// Hands the active segment to the syncer thread; syncs here if that cannot be done.
+    fn sync_in_background(&mut self) -> io::Result<()> {
+        let queued = match (&self.syncer, self.file.try_clone()) {
+            (Some((queue, _)), Ok(file)) => queue.send(file).is_ok(),
+            _ => false,
+        };
+        if !queued {
+            return self.sync_checked();
+        }
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
     }
 
     fn sync(&mut self) {
