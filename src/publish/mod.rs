@@ -7,7 +7,7 @@
 
 pub mod entry;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -134,7 +134,6 @@ pub struct PublisherConfig {
 
 struct Pending {
     entry: Entry,
-    in_producer: bool,
     attempts: u32,
     retry_at: Instant,
 }
@@ -149,8 +148,9 @@ pub struct Publisher {
     events: mpsc::Receiver<Event>,
     /// Read from the spool and not yet confirmed, by sequence number.
     pending: BTreeMap<u64, Pending>,
-    /// How many of `pending` wait to be (re)sent: when none, the loop skips its scans.
-    unsent: usize,
+    /// The pending records not with the producer: waiting to be (re)sent, oldest first. The
+    /// rest are in librdkafka's hands, awaiting their delivery report.
+    unsent: BTreeSet<u64>,
     last_gauges: Instant,
     /// When Kafka last confirmed a record, and when the producer was last (re)built.
     last_delivery: Instant,
@@ -181,7 +181,7 @@ impl Publisher {
             events_tx: events.0,
             events: events.1,
             pending: BTreeMap::new(),
-            unsent: 0,
+            unsent: BTreeSet::new(),
             last_gauges: Instant::now(),
             last_delivery: Instant::now(),
             built_at: Instant::now(),
@@ -211,17 +211,14 @@ impl Publisher {
     fn run(&mut self) {
         loop {
             let idle = Duration::from_millis(100);
-            let wait = if self.unsent == 0 {
-                idle
-            } else {
-                self.pending
-                    .values()
-                    .filter(|p| !p.in_producer)
-                    .map(|p| p.retry_at.saturating_duration_since(Instant::now()))
-                    .min()
-                    .unwrap_or(idle)
-                    .min(idle)
-            };
+            let wait = self
+                .unsent
+                .iter()
+                .filter_map(|seq| self.pending.get(seq))
+                .map(|p| p.retry_at.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(idle)
+                .min(idle);
             let mut stop = false;
             if let Ok(first) = self.events.recv_timeout(wait) {
                 stop |= self.handle(first);
@@ -251,8 +248,8 @@ impl Publisher {
                 seq, error: None, ..
             } => {
                 self.last_delivery = Instant::now();
+                self.unsent.remove(&seq);
                 if let Some(p) = self.pending.remove(&seq) {
-                    self.unsent -= usize::from(!p.in_producer);
                     RecordPublished {
                         latency: Duration::from_millis(
                             unix_millis().saturating_sub(p.entry.received_at_ms),
@@ -279,8 +276,7 @@ impl Publisher {
                     self.rebuild = true;
                 }
                 if let Some(p) = self.pending.get_mut(&seq) {
-                    self.unsent += usize::from(p.in_producer);
-                    p.in_producer = false;
+                    self.unsent.insert(seq);
                     p.attempts += 1;
                     p.retry_at = Instant::now() + backoff(p.attempts);
                     PublishRetried {
@@ -317,10 +313,9 @@ impl Publisher {
                 self.generation += 1;
                 self.rebuild = false;
                 for p in self.pending.values_mut() {
-                    p.in_producer = false;
                     p.retry_at = Instant::now();
                 }
-                self.unsent = self.pending.len();
+                self.unsent = self.pending.keys().copied().collect();
             }
             Err(error) => tracing::error!(%error, "cannot rebuild the producer; will retry"),
         }
@@ -350,27 +345,23 @@ impl Publisher {
                 seq,
                 Pending {
                     entry,
-                    in_producer: false,
                     attempts: 0,
                     retry_at: Instant::now(),
                 },
             );
-            self.unsent += 1;
+            self.unsent.insert(seq);
             self.send(seq);
         }
     }
 
     /// Sends every pending record whose retry time has come, oldest first.
     fn send_due(&mut self) {
-        if self.unsent == 0 {
-            return;
-        }
         let now = Instant::now();
         let due: Vec<u64> = self
-            .pending
+            .unsent
             .iter()
-            .filter(|(_, p)| !p.in_producer && p.retry_at <= now)
-            .map(|(s, _)| *s)
+            .copied()
+            .filter(|seq| self.pending.get(seq).is_some_and(|p| p.retry_at <= now))
             .collect();
         for seq in due {
             if !self.send(seq) {
@@ -405,8 +396,7 @@ impl Publisher {
         }
         match self.producer.send(record) {
             Ok(()) => {
-                p.in_producer = true;
-                self.unsent -= 1;
+                self.unsent.remove(&seq);
                 true
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -421,7 +411,7 @@ impl Publisher {
                 }
                 .emit();
                 self.pending.remove(&seq);
-                self.unsent -= 1;
+                self.unsent.remove(&seq);
                 true
             }
         }
@@ -441,9 +431,6 @@ impl Publisher {
             return;
         }
         self.last_gauges = Instant::now();
-        // The count is kept exact at every change; recounted here all the same, so that a
-        // slip could delay a resend by 100 ms at most, never strand a record.
-        self.unsent = self.pending.values().filter(|p| !p.in_producer).count();
         // Sequence order is arrival order: the first pending record is the oldest.
         let oldest =
             self.pending.values().next().map(|p| {
@@ -464,7 +451,8 @@ impl Publisher {
     fn drain(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         self.send_due();
-        while self.pending.values().any(|p| p.in_producer) && Instant::now() < deadline {
+        // Records with the producer: pending and not waiting to be sent.
+        while self.pending.len() > self.unsent.len() && Instant::now() < deadline {
             if let Ok(e) = self.events.recv_timeout(Duration::from_millis(20)) {
                 self.handle(e);
             }
