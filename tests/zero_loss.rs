@@ -76,6 +76,19 @@ impl Setup {
         std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
     }
 
+    /// Waits up to 30 s for the relay's spool backlog to reach zero.
+    async fn wait_drained(&self, relay: &RelayProcess) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while backlog_records(&relay.metrics()) > 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "backlog did not drain: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn check(&self, acked: Vec<String>) {
         let total = acked.len();
         let (missing, duplicates) = missing_after(
@@ -201,12 +214,7 @@ async fn a_frozen_broker_and_a_crash_during_it_lose_nothing() {
     stop.store(true, Ordering::Relaxed);
     let acked = driver.await.unwrap();
     s.check(acked).await;
-    // The backlog drains.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backlog_records(&relay.metrics()) > 0.0 {
-        assert!(Instant::now() < deadline, "backlog did not drain");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_drained(&relay).await;
     assert!(relay.terminate().success());
     assert!(
         !s.log().contains("damaged spool frames skipped"),
@@ -235,15 +243,7 @@ async fn a_broker_frozen_for_longer_than_the_message_timeout_drains_without_a_re
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = driver.await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backlog_records(&relay.metrics()) > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "backlog did not drain: {}",
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    s.wait_drained(&relay).await;
     s.check(acked).await;
     assert!(relay.terminate().success());
 }
