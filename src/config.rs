@@ -54,6 +54,9 @@ pub struct Config {
     pub shutdown_drain_ms: u64,
     pub header_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
+    /// A spool append not done by then is answered 503 (the record may still be written:
+    /// a duplicate at worst, never a loss).
+    pub spool_append_timeout_ms: u64,
     pub max_connections: usize,
     pub allow_cidrs: Vec<IpNet>,
     pub trusted_proxies: Vec<IpNet>,
@@ -222,6 +225,11 @@ const SETTINGS: &[Setting] = &[
         "spool_fsync",
         Some("always"),
         "always | interval:<ms> | never",
+    ),
+    s(
+        "spool_append_timeout_ms",
+        Some("1000"),
+        "a spool write taking longer is answered 503 and turns readiness red (Tencent waits 2 s)",
     ),
     s(
         "dedup_window_records",
@@ -735,11 +743,17 @@ impl Parser {
                 Fsync::Always,
             ),
         };
-        if spool.segment_bytes < 4096 || spool.max_bytes < spool.segment_bytes {
+        // Two segments at least: a full active segment can only give its space back once a
+        // new one has started beside it.
+        if spool.segment_bytes < 4096 || spool.max_bytes < 2 * spool.segment_bytes {
             self.fail(
                 "spool_segment_bytes",
-                "must be at least 4096 and at most spool_max_bytes",
+                "must be at least 4096 and at most half of spool_max_bytes",
             );
+        }
+        let spool_append_timeout_ms = self.parse("spool_append_timeout_ms", "milliseconds", 1);
+        if spool_append_timeout_ms == 0 {
+            self.fail("spool_append_timeout_ms", "must be above 0");
         }
         let dedup_window_records = self.parse("dedup_window_records", "a count", 0);
         let dedup_window_ms = self.parse("dedup_window_ms", "milliseconds", 0);
@@ -768,6 +782,7 @@ impl Parser {
             shutdown_drain_ms,
             header_read_timeout_ms,
             request_timeout_ms,
+            spool_append_timeout_ms,
             max_connections,
             allow_cidrs,
             trusted_proxies,
@@ -1029,6 +1044,40 @@ mod tests {
         }
         assert!(!text.contains("pw-never-shown"));
         assert!(err.0.len() >= 11, "{text}");
+    }
+
+    #[test]
+    fn a_spool_that_cannot_work_is_refused_at_start() {
+        let base = [
+            ("IM_RELAY_SDK_APP_ID", "1400000000"),
+            ("IM_RELAY_TOKEN", "a-token-of-some-length"),
+        ];
+        // A full active segment gives its space back only once a second one has started.
+        let err = load(
+            &[],
+            &[
+                base[0],
+                base[1],
+                ("IM_RELAY_SPOOL_MAX_BYTES", "100000"),
+                ("IM_RELAY_SPOOL_SEGMENT_BYTES", "60000"),
+                ("IM_RELAY_SPOOL_APPEND_TIMEOUT_MS", "0"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("half of spool_max_bytes"), "{err}");
+        assert!(err.contains("IM_RELAY_SPOOL_APPEND_TIMEOUT_MS"), "{err}");
+        let ok = load(
+            &[],
+            &[
+                base[0],
+                base[1],
+                ("IM_RELAY_SPOOL_MAX_BYTES", "120000"),
+                ("IM_RELAY_SPOOL_SEGMENT_BYTES", "60000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.spool_append_timeout_ms, 1000);
     }
 
     #[test]

@@ -22,16 +22,31 @@ fn cli() -> clap::Command {
         .subcommand(config::serve_command())
         .subcommand(
             clap::Command::new("spool")
-                .about("Inspect the durable spool (read-only; safe while the relay runs)")
+                .about("Inspect the durable spool, or give up one record in it")
                 .subcommand_required(true)
                 .subcommand(
                     clap::Command::new("status")
-                        .about("Backlog, oldest unpublished record, segments, damage")
+                        .about("Backlog, oldest unpublished record, segments, damage (read-only; safe while the relay runs)")
+                        .arg(spool_dir_arg()),
+                )
+                .subcommand(
+                    clap::Command::new("drop")
+                        .about("Give up one waiting record for good (relay stopped): it is kept in DIR/dead-letter/ and skipped from then on")
+                        .arg(spool_dir_arg())
                         .arg(
-                            clap::Arg::new("spool_dir")
-                                .long("spool-dir")
-                                .value_name("DIR")
-                                .help("spool directory [env: IM_RELAY_SPOOL_DIR] [default: spool]"),
+                            clap::Arg::new("seq")
+                                .long("seq")
+                                .value_name("N")
+                                .required(true)
+                                .value_parser(clap::value_parser!(u64))
+                                .help("sequence number of the record (the relay's log names it)"),
+                        )
+                        .arg(
+                            clap::Arg::new("reason")
+                                .long("reason")
+                                .value_name("TEXT")
+                                .required(true)
+                                .help("why: kept beside the record and logged"),
                         ),
                 ),
         )
@@ -50,6 +65,13 @@ fn cli() -> clap::Command {
         )
 }
 
+fn spool_dir_arg() -> clap::Arg {
+    clap::Arg::new("spool_dir")
+        .long("spool-dir")
+        .value_name("DIR")
+        .help("spool directory [env: IM_RELAY_SPOOL_DIR] [default: spool]")
+}
+
 fn main() -> ExitCode {
     telemetry::init_logging();
     let matches = cli().get_matches();
@@ -59,21 +81,33 @@ fn main() -> ExitCode {
         Some(("bench", flags)) => bench(flags),
         Some(("spool", sub)) => match sub.subcommand() {
             Some(("status", flags)) => spool_status(flags),
+            Some(("drop", flags)) => spool_drop(flags),
             _ => ExitCode::from(2),
         },
         _ => ExitCode::from(2),
     }
 }
 
-fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
-    let dir = flags
+fn spool_dir(flags: &clap::ArgMatches) -> std::path::PathBuf {
+    flags
         .get_one::<String>("spool_dir")
         .cloned()
         .or_else(|| std::env::var("IM_RELAY_SPOOL_DIR").ok())
-        .unwrap_or_else(|| "spool".into());
-    let dir = std::path::Path::new(&dir);
-    let report = spool::inspect(dir).and_then(|(r, _)| Ok((r, spool::oldest_pending(dir)?)));
-    let (r, oldest) = match report {
+        .unwrap_or_else(|| "spool".into())
+        .into()
+}
+
+fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
+    let dir = &spool_dir(flags);
+    let mut oldest = None;
+    let report = spool::inspect(dir).and_then(|r| {
+        spool::each_pending(dir, |_, payload| {
+            oldest = Some(payload.to_vec());
+            false
+        })?;
+        Ok(r)
+    });
+    let r = match report {
         Ok(found) => found,
         Err(error) => {
             eprintln!("cannot read the spool in {}: {error}", dir.display());
@@ -97,7 +131,32 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
     println!("bytes:               {}", r.bytes);
     println!("damaged frames:      {}", r.damaged);
     println!("torn tail bytes:     {}", r.torn_bytes);
+    println!("dropped records:     {}", r.dropped);
     ExitCode::SUCCESS
+}
+
+/// The only way an acknowledged record leaves the spool without Kafka's word: an operator's.
+fn spool_drop(flags: &clap::ArgMatches) -> ExitCode {
+    let dir = &spool_dir(flags);
+    let seq = flags.get_one::<u64>("seq").copied().unwrap_or_default();
+    let reason = flags
+        .get_one::<String>("reason")
+        .cloned()
+        .unwrap_or_default();
+    match spool::drop_record(dir, seq, &reason) {
+        Ok(()) => {
+            tracing::warn!(seq, reason, dir = %dir.display(), "spool record dropped by an operator");
+            println!(
+                "dropped record {seq}; kept in {}",
+                dir.join(spool::DEAD_LETTER_DIR).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cannot drop record {seq} in {}: {error}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The callback token for `sign` and `bench`: from the environment, never a flag (a flag

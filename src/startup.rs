@@ -73,6 +73,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let metrics = telemetry::metrics_handle();
+        telemetry::register_alerting_counters();
         let tls = match &config.tls {
             Some(files) => {
                 // One provider for the process; a second install (tests) is harmless.
@@ -100,6 +101,7 @@ impl Application {
             damaged = r.damaged,
             "spool opened"
         );
+        telemetry::RecordsDropped(r.dropped).emit();
         let publisher = Publisher::new(
             PublisherConfig {
                 kafka: config.kafka.clone(),
@@ -168,6 +170,7 @@ impl Application {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             // Room for the headers and the batch overhead Kafka counts too.
             max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
+            append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
         });
         let app = receive::router(receiver, &config.callback_path)
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -213,6 +216,7 @@ impl Application {
                 ready: self.ready.clone(),
                 spool: self.spool.clone(),
                 room_bytes: 4 * config.max_body_bytes as u64,
+                append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
             };
             let router = admin_router(health, self.metrics.clone());
             tokio::spawn(async move {
@@ -343,6 +347,8 @@ struct Health {
     spool: Arc<spool::Shared>,
     /// Room the spool must have left to count as able to take callbacks.
     room_bytes: u64,
+    /// A spool write in progress for longer than this: the disk is hanging.
+    append_timeout: Duration,
 }
 
 fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
@@ -356,15 +362,16 @@ fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                if !health.ready.load(Ordering::SeqCst) {
-                    (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if !health.spool.can_take(health.room_bytes) {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "spool full or disk failing\n",
-                    )
+                let trouble = if !health.ready.load(Ordering::SeqCst) {
+                    Some("draining")
                 } else {
-                    (StatusCode::OK, "ready\n")
+                    health
+                        .spool
+                        .trouble(health.room_bytes, health.append_timeout)
+                };
+                match trouble {
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    None => (StatusCode::OK, "ready\n".to_owned()),
                 }
             }),
         )

@@ -89,6 +89,22 @@ impl Setup {
         }
     }
 
+    /// Every id in `acked` is in Kafka (no minimum count).
+    async fn check_all(&self, acked: Vec<String>) {
+        let (missing, _) = missing_after(
+            self.broker.bootstrap(),
+            self.topic.clone(),
+            acked,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(
+            missing.is_empty(),
+            "missing {missing:?}; log: {}",
+            self.log()
+        );
+    }
+
     async fn check(&self, acked: Vec<String>) {
         let total = acked.len();
         let (missing, duplicates) = missing_after(
@@ -335,9 +351,9 @@ async fn a_full_spool_answers_503_and_recovers_by_itself() {
     assert!(total > 10);
     assert!(missing.is_empty(), "missing {missing:?}");
     assert!(
-        !app.metrics()
+        app.metrics()
             .await
-            .contains("im_relay_spool_damaged_frames_total")
+            .contains("im_relay_spool_damaged_frames_total 0")
     );
     app.stop().await;
 }
@@ -353,26 +369,14 @@ async fn damaged_spool_files_are_recovered_record_by_record() {
         segment_bytes: 1 << 20,
         fsync: Fsync::Always,
     };
-    let opened = spool::open(&cfg, || {}).unwrap();
     let mut ids = Vec::new();
+    let mut entries = Vec::new();
     for i in 0..10 {
         let key = format!("left-{i}");
-        let id = format!("1400000000:a:b:{key}");
-        let value = serde_json::json!({"id": id}).to_string().into_bytes();
-        let entry = Entry {
-            target: Target::Messages,
-            key: Some(key.into_bytes()),
-            headers: vec![("ce_id".into(), id.clone().into_bytes())],
-            value,
-            received_at_ms: 0,
-        };
-        opened.appender.append(entry.encode()).await.unwrap();
-        ids.push(id);
+        ids.push(format!("1400000000:a:b:{key}"));
+        entries.push(message_entry(&key).encode());
     }
-    drop(opened.appender);
-    opened.writer.join().unwrap();
-    drop(opened.reader);
-    drop(opened.shared);
+    spool_with(&cfg, entries).await;
     let seg = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -416,4 +420,290 @@ async fn damaged_spool_files_are_recovered_record_by_record() {
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A message entry as `receive` would spool it, with `id` `1400000000:a:b:<key>`.
+fn message_entry(key: &str) -> Entry {
+    let id = format!("1400000000:a:b:{key}");
+    Entry {
+        target: Target::Messages,
+        key: Some(key.as_bytes().to_vec()),
+        headers: vec![("ce_id".into(), id.clone().into_bytes())],
+        value: serde_json::json!({"id": id}).to_string().into_bytes(),
+        received_at_ms: 0,
+    }
+}
+
+/// A spool left behind by an earlier run, holding `payloads`; their sequence numbers.
+async fn spool_with(cfg: &SpoolConfig, payloads: Vec<Vec<u8>>) -> Vec<u64> {
+    let opened = spool::open(cfg, || {}).unwrap();
+    let mut seqs = Vec::new();
+    for p in payloads {
+        seqs.push(opened.appender.append(p).await.unwrap());
+    }
+    drop(opened.appender);
+    opened.writer.join().unwrap();
+    seqs
+}
+
+fn spool_config(dir: &std::path::Path) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+        segment_bytes: 1 << 20,
+        fsync: Fsync::Always,
+    }
+}
+
+fn metric(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(f64::NAN, |v| v.trim().parse().unwrap())
+}
+
+/// Nothing acknowledged was given up: the loss counters are there, at 0.
+fn assert_nothing_dropped(metrics: &str) {
+    for series in [
+        "im_relay_records_dropped_total",
+        "im_relay_spool_damaged_frames_total",
+        "im_relay_dead_letter_records_total",
+    ] {
+        assert_eq!(metric(metrics, series), 0.0, "{series} in:\n{metrics}");
+    }
+}
+
+fn relay_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_im-relay"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Seen before the fix: the publisher took the entry for damage, logged it and committed past
+/// it. Now it waits, holding the commit, until an operator drops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_spool_entry_waits_until_an_operator_drops_it() {
+    let s = setup(&[]).await;
+    let dir = std::path::PathBuf::from(&s.env["IM_RELAY_SPOOL_DIR"]);
+    // Written by a later version: an entry format this one does not know.
+    let mut future = message_entry("from-the-future").encode();
+    future[0] = 9;
+    let mut payloads = vec![message_entry("before").encode(), future];
+    let keys: Vec<String> = (0..8).map(|i| format!("after-{i}")).collect();
+    payloads.extend(keys.iter().map(|k| message_entry(k).encode()));
+    let seqs = spool_with(&spool_config(&dir), payloads).await;
+    let unreadable = seqs[1].to_string();
+
+    let relay = s.start();
+    let mut acked: Vec<String> = keys.iter().map(|k| format!("1400000000:a:b:{k}")).collect();
+    acked.push("1400000000:a:b:before".into());
+    s.check_all(acked.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = relay.metrics();
+        if metric(&m, "im_relay_publish_blocked{reason=\"entry_unreadable\"}") == 1.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "never blocked: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        backlog_records(&metrics) > 0.0,
+        "the unreadable entry was skipped"
+    );
+    // Not while the relay runs.
+    let busy = relay_cmd(&[
+        "spool",
+        "drop",
+        "--spool-dir",
+        &s.env["IM_RELAY_SPOOL_DIR"],
+        "--seq",
+        &unreadable,
+        "--reason",
+        "test",
+    ]);
+    assert!(!busy.status.success());
+    assert!(relay.terminate().success());
+
+    let dropped = relay_cmd(&[
+        "spool",
+        "drop",
+        "--spool-dir",
+        &s.env["IM_RELAY_SPOOL_DIR"],
+        "--seq",
+        &unreadable,
+        "--reason",
+        "written by v9",
+    ]);
+    assert!(dropped.status.success(), "{dropped:?}");
+    let kept = dir
+        .join("dead-letter")
+        .join(format!("{:020}.reason", seqs[1]));
+    assert!(
+        std::fs::read_to_string(&kept)
+            .unwrap()
+            .contains("written by v9")
+    );
+    let relay = s.start();
+    s.wait_drained(&relay).await;
+    let metrics = relay.metrics();
+    assert_eq!(
+        metric(&metrics, "im_relay_records_dropped_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "im_relay_publish_blocked{reason=\"entry_unreadable\"}"
+        ),
+        0.0
+    );
+    assert!(relay.terminate().success());
+}
+
+/// Seen before the fix: librdkafka refused the record locally (larger than
+/// `message.max.bytes`) and the publisher dropped it. Now it tries the quarantine topic, which
+/// refuses it too, and keeps it in the dead-letter directory; the records after it flow on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_larger_than_kafka_takes_is_kept_in_the_dead_letter_directory() {
+    let s = setup(&[
+        ("IM_RELAY_KAFKA_MESSAGE_MAX_BYTES", "100000"),
+        ("IM_RELAY_MAX_BODY_BYTES", "4096"),
+    ])
+    .await;
+    let dir = std::path::PathBuf::from(&s.env["IM_RELAY_SPOOL_DIR"]);
+    // Spooled by a run that allowed larger records.
+    let mut big = message_entry("big");
+    big.value = vec![b'x'; 300_000];
+    let keys: Vec<String> = (0..5).map(|i| format!("small-{i}")).collect();
+    let mut payloads = vec![big.encode()];
+    payloads.extend(keys.iter().map(|k| message_entry(k).encode()));
+    let seqs = spool_with(&spool_config(&dir), payloads).await;
+    let relay = s.start();
+    s.check_all(keys.iter().map(|k| format!("1400000000:a:b:{k}")).collect())
+        .await;
+    s.wait_drained(&relay).await;
+    let metrics = relay.metrics();
+    assert_eq!(
+        metric(&metrics, "im_relay_dead_letter_records_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "im_relay_records_refused_total"),
+        1.0,
+        "{metrics}"
+    );
+    let kept = dir
+        .join("dead-letter")
+        .join(format!("{:020}.entry", seqs[0]));
+    let entry = Entry::decode(&std::fs::read(kept).unwrap()).unwrap();
+    assert_eq!(entry.value.len(), 300_000);
+    assert!(relay.terminate().success());
+}
+
+/// SIGTERM while callbacks are being answered: every one answered `OK` is in Kafka.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_nothing_acknowledged() {
+    let s = setup(&[]).await;
+    let relay = s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 8, "sigterm", stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let relay_done = tokio::task::spawn_blocking(move || relay.terminate());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = driver.await.unwrap();
+    assert!(relay_done.await.unwrap().success(), "{}", s.log());
+    let relay = s.start();
+    s.check(acked).await;
+    assert_nothing_dropped(&relay.metrics());
+    assert!(relay.terminate().success());
+}
+
+/// A real `ENOSPC`: the spool's file system fills up while Kafka is frozen. Callbacks get 503
+/// (not `OK`), readiness goes red, and once Kafka is back the relay frees delivered segments
+/// and serves again by itself. Seen before the fix: advancing the committed position needed a
+/// new block (a temporary file), so on a full disk nothing was ever freed — 503 for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_file_system_answers_503_and_serves_again_by_itself() {
+    let Some(fs) = tmpfs("1m") else { return };
+    let spool_dir = fs.dir.path().join("spool").display().to_string();
+    let broker = Broker::start();
+    let app = spawn_app(
+        &broker,
+        &[
+            ("IM_RELAY_SPOOL_DIR", spool_dir.as_str()),
+            ("IM_RELAY_SPOOL_SEGMENT_BYTES", "65536"),
+            ("IM_RELAY_MAX_BODY_BYTES", "4096"),
+            ("IM_RELAY_KAFKA_MESSAGE_MAX_BYTES", "100000"),
+        ],
+    )
+    .await;
+    let failures_before = metric(&app.metrics().await, "im_relay_spool_write_failures_total");
+    broker.signal("-STOP");
+    let mut acked = Vec::new();
+    let padding = "p".repeat(1500);
+    let mut full = false;
+    for i in 0..5000 {
+        let key = format!("enospc-{i}");
+        let body = DOC_SAMPLE
+            .replace("48374_2837546_1557481126", &key)
+            .replace("red packet", &padding);
+        let (status, reply) = app.post_signed(&body).await;
+        match status {
+            200 => acked.push(format!("1400000000:Jonh:jared:{key}")),
+            503 => {
+                assert_eq!(reply["ActionStatus"], "FAIL", "{reply}");
+                full = true;
+                break;
+            }
+            other => panic!("unexpected {other}: {reply}"),
+        }
+    }
+    assert!(full, "the file system never filled");
+    let ready = reqwest::get(format!("{}/readyz", app.admin)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(metric(&app.metrics().await, "im_relay_spool_write_failures_total") > failures_before);
+
+    broker.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", "after-enospc");
+        if app.post_signed(&body).await.0 == 200 {
+            acked.push("1400000000:Jonh:jared:after-enospc".into());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again after the disk had room"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{}/readyz", app.admin))
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "readiness never turned green again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = acked.len();
+    let (missing, _) = missing_after(
+        app.bootstrap.clone(),
+        app.topic.clone(),
+        acked,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(total > 100, "{total}");
+    assert!(missing.is_empty(), "missing {missing:?}");
+    app.stop().await;
 }

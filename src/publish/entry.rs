@@ -22,6 +22,19 @@ pub struct Entry {
 const VERSION: u8 = 1;
 
 impl Entry {
+    /// Re-targets a record Kafka refused to the quarantine topic, saying why in the same
+    /// headers a quarantined callback carries.
+    pub fn quarantine(&mut self, reason: &str, detail: &str) {
+        self.target = Target::Quarantine;
+        self.headers
+            .retain(|(k, _)| k != "im_quarantine_reason" && k != "im_quarantine_detail");
+        self.headers
+            .push(("im_quarantine_reason".into(), reason.as_bytes().to_vec()));
+        let detail: String = detail.chars().take(200).collect();
+        self.headers
+            .push(("im_quarantine_detail".into(), detail.into_bytes()));
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let key_len = self.key.as_ref().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(32 + key_len + self.value.len() + 64 * self.headers.len());

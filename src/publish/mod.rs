@@ -1,33 +1,54 @@
 //! Stage 5 of the road: **publish**. A background thread reads the spool from its committed
 //! position, produces each record with an idempotent librdkafka producer (`acks=all`), and
 //! advances the committed position only over records whose delivery Kafka confirmed — the
-//! contiguous prefix, since reports arrive out of order across partitions. Failed deliveries
-//! are retried from memory with backoff; a fatal (idempotence) error rebuilds the producer and
-//! resends every unconfirmed record. Knows Kafka and spool positions; never HTTP.
+//! contiguous prefix, since reports arrive out of order across partitions. Knows Kafka and
+//! spool positions; never HTTP.
+//!
+//! The rule: an acknowledged record leaves the spool only when Kafka confirmed it, on its
+//! topic or — refused there for good — on the quarantine topic with its reason; refused by
+//! that too, it is kept in the spool's dead-letter directory. Every other error makes it wait
+//! (`classify` is the one table), with the reason in `im_relay_publish_blocked{reason}`.
 
 pub mod entry;
+mod kafka;
+pub mod ledger;
+#[cfg(test)]
+mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
-};
-
 use crate::config::KafkaConfig;
 use crate::domain::unix_millis;
 use crate::spool;
 use crate::telemetry::{
-    KafkaStatistics, PublishFailed, PublishRetried, PublisherGauges, RecordPublished,
+    Blocked, PublishBlocked, PublishRetried, PublisherGauges, RecordDeadLettered, RecordPublished,
+    RecordRefused,
 };
 pub use entry::{Entry, Target};
+pub use kafka::{KafkaSink, Reporter, classify, client_config};
+use ledger::Ledger;
+
+/// What to do with a record Kafka did not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Keep it and retry with backoff (rebuilding the producer for `ProducerFatal`).
+    Wait(Blocked),
+    /// Refused for good: to the quarantine topic with the reason (or, refused there too, to
+    /// the dead-letter directory).
+    Refused,
+}
+
+/// Why Kafka did not take a record: what to do, and the error's text for the log and the
+/// quarantine header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub disposition: Disposition,
+    pub error: String,
+}
 
 /// What wakes the publisher thread.
 pub enum Event {
@@ -36,91 +57,31 @@ pub enum Event {
     Delivered {
         generation: u64,
         seq: u64,
-        error: Option<KafkaError>,
+        result: Result<(), Failure>,
+    },
+    /// The producer reported a fatal error outside any delivery (error callback).
+    Fatal {
+        generation: u64,
     },
     Stop,
 }
 
-/// Producer callbacks: delivery reports go to the publisher thread; librdkafka's logs become
-/// ours.
-pub struct Reporter {
-    events: mpsc::Sender<Event>,
-    /// Which producer instance this is: reports from a replaced one are ignored.
-    generation: u64,
+/// Where records go: librdkafka in production, a simulated broker in the simulation tests.
+/// Delivery reports come back as `Event::Delivered` with the sink's generation.
+pub trait Sink {
+    /// Hands one record to the producer.
+    fn send(&mut self, topic: &str, seq: u64, entry: &Entry) -> Result<(), SendError>;
+    /// Replaces the producer (purging the old one's queue); reports from the old one are
+    /// ignored from now on.
+    fn rebuild(&mut self, generation: u64) -> Result<(), String>;
+    /// The producer's fatal error, if it is in a fatal state.
+    fn fatal(&self) -> Option<String>;
 }
 
-impl ClientContext for Reporter {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        use RDKafkaLogLevel as L;
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", facility, "{message}")
-            }
-            L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
-            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
-            L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
-        }
-    }
-
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        KafkaStatistics(&statistics).emit();
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        // Broker connection errors land here; librdkafka reconnects by itself, and the spool
-        // holds the records meanwhile.
-        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
-    }
-}
-
-impl ProducerContext for Reporter {
-    /// The record's spool sequence number.
-    type DeliveryOpaque = Box<u64>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
-        let _ = self.events.send(Event::Delivered {
-            generation: self.generation,
-            seq: *seq,
-            error: result.as_ref().err().map(|(e, _)| e.clone()),
-        });
-    }
-}
-
-/// The librdkafka configuration for our settings: idempotent, `acks=all`, batches compressed.
-pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &cfg.options {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", "im-relay")
-        // Idempotence implies acks=all and bounded in-flight requests; both stated for clarity.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", &cfg.compression)
-        .set("linger.ms", cfg.linger_ms.to_string())
-        .set(
-            "queue.buffering.max.messages",
-            cfg.queue_max_messages.to_string(),
-        )
-        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-        .set("message.max.bytes", cfg.message_max_bytes.to_string())
-        // Feeds the broker gauges (RTT, in-flight, retries, errors).
-        .set("statistics.interval.ms", "5000")
-        .set("security.protocol", &cfg.security_protocol);
-    if let Some(m) = &cfg.sasl_mechanism {
-        c.set("sasl.mechanism", m);
-    }
-    if let Some(u) = &cfg.sasl_username {
-        c.set("sasl.username", u);
-    }
-    if let Some(p) = &cfg.sasl_password {
-        c.set("sasl.password", p.expose());
-    }
-    if let Some(ca) = &cfg.ssl_ca_location {
-        c.set("ssl.ca.location", ca.to_string_lossy());
-    }
-    c
+pub enum SendError {
+    /// The producer's queue is full: try again shortly.
+    QueueFull,
+    Failed(Failure),
 }
 
 /// Publisher settings.
@@ -132,70 +93,43 @@ pub struct PublisherConfig {
     pub max_in_flight: usize,
 }
 
-struct Pending {
-    entry: Entry,
-    attempts: u32,
-    retry_at: Instant,
-}
-
-pub struct Publisher {
+pub struct Publisher<S: Sink = KafkaSink> {
     cfg: PublisherConfig,
     reader: spool::Reader,
     shared: Arc<spool::Shared>,
-    producer: ThreadedProducer<Reporter>,
+    sink: S,
     generation: u64,
-    events_tx: mpsc::Sender<Event>,
-    events: mpsc::Receiver<Event>,
-    /// Read from the spool and not yet confirmed, by sequence number.
-    pending: BTreeMap<u64, Pending>,
-    /// The pending records not with the producer: waiting to be (re)sent, oldest first. The
-    /// rest are in librdkafka's hands, awaiting their delivery report.
-    unsent: BTreeSet<u64>,
+    events: Option<mpsc::Receiver<Event>>,
+    ledger: Ledger,
+    blocked: Option<Blocked>,
     last_gauges: Instant,
     /// When Kafka last confirmed a record, and when the producer was last (re)built.
     last_delivery: Instant,
     built_at: Instant,
     rebuild: bool,
+    rebuild_after: Instant,
     read_buf: VecDeque<(u64, Vec<u8>)>,
+    read_failing: bool,
 }
 
-fn backoff(attempts: u32) -> Duration {
-    Duration::from_millis(100u64 << attempts.min(6)).min(Duration::from_secs(5))
-}
-
-impl Publisher {
+impl Publisher<KafkaSink> {
     /// Creates the producer (so bad Kafka settings fail at startup) around an open spool.
     pub fn new(
         cfg: PublisherConfig,
         reader: spool::Reader,
         shared: Arc<spool::Shared>,
         events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
-    ) -> Result<Self, KafkaError> {
-        let producer = Self::producer(&cfg.kafka, events.0.clone(), 0)?;
-        Ok(Publisher {
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let sink = KafkaSink::new(&cfg.kafka, events.0, 0)?;
+        let now = Instant::now();
+        Ok(Self::with_sink(
             cfg,
             reader,
             shared,
-            producer,
-            generation: 0,
-            events_tx: events.0,
-            events: events.1,
-            pending: BTreeMap::new(),
-            unsent: BTreeSet::new(),
-            last_gauges: Instant::now(),
-            last_delivery: Instant::now(),
-            built_at: Instant::now(),
-            rebuild: false,
-            read_buf: VecDeque::new(),
-        })
-    }
-
-    fn producer(
-        cfg: &KafkaConfig,
-        events: mpsc::Sender<Event>,
-        generation: u64,
-    ) -> Result<ThreadedProducer<Reporter>, KafkaError> {
-        client_config(cfg).create_with_context(Reporter { events, generation })
+            sink,
+            Some(events.1),
+            now,
+        ))
     }
 
     /// Runs until `Event::Stop`, then flushes for up to `flush_timeout` and commits.
@@ -207,240 +141,297 @@ impl Publisher {
                 self.drain(flush_timeout);
             })
     }
+}
 
-    fn run(&mut self) {
-        loop {
-            let idle = Duration::from_millis(100);
-            let wait = self
-                .unsent
-                .iter()
-                .filter_map(|seq| self.pending.get(seq))
-                .map(|p| p.retry_at.saturating_duration_since(Instant::now()))
-                .min()
-                .unwrap_or(idle)
-                .min(idle);
-            let mut stop = false;
-            if let Ok(first) = self.events.recv_timeout(wait) {
-                stop |= self.handle(first);
-                while let Ok(more) = self.events.try_recv() {
-                    stop |= self.handle(more);
-                }
-            }
-            if stop {
-                return;
-            }
-            if self.rebuild {
-                self.rebuild_producer();
-            }
-            self.send_due();
-            self.fill();
-            self.commit(false);
+impl<S: Sink> Publisher<S> {
+    pub fn with_sink(
+        cfg: PublisherConfig,
+        reader: spool::Reader,
+        shared: Arc<spool::Shared>,
+        sink: S,
+        events: Option<mpsc::Receiver<Event>>,
+        now: Instant,
+    ) -> Self {
+        Publisher {
+            cfg,
+            reader,
+            shared,
+            sink,
+            generation: 0,
+            events,
+            ledger: Ledger::default(),
+            blocked: None,
+            last_gauges: now,
+            last_delivery: now,
+            built_at: now,
+            rebuild: false,
+            rebuild_after: now,
+            read_buf: VecDeque::new(),
+            read_failing: false,
         }
     }
 
+    fn run(&mut self) {
+        let Some(events) = self.events.take() else {
+            return;
+        };
+        loop {
+            let now = Instant::now();
+            let idle = Duration::from_millis(100);
+            let wait = self
+                .ledger
+                .next_retry()
+                .map_or(idle, |at| at.saturating_duration_since(now).min(idle));
+            let mut stop = false;
+            if let Ok(first) = events.recv_timeout(wait) {
+                let now = Instant::now();
+                stop |= self.handle(first, now);
+                while let Ok(more) = events.try_recv() {
+                    stop |= self.handle(more, now);
+                }
+            }
+            if stop {
+                self.events = Some(events);
+                return;
+            }
+            self.step(Instant::now());
+        }
+    }
+
+    /// One turn of the loop after the events: rebuild if due, send what is due, read more,
+    /// commit.
+    pub fn step(&mut self, now: Instant) {
+        if self.rebuild && now >= self.rebuild_after {
+            self.rebuild_sink(now);
+        }
+        self.send_due(now);
+        self.fill(now);
+        self.commit(false, now);
+    }
+
     /// Returns true on `Stop`.
-    fn handle(&mut self, event: Event) -> bool {
+    pub fn handle(&mut self, event: Event, now: Instant) -> bool {
         match event {
             Event::Appended => false,
             Event::Stop => true,
-            Event::Delivered { generation, .. } if generation != self.generation => false,
+            Event::Delivered { generation, .. } | Event::Fatal { generation }
+                if generation != self.generation =>
+            {
+                false
+            }
+            Event::Fatal { .. } => {
+                let error = self.sink.fatal().unwrap_or_else(|| "fatal error".into());
+                self.set_blocked(Some(Blocked::ProducerFatal), &error);
+                self.rebuild = true;
+                false
+            }
             Event::Delivered {
-                seq, error: None, ..
+                seq,
+                result: Ok(()),
+                ..
             } => {
-                self.last_delivery = Instant::now();
-                self.unsent.remove(&seq);
-                if let Some(p) = self.pending.remove(&seq) {
+                self.last_delivery = now;
+                if let Some(p) = self.ledger.confirmed(seq)
+                    && let Some(entry) = p.entry
+                {
                     RecordPublished {
                         latency: Duration::from_millis(
-                            unix_millis().saturating_sub(p.entry.received_at_ms),
+                            unix_millis().saturating_sub(entry.received_at_ms),
                         ),
                     }
                     .emit();
+                }
+                if self.blocked.is_some() {
+                    let still = self
+                        .ledger
+                        .has_unreadable()
+                        .then_some(Blocked::EntryUnreadable);
+                    self.set_blocked(still, &"");
                 }
                 false
             }
             Event::Delivered {
                 seq,
-                error: Some(error),
+                result: Err(failure),
                 ..
             } => {
-                if self.producer.client().fatal_error().is_some() {
+                self.failed(seq, failure, now);
+                false
+            }
+        }
+    }
+
+    /// A record Kafka did not take, synchronously or in its delivery report.
+    fn failed(&mut self, seq: u64, failure: Failure, now: Instant) {
+        match failure.disposition {
+            Disposition::Wait(reason) => {
+                if reason == Blocked::ProducerFatal || self.sink.fatal().is_some() {
                     self.rebuild = true;
                 }
                 // Failing, and nothing confirmed for a whole message timeout: the producer may
                 // be stuck in a state it does not leave by itself (seen after a broker froze
                 // for a minute: every resend timed out until a restart). A new one starts
-                // clean; the records wait in `pending` and in the spool meanwhile.
+                // clean; the records wait in the ledger and in the spool meanwhile.
                 let stuck = Duration::from_millis(self.cfg.kafka.message_timeout_ms);
-                if self.last_delivery.elapsed() >= stuck && self.built_at.elapsed() >= stuck {
+                if now.duration_since(self.last_delivery) >= stuck
+                    && now.duration_since(self.built_at) >= stuck
+                {
                     self.rebuild = true;
                 }
-                if let Some(p) = self.pending.get_mut(&seq) {
-                    self.unsent.insert(seq);
-                    p.attempts += 1;
-                    p.retry_at = Instant::now() + backoff(p.attempts);
+                self.set_blocked(Some(reason), &failure.error);
+                if let Some(attempts) = self.ledger.retry(seq, now) {
                     PublishRetried {
-                        error: &error,
-                        attempts: p.attempts,
+                        error: &failure.error,
+                        attempts,
                     }
                     .emit();
                 }
-                false
+            }
+            Disposition::Refused => self.refused(seq, &failure.error, now),
+        }
+    }
+
+    /// Refused for good: a message goes to the quarantine topic with the reason; a record the
+    /// quarantine topic refused goes to the dead-letter directory.
+    fn refused(&mut self, seq: u64, error: &str, now: Instant) {
+        let Some(entry) = self.ledger.entry_mut(seq) else {
+            return;
+        };
+        match entry.target {
+            Target::Messages => {
+                RecordRefused { error: &error }.emit();
+                entry.quarantine("kafka_refused", error);
+                self.ledger.resend(seq, now);
+            }
+            Target::Quarantine => {
+                let bytes = entry.encode();
+                match self.reader.dead_letter(seq, &bytes, error) {
+                    Ok(()) => {
+                        RecordDeadLettered { seq, error: &error }.emit();
+                        self.ledger.confirmed(seq);
+                    }
+                    Err(io) => {
+                        self.set_blocked(Some(Blocked::DeadLetterFailing), &io);
+                        self.ledger.retry(seq, now);
+                    }
+                }
             }
         }
     }
 
-    /// A fatal error (the idempotent producer lost its sequence state), or no delivery for a
-    /// whole message timeout: start a new producer and resend everything unconfirmed, in order.
-    fn rebuild_producer(&mut self) {
-        let fatal = self
-            .producer
-            .client()
-            .fatal_error()
-            .map(|(_, reason)| reason);
-        tracing::error!(
-            in_flight = self.pending.len(),
-            fatal,
-            since_last_delivery_s = self.last_delivery.elapsed().as_secs(),
+    fn set_blocked(&mut self, reason: Option<Blocked>, error: &dyn std::fmt::Display) {
+        if self.blocked != reason {
+            self.blocked = reason;
+            PublishBlocked { reason, error }.emit();
+        }
+    }
+
+    /// A fatal error, or no delivery for a whole message timeout: a new producer, and every
+    /// unconfirmed record again, in order. A failed rebuild is tried again a second later.
+    fn rebuild_sink(&mut self, now: Instant) {
+        tracing::warn!(
+            in_flight = self.ledger.len(),
+            fatal = self.sink.fatal(),
+            since_last_delivery_s = now.duration_since(self.last_delivery).as_secs(),
             "rebuilding the producer"
         );
-        self.built_at = Instant::now();
-        self.producer
-            .purge(PurgeConfig::default().queue().inflight());
-        match Self::producer(&self.cfg.kafka, self.events_tx.clone(), self.generation + 1) {
-            Ok(p) => {
-                self.producer = p;
+        self.built_at = now;
+        match self.sink.rebuild(self.generation + 1) {
+            Ok(()) => {
                 self.generation += 1;
                 self.rebuild = false;
-                for p in self.pending.values_mut() {
-                    p.retry_at = Instant::now();
-                }
-                self.unsent = self.pending.keys().copied().collect();
+                self.ledger.resend_all(now);
             }
-            Err(error) => tracing::error!(%error, "cannot rebuild the producer; will retry"),
+            Err(error) => {
+                tracing::error!(%error, "cannot rebuild the producer; trying again");
+                self.rebuild_after = now + Duration::from_secs(1);
+            }
         }
     }
 
     /// Reads new records from the spool, up to the in-flight bound, and sends them.
-    fn fill(&mut self) {
-        let room = self.cfg.max_in_flight.saturating_sub(self.pending.len());
-        if room == 0 {
-            return;
+    fn fill(&mut self, now: Instant) {
+        let room = self.cfg.max_in_flight.saturating_sub(self.ledger.len());
+        if room > 0 {
+            // On an error, what was read before it is in `read_buf`; the next turn reads on
+            // from there.
+            match self.reader.read(room, &mut self.read_buf) {
+                Ok(_) => self.read_failing = false,
+                Err(error) => {
+                    if !self.read_failing {
+                        tracing::error!(%error, "cannot read the spool; trying again");
+                    }
+                    self.read_failing = true;
+                }
+            }
         }
-        if let Err(error) = self.reader.read(room, &mut self.read_buf) {
-            tracing::error!(%error, "cannot read the spool");
+        if self.read_buf.is_empty() {
             return;
         }
         while let Some((seq, bytes)) = self.read_buf.pop_front() {
-            let Some(entry) = Entry::decode(&bytes) else {
-                // Checksummed, so only a bug (or a spool from another version) gets here.
-                PublishFailed {
-                    kind: "undecodable",
-                    error: &"spool entry not understood",
-                }
-                .emit();
+            let entry = Entry::decode(&bytes);
+            if entry.is_none() {
+                // Checksummed, so another version's format (an upgrade or a rollback): it
+                // waits, holding the commit, for that version or an operator's drop.
+                tracing::error!(
+                    seq,
+                    version = bytes.first().copied(),
+                    "spool entry not understood; it waits (im-relay spool drop gives it up)"
+                );
+                self.set_blocked(Some(Blocked::EntryUnreadable), &"unreadable spool entry");
+            }
+            self.ledger.add(seq, entry, now);
+        }
+        self.send_due(now);
+    }
+
+    /// Sends every record whose time has come, oldest first; stops at the first that is not
+    /// taken.
+    fn send_due(&mut self, now: Instant) {
+        for seq in self.ledger.due(now) {
+            let Some(entry) = self.ledger.entry(seq) else {
                 continue;
             };
-            self.pending.insert(
-                seq,
-                Pending {
-                    entry,
-                    attempts: 0,
-                    retry_at: Instant::now(),
-                },
-            );
-            self.unsent.insert(seq);
-            self.send(seq);
-        }
-    }
-
-    /// Sends every pending record whose retry time has come, oldest first.
-    fn send_due(&mut self) {
-        let now = Instant::now();
-        let due: Vec<u64> = self
-            .unsent
-            .iter()
-            .copied()
-            .filter(|seq| self.pending.get(seq).is_some_and(|p| p.retry_at <= now))
-            .collect();
-        for seq in due {
-            if !self.send(seq) {
-                break;
-            }
-        }
-    }
-
-    /// Hands one pending record to the producer; false when its queue is full.
-    fn send(&mut self, seq: u64) -> bool {
-        let Some(p) = self.pending.get_mut(&seq) else {
-            return true;
-        };
-        let topic = match p.entry.target {
-            Target::Messages => &self.cfg.kafka.topic,
-            Target::Quarantine => &self.cfg.kafka.quarantine_topic,
-        };
-        let headers = p.entry.headers.iter().fold(
-            OwnedHeaders::new_with_capacity(p.entry.headers.len()),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            },
-        );
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(seq))
-            .payload(p.entry.value.as_slice())
-            .headers(headers);
-        if let Some(key) = &p.entry.key {
-            record = record.key(key.as_slice());
-        }
-        match self.producer.send(record) {
-            Ok(()) => {
-                self.unsent.remove(&seq);
-                true
-            }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                p.retry_at = Instant::now() + Duration::from_millis(10);
-                false
-            }
-            Err((error, _)) => {
-                // Refused outright (too large for the broker, say): retrying cannot help.
-                PublishFailed {
-                    kind: "refused",
-                    error: &error,
+            let topic = match entry.target {
+                Target::Messages => &self.cfg.kafka.topic,
+                Target::Quarantine => &self.cfg.kafka.quarantine_topic,
+            };
+            match self.sink.send(topic, seq, entry) {
+                Ok(()) => self.ledger.sent(seq),
+                Err(SendError::QueueFull) => {
+                    self.ledger.resend(seq, now + Duration::from_millis(10));
+                    break;
                 }
-                .emit();
-                self.pending.remove(&seq);
-                self.unsent.remove(&seq);
-                true
+                Err(SendError::Failed(failure)) => {
+                    self.failed(seq, failure, now);
+                    break;
+                }
             }
         }
     }
 
     /// Commits the contiguous prefix of confirmed records.
-    fn commit(&mut self, force: bool) {
-        let committed = match self.pending.keys().next() {
-            Some(first) => first - 1,
-            None => self.reader.last_read(),
-        };
-        if let Err(error) = self.reader.commit(committed, force) {
+    fn commit(&mut self, force: bool, now: Instant) {
+        let committed = self.ledger.commit_point(self.reader.last_read());
+        let ledger = &self.ledger;
+        let unconfirmed = |lo, hi| ledger.pending_in(lo, hi);
+        if let Err(error) = self.reader.commit(committed, force, now, unconfirmed) {
             tracing::error!(%error, "cannot persist the spool position");
         }
         // Gauges are read at scrape time: ten updates a second are plenty.
-        if !force && self.last_gauges.elapsed() < Duration::from_millis(100) {
+        if !force && now.duration_since(self.last_gauges) < Duration::from_millis(100) {
             return;
         }
-        self.last_gauges = Instant::now();
-        // Sequence order is arrival order: the first pending record is the oldest.
-        let oldest =
-            self.pending.values().next().map(|p| {
-                Duration::from_millis(unix_millis().saturating_sub(p.entry.received_at_ms))
-            });
+        self.last_gauges = now;
+        let oldest = self
+            .ledger
+            .oldest_received_ms()
+            .map(|at| Duration::from_millis(unix_millis().saturating_sub(at)));
         PublisherGauges {
             backlog_records: self.shared.backlog(),
             spool_bytes: self.shared.bytes(),
             spool_max_bytes: self.shared.max_bytes(),
-            in_flight: self.pending.len(),
+            in_flight: self.ledger.len(),
             oldest_unpublished: oldest.unwrap_or_default(),
         }
         .emit();
@@ -450,17 +441,30 @@ impl Publisher {
     /// left stays in the spool for the next start.
     fn drain(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        self.send_due();
-        // Records with the producer: pending and not waiting to be sent.
-        while self.pending.len() > self.unsent.len() && Instant::now() < deadline {
-            if let Ok(e) = self.events.recv_timeout(Duration::from_millis(20)) {
-                self.handle(e);
+        self.send_due(Instant::now());
+        if let Some(events) = self.events.take() {
+            while self.ledger.with_producer() > 0 && Instant::now() < deadline {
+                if let Ok(e) = events.recv_timeout(Duration::from_millis(20)) {
+                    self.handle(e, Instant::now());
+                }
             }
         }
-        self.commit(true);
+        self.commit(true, Instant::now());
         tracing::info!(
             left_in_spool = self.shared.backlog(),
             "publisher stopped; the rest is published on the next start"
         );
+    }
+
+    /// The ledger, the sink and the reader, for the simulation tests.
+    #[cfg(test)]
+    pub(crate) fn parts(&mut self) -> (&Ledger, &mut S, &mut spool::Reader) {
+        (&self.ledger, &mut self.sink, &mut self.reader)
+    }
+
+    /// A simulated sink starts at the broker's generation.
+    #[cfg(test)]
+    pub(crate) fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 }

@@ -56,6 +56,8 @@ pub struct Receiver {
     pub request_timeout: std::time::Duration,
     /// Records larger than this would be refused by Kafka: they go to quarantine instead.
     pub max_record_bytes: usize,
+    /// A spool append not done by then is answered 503, well inside Tencent's 2 s.
+    pub append_timeout: std::time::Duration,
 }
 
 pub fn router(receiver: Arc<Receiver>, path: &str) -> Router {
@@ -262,7 +264,7 @@ async fn relay(
         value: record.value,
         received_at_ms: unix_ms(received_at),
     };
-    append(&receiver.spool, entry).await?;
+    append(receiver, entry).await?;
     lock(&receiver.dedup).insert(&record.id, now);
     let s = &record.stats;
     MessageAccepted {
@@ -282,11 +284,18 @@ fn lock(m: &Mutex<DedupWindow>) -> std::sync::MutexGuard<'_, DedupWindow> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn append(spool: &Appender, entry: Entry) -> Result<u64, Rejection> {
-    spool.append(entry.encode()).await.map_err(|e| match e {
-        AppendError::Full => Rejection::from(Reason::SpoolFull),
-        AppendError::Io(_) => Rejection::from(Reason::SpoolUnavailable),
-    })
+/// `OK` only once the record is in the spool; a disk that does not answer in time gets the
+/// sender a 503 (the write may still land later: a duplicate at worst, never a loss).
+async fn append(receiver: &Receiver, entry: Entry) -> Result<u64, Rejection> {
+    let appended = tokio::time::timeout(
+        receiver.append_timeout,
+        receiver.spool.append(entry.encode()),
+    );
+    match appended.await {
+        Ok(Ok(seq)) => Ok(seq),
+        Ok(Err(AppendError::Full)) => Err(Reason::SpoolFull.into()),
+        Ok(Err(AppendError::Io(_))) | Err(_) => Err(Reason::SpoolUnavailable.into()),
+    }
 }
 
 /// An authenticated callback we cannot relay, on its way to the quarantine topic.
@@ -339,7 +348,7 @@ impl Quarantine<'_> {
             value: self.body.to_vec(),
             received_at_ms: unix_ms(self.received_at),
         };
-        append(&self.receiver.spool, entry).await?;
+        append(self.receiver, entry).await?;
         CallbackQuarantined {
             reason: self.rejection.reason,
         }

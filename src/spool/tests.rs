@@ -2,7 +2,21 @@
 
 use std::collections::VecDeque;
 
+use std::fs::{self, OpenOptions};
+use std::sync::atomic::AtomicBool;
+
 use super::*;
+
+fn segments(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let disk = Disk {
+        dir: dir.to_path_buf(),
+    };
+    list_segments(&disk)
+        .unwrap()
+        .into_iter()
+        .map(|(first, name)| (first, dir.join(name)))
+        .collect()
+}
 
 fn config(dir: &Path) -> SpoolConfig {
     SpoolConfig {
@@ -93,10 +107,12 @@ async fn a_restart_resumes_after_the_committed_position_and_deletes_delivered_se
     let seqs = append_n(&s.appender, 0..40).await;
     let read = read_all(&mut s.reader);
     assert_eq!(read.len(), 40);
-    let before = list_segments(dir.path()).unwrap().len();
+    let before = segments(dir.path()).len();
     assert!(before > 3, "segments rotate: {before}");
-    s.reader.commit(seqs[24], true).unwrap();
-    assert!(list_segments(dir.path()).unwrap().len() < before);
+    s.reader
+        .commit(seqs[24], true, Instant::now(), |_, _| true)
+        .unwrap();
+    assert!(segments(dir.path()).len() < before);
     close(s);
 
     let mut s = open_quiet(&cfg);
@@ -116,7 +132,7 @@ async fn ten_records(cfg: &SpoolConfig) -> (Vec<u64>, PathBuf) {
     let s = open_quiet(cfg);
     let seqs = append_n(&s.appender, 0..10).await;
     close(s);
-    let (_, path) = list_segments(&cfg.dir).unwrap().pop().unwrap();
+    let (_, path) = segments(&cfg.dir).pop().unwrap();
     (seqs, path)
 }
 
@@ -191,7 +207,9 @@ async fn a_full_spool_refuses_without_damage_and_takes_again_after_delivery() {
     assert!(s.shared.bytes() <= 2000);
     let read = read_all(&mut s.reader);
     assert_eq!(read.len(), seqs.len());
-    s.reader.commit(*seqs.last().unwrap(), true).unwrap();
+    s.reader
+        .commit(*seqs.last().unwrap(), true, Instant::now(), |_, _| true)
+        .unwrap();
     assert!(s.shared.can_take(100), "bytes {}", s.shared.bytes());
     let more = s.appender.append(b"more".to_vec()).await.unwrap();
     assert_eq!(read_all(&mut s.reader), vec![(more, b"more".to_vec())]);
@@ -284,5 +302,298 @@ async fn a_segment_larger_than_one_read_is_read_whole_after_a_restart() {
     let read = read_all(&mut s.reader);
     assert_eq!(read.len(), n);
     assert!(read.iter().all(|(_, p)| *p == big));
+    close(s);
+}
+
+#[tokio::test]
+async fn leftovers_of_a_crash_never_lower_the_next_sequence_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (seqs, _) = ten_records(&cfg).await;
+    // A segment created just before a crash (empty), one holding only garbage, and files
+    // that are not segments at all.
+    fs::write(dir.path().join(segment_name(500)), b"").unwrap();
+    fs::write(dir.path().join(segment_name(300)), vec![0x5a; 100]).unwrap();
+    for stray in ["junk.seg", "12.seg", "00000000000000000007.seg.tmp"] {
+        fs::write(dir.path().join(stray), b"stray").unwrap();
+    }
+    let mut s = open_quiet(&cfg);
+    assert_eq!(s.recovery.damaged, 1, "{:?}", s.recovery);
+    let next = s.appender.append(b"after".to_vec()).await.unwrap();
+    assert!(
+        next >= 500,
+        "next sequence number {next} fell below a segment's name"
+    );
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    assert_eq!(read, [seqs.clone(), vec![next]].concat());
+    close(s);
+    let mut s = open_quiet(&cfg);
+    assert_eq!(read_all(&mut s.reader).len(), 11);
+    assert!(s.appender.append(b"again".to_vec()).await.unwrap() > next);
+    close(s);
+    for stray in ["junk.seg", "12.seg", "00000000000000000007.seg.tmp"] {
+        assert_eq!(fs::read(dir.path().join(stray)).unwrap(), b"stray");
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_empty_or_missing_position_file_means_duplicates_not_loss() {
+    for damage in ["newest slot flipped", "empty", "missing", "garbage"] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let mut s = open_quiet(&cfg);
+        let seqs = append_n(&s.appender, 0..10).await;
+        read_all(&mut s.reader);
+        s.reader
+            .commit(seqs[2], true, Instant::now(), |_, _| true)
+            .unwrap();
+        s.reader
+            .commit(seqs[4], true, Instant::now(), |_, _| true)
+            .unwrap();
+        close(s);
+        let path = dir.path().join(COMMITTED_FILE);
+        match damage {
+            "newest slot flipped" => {
+                let mut b = fs::read(&path).unwrap();
+                // The second commit went to the slot after the first's.
+                let newest = (0..2)
+                    .find(|i| b[i * SLOT_BYTES..][..8] == seqs[4].to_le_bytes())
+                    .unwrap();
+                b[newest * SLOT_BYTES + 3] ^= 0x10;
+                fs::write(&path, b).unwrap();
+            }
+            "empty" => fs::write(&path, b"").unwrap(),
+            "missing" => fs::remove_file(&path).unwrap(),
+            _ => fs::write(&path, b"not a position at all").unwrap(),
+        }
+        let mut s = open_quiet(&cfg);
+        let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+        assert!(
+            read.ends_with(&seqs[5..]) && read.len() >= 5,
+            "{damage}: {read:?}"
+        );
+        assert!(s.recovery.committed <= seqs[4], "{damage}");
+        close(s);
+    }
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_the_active_segment_costs_one_record_and_never_stalls_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut s = open_quiet(&cfg);
+    let seqs = append_n(&s.appender, 0..10).await;
+    // The length field of the fourth frame grows: it now looks like a frame still being
+    // written, though whole frames follow it.
+    let (_, path) = segments(dir.path()).pop().unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let fourth = frame::scan(&bytes).frames[3];
+    bytes[fourth.1 + 5] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    let mut expected = seqs.clone();
+    expected.remove(3);
+    assert_eq!(read, expected);
+    close(s);
+}
+
+#[tokio::test]
+async fn damage_just_before_a_read_chunk_boundary_costs_only_its_own_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        fsync: Fsync::Never,
+        segment_bytes: 64 << 20,
+        ..config(dir.path())
+    };
+    let s = open_quiet(&cfg);
+    let n = READ_CHUNK / 4000 + 10;
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let mut p = payload(i);
+        p.resize(4000, b'x');
+        seqs.push(s.appender.append(p).await.unwrap());
+    }
+    close(s);
+    let (_, path) = segments(dir.path()).into_iter().next().unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let frames = frame::scan(&bytes).frames;
+    // The frame that straddles the end of the first read, and the one before it.
+    let straddling = frames
+        .iter()
+        .position(|f| f.1 < READ_CHUNK && f.1 + f.2 > READ_CHUNK)
+        .unwrap();
+    let damaged = frames[straddling - 1];
+    bytes[damaged.1 + frame::HEADER_BYTES + 10] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+    let mut s = open_quiet(&cfg);
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    let mut expected = seqs.clone();
+    expected.remove(straddling - 1);
+    assert_eq!(read.len(), expected.len());
+    assert_eq!(read, expected);
+    close(s);
+}
+
+#[tokio::test]
+async fn a_torn_tail_in_an_older_segment_is_cut_not_counted_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        segment_bytes: 300,
+        ..config(dir.path())
+    };
+    let s = open_quiet(&cfg);
+    let seqs = append_n(&s.appender, 0..20).await;
+    close(s);
+    let (first, path) = segments(dir.path()).into_iter().next().unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let frames = frame::scan(&bytes).frames;
+    let torn = frames.last().unwrap().0;
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(bytes.len() as u64 - 3)
+        .unwrap();
+    assert!(first < torn);
+    for round in 0..2 {
+        let mut s = open_quiet(&cfg);
+        assert_eq!(s.recovery.damaged, 0, "round {round}: {:?}", s.recovery);
+        let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+        let expected: Vec<u64> = seqs.iter().copied().filter(|&q| q != torn).collect();
+        assert_eq!(read, expected, "round {round}");
+        close(s);
+    }
+}
+
+/// The real directory, with a disk that can be made to hang on writes or fail its syncs.
+#[derive(Clone)]
+struct Faulty {
+    disk: Arc<Disk>,
+    hang: Arc<AtomicBool>,
+    fail_syncs: Arc<AtomicBool>,
+}
+
+struct FaultyFile {
+    inner: Box<dyn StorageFile>,
+    faults: Faulty,
+}
+
+impl Faulty {
+    fn new(dir: &Path) -> Faulty {
+        Faulty {
+            disk: Arc::new(Disk {
+                dir: dir.to_path_buf(),
+            }),
+            hang: Arc::default(),
+            fail_syncs: Arc::default(),
+        }
+    }
+}
+
+impl Storage for Faulty {
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.disk.list()
+    }
+    fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>> {
+        Ok(Box::new(FaultyFile {
+            inner: self.disk.open(name, create)?,
+            faults: self.clone(),
+        }))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.disk.remove(name)
+    }
+    fn sync_dir(&self, sub: &str) -> io::Result<()> {
+        self.disk.sync_dir(sub)
+    }
+    fn create_dir(&self, sub: &str) -> io::Result<()> {
+        self.disk.create_dir(sub)
+    }
+}
+
+impl StorageFile for FaultyFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        while self.faults.hang.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.inner.write_at(offset, buf)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.faults.fail_syncs.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected fsync EIO"));
+        }
+        self.inner.sync()
+    }
+    fn try_clone(&self) -> io::Result<Box<dyn StorageFile>> {
+        Ok(Box::new(FaultyFile {
+            inner: self.inner.try_clone()?,
+            faults: self.faults.clone(),
+        }))
+    }
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_disk_turns_readiness_red_and_green_again_once_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let s = open_on(Arc::new(faulty.clone()), &config(dir.path()), None, || {}).unwrap();
+    let deadline = Duration::from_millis(100);
+    assert_eq!(s.shared.trouble(0, deadline), None);
+    faulty.hang.store(true, Ordering::SeqCst);
+    let a = s.appender.clone();
+    let pending = tokio::spawn(async move { a.append(b"slow".to_vec()).await });
+    let shared = s.shared.clone();
+    wait_for("readiness red", || {
+        shared.trouble(0, deadline) == Some("spool disk not answering")
+    })
+    .await;
+    faulty.hang.store(false, Ordering::SeqCst);
+    assert!(pending.await.unwrap().is_ok());
+    assert_eq!(s.shared.trouble(0, deadline), None);
+    close(s);
+}
+
+#[tokio::test]
+async fn a_failed_background_sync_is_surfaced_until_a_sync_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let cfg = SpoolConfig {
+        fsync: Fsync::Interval(Duration::from_millis(1)),
+        ..config(dir.path())
+    };
+    let s = open_on(Arc::new(faulty.clone()), &cfg, None, || {}).unwrap();
+    faulty.fail_syncs.store(true, Ordering::SeqCst);
+    s.appender.append(b"one".to_vec()).await.unwrap();
+    // Appends keep coming, so a sync keeps falling due.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.shared.trouble(0, Duration::from_secs(1)) != Some("spool sync failing") {
+        assert!(Instant::now() < deadline, "sync failure never surfaced");
+        s.appender.append(b"more".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    faulty.fail_syncs.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.shared.trouble(0, Duration::from_secs(1)).is_some() {
+        assert!(Instant::now() < deadline, "a good sync never cleared it");
+        s.appender.append(b"more".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     close(s);
 }

@@ -391,17 +391,163 @@ impl PublisherGauges {
     }
 }
 
-/// A record could not be handed to Kafka and will not be retried. Data is lost: ERROR.
-pub struct PublishFailed<'a> {
-    /// Fixed set: `refused`, `undecodable`.
-    pub kind: &'static str,
+/// Why the publisher cannot move records to Kafka right now. A small fixed set: the label of
+/// `im_relay_publish_blocked{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// The topic (or partition) does not exist.
+    TopicMissing,
+    /// Authentication or authorization failed.
+    NotAuthorized,
+    /// The idempotent producer reached a fatal state; it is rebuilt.
+    ProducerFatal,
+    /// Brokers down or not answering in time.
+    BrokerUnavailable,
+    /// Any other error Kafka gave: retried, never dropped.
+    Other,
+    /// A spool entry this version cannot read (written by another version): it waits for an
+    /// operator (`im-relay spool drop`) or the version that wrote it.
+    EntryUnreadable,
+    /// The dead-letter directory cannot be written.
+    DeadLetterFailing,
+}
+
+impl Blocked {
+    pub const ALL: [Blocked; 7] = [
+        Blocked::TopicMissing,
+        Blocked::NotAuthorized,
+        Blocked::ProducerFatal,
+        Blocked::BrokerUnavailable,
+        Blocked::Other,
+        Blocked::EntryUnreadable,
+        Blocked::DeadLetterFailing,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Blocked::TopicMissing => "topic_missing",
+            Blocked::NotAuthorized => "not_authorized",
+            Blocked::ProducerFatal => "producer_fatal",
+            Blocked::BrokerUnavailable => "broker_unavailable",
+            Blocked::Other => "other",
+            Blocked::EntryUnreadable => "entry_unreadable",
+            Blocked::DeadLetterFailing => "dead_letter_failing",
+        }
+    }
+}
+
+/// The publisher's blocked state changed (`None`: moving again). One log line per change; the
+/// gauge is 1 for the current reason and 0 for every other.
+pub struct PublishBlocked<'a> {
+    pub reason: Option<Blocked>,
     pub error: &'a dyn std::fmt::Display,
 }
 
-impl PublishFailed<'_> {
+impl PublishBlocked<'_> {
     pub fn emit(&self) {
-        counter!("im_relay_records_failed_total", "kind" => self.kind).increment(1);
-        tracing::error!(kind = self.kind, error = %self.error, "record not published");
+        for r in Blocked::ALL {
+            gauge!("im_relay_publish_blocked", "reason" => r.label())
+                .set(f64::from(u8::from(self.reason == Some(r))));
+        }
+        match self.reason {
+            Some(r) => tracing::warn!(
+                reason = r.label(),
+                error = %self.error,
+                "publishing blocked; records wait in the spool"
+            ),
+            None => tracing::info!("publishing moving again"),
+        }
+    }
+}
+
+/// Kafka refused a record for good (too large for the broker, invalid): it goes to the
+/// quarantine topic with the reason instead.
+pub struct RecordRefused<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl RecordRefused<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_records_refused_total").increment(1);
+        tracing::warn!(error = %self.error, "Kafka refused a record for good; quarantining it");
+    }
+}
+
+/// Not even the quarantine topic took a record: it is kept in the spool's dead-letter
+/// directory. Needs an operator: ERROR.
+pub struct RecordDeadLettered<'a> {
+    pub seq: u64,
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl RecordDeadLettered<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_dead_letter_records_total").increment(1);
+        tracing::error!(
+            seq = self.seq,
+            error = %self.error,
+            "record refused by the quarantine topic too; kept in the dead-letter directory"
+        );
+    }
+}
+
+/// Records an operator dropped (`im-relay spool drop`), skipped by this run. Data given up on
+/// purpose: ERROR, so it stands out.
+pub struct RecordsDropped(pub usize);
+
+impl RecordsDropped {
+    pub fn emit(&self) {
+        counter!("im_relay_records_dropped_total").increment(self.0 as u64);
+        if self.0 > 0 {
+            tracing::error!(
+                records = self.0,
+                "spool records dropped by an operator are skipped (kept in dead-letter/)"
+            );
+        }
+    }
+}
+
+/// A write to the spool failed: the callbacks in it were refused (`503`). ERROR: Tencent does
+/// not retry them.
+pub struct SpoolWriteFailed<'a> {
+    pub error: &'a std::io::Error,
+}
+
+impl SpoolWriteFailed<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_write_failures_total").increment(1);
+        tracing::error!(error = %self.error, "spool write failed; callbacks refused until it succeeds");
+    }
+}
+
+/// A background sync of the spool failed (`Interval`): what was acknowledged since the last
+/// good sync would not survive a power cut. ERROR.
+pub struct SpoolSyncFailed<'a> {
+    pub error: &'a std::io::Error,
+}
+
+impl SpoolSyncFailed<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_sync_failures_total").increment(1);
+        tracing::error!(error = %self.error, "spool sync failed");
+    }
+}
+
+/// The counters an alert watches, at 0 from the start: an alert on `increase()` needs the
+/// series before the first event.
+pub fn register_alerting_counters() {
+    for name in [
+        "im_relay_spool_damaged_frames_total",
+        "im_relay_records_dropped_total",
+        "im_relay_dead_letter_records_total",
+        "im_relay_records_refused_total",
+        "im_relay_spool_write_failures_total",
+        "im_relay_spool_sync_failures_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for r in Blocked::ALL {
+        gauge!("im_relay_publish_blocked", "reason" => r.label()).set(0.0);
     }
 }
 

@@ -609,3 +609,37 @@ pub fn missing_and_duplicates(
     let missing = want.difference(&unique).map(|s| s.to_string()).collect();
     (missing, ids.len() - unique.len())
 }
+
+/// A tmpfs of `size` (e.g. "1m") mounted on a fresh directory, unmounted on drop. The tests
+/// run as root; under `CI=true` a failure to mount fails the test, elsewhere it is skipped
+/// out loud.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+pub fn tmpfs(size: &str) -> Option<Tmpfs> {
+    let dir = tempfile::tempdir().expect("mount point");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "cannot mount a tmpfs: CI runs the tests as root, where this must work"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return None;
+    }
+    Some(Tmpfs { dir })
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

@@ -1,0 +1,250 @@
+//! The production `Sink`: librdkafka's threaded producer, its callbacks, its configuration,
+//! and the one table that says what each Kafka error means for a record.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
+
+use super::{Disposition, Entry, Event, Failure, SendError, Sink};
+use crate::config::KafkaConfig;
+use crate::telemetry::{Blocked, KafkaStatistics};
+
+/// What a Kafka error means for the record it hit. Unknown codes wait: dropping is never the
+/// default. The README's zero-loss section shows this table.
+pub fn classify(error: &KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    let disposition = match error.rdkafka_error_code() {
+        // Refused for good: this record can never be written to this topic.
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::InvalidMessage
+            | C::BadMessage
+            | C::InvalidTimestamp,
+        ) => Disposition::Refused,
+        Some(
+            C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition | C::UnknownTopicId,
+        ) => Disposition::Wait(Blocked::TopicMissing),
+        Some(
+            C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication,
+        ) => Disposition::Wait(Blocked::NotAuthorized),
+        Some(
+            C::Fatal
+            | C::OutOfOrderSequenceNumber
+            | C::InvalidProducerEpoch
+            | C::UnknownProducerId
+            | C::ProducerFenced
+            | C::InvalidProducerIdMapping,
+        ) => Disposition::Wait(Blocked::ProducerFatal),
+        Some(
+            C::MessageTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::PurgeQueue
+            | C::PurgeInflight,
+        ) => Disposition::Wait(Blocked::BrokerUnavailable),
+        _ => Disposition::Wait(Blocked::Other),
+    };
+    Failure {
+        disposition,
+        error: error.to_string(),
+    }
+}
+
+/// Producer callbacks: delivery reports go to the publisher thread; librdkafka's logs become
+/// ours.
+pub struct Reporter {
+    events: mpsc::Sender<Event>,
+    /// Which producer instance this is: reports from a replaced one are ignored.
+    generation: u64,
+}
+
+impl ClientContext for Reporter {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        KafkaStatistics(&statistics).emit();
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker connection errors land here; librdkafka reconnects by itself, and the spool
+        // holds the records meanwhile. A fatal error may arrive here with nothing in flight:
+        // the publisher rebuilds the producer then too.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            let _ = self.events.send(Event::Fatal {
+                generation: self.generation,
+            });
+        }
+        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
+    }
+}
+
+impl ProducerContext for Reporter {
+    /// The record's spool sequence number.
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
+        let _ = self.events.send(Event::Delivered {
+            generation: self.generation,
+            seq: *seq,
+            result: match result {
+                Ok(_) => Ok(()),
+                Err((e, _)) => Err(classify(e)),
+            },
+        });
+    }
+}
+
+/// The librdkafka configuration for our settings: idempotent, `acks=all`, batches compressed.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &cfg.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "im-relay")
+        // Idempotence implies acks=all and bounded in-flight requests; both stated for clarity.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &cfg.compression)
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            cfg.queue_max_messages.to_string(),
+        )
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("message.max.bytes", cfg.message_max_bytes.to_string())
+        // Feeds the broker gauges (RTT, in-flight, retries, errors).
+        .set("statistics.interval.ms", "5000")
+        .set("security.protocol", &cfg.security_protocol);
+    if let Some(m) = &cfg.sasl_mechanism {
+        c.set("sasl.mechanism", m);
+    }
+    if let Some(u) = &cfg.sasl_username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = &cfg.sasl_password {
+        c.set("sasl.password", p.expose());
+    }
+    if let Some(ca) = &cfg.ssl_ca_location {
+        c.set("ssl.ca.location", ca.to_string_lossy());
+    }
+    c
+}
+
+/// librdkafka's threaded producer as the publisher's sink.
+pub struct KafkaSink {
+    cfg: KafkaConfig,
+    events: mpsc::Sender<Event>,
+    producer: ThreadedProducer<Reporter>,
+}
+
+impl KafkaSink {
+    pub fn new(
+        cfg: &KafkaConfig,
+        events: mpsc::Sender<Event>,
+        generation: u64,
+    ) -> Result<Self, KafkaError> {
+        let producer = client_config(cfg).create_with_context(Reporter {
+            events: events.clone(),
+            generation,
+        })?;
+        Ok(KafkaSink {
+            cfg: cfg.clone(),
+            events,
+            producer,
+        })
+    }
+}
+
+impl Sink for KafkaSink {
+    fn send(&mut self, topic: &str, seq: u64, entry: &Entry) -> Result<(), SendError> {
+        let headers = entry.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(entry.headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        );
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(seq))
+            .payload(entry.value.as_slice())
+            .headers(headers);
+        if let Some(key) = &entry.key {
+            record = record.key(key.as_slice());
+        }
+        match self.producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull)
+            }
+            // Refused before it left: an unknown topic, a record too large, a fatal state.
+            Err((error, _)) => Err(SendError::Failed(classify(&error))),
+        }
+    }
+
+    fn rebuild(&mut self, generation: u64) -> Result<(), String> {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let next = KafkaSink::new(&self.cfg, self.events.clone(), generation)
+            .map_err(|e| e.to_string())?;
+        // The old producer's drop waits for its queue, already purged.
+        let _ = self.producer.flush(Duration::from_millis(100));
+        *self = next;
+        Ok(())
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(_, reason)| reason)
+    }
+}
+
+#[cfg(test)]
+impl KafkaSink {
+    /// librdkafka's own hook for tests: puts the producer in a fatal state, as a real
+    /// idempotence failure would, reported through the error callback.
+    pub(crate) fn inject_fatal(&self) {
+        let reason = std::ffi::CString::new("injected by a test").expect("no NUL");
+        // SAFETY: the pointer is this live producer's handle; the reason outlives the call.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                self.producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The publisher against librdkafka's mock cluster: the faults a real broker here cannot
+//! produce (authorization failures, a fatal idempotent-producer state, refusals for good).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use super::*;
+use crate::config::Config;
+use crate::spool::{self, Fsync, SpoolConfig};
+
+const TOPIC: &str = "im.c2c.mock";
+const QUARANTINE: &str = "im.c2c.mock.quarantine";
+
+struct Harness {
+    dir: tempfile::TempDir,
+    mock: MockCluster<'static, DefaultProducerContext>,
+    appender: spool::Appender,
+    shared: Arc<spool::Shared>,
+    events: mpsc::Sender<Event>,
+    publisher: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+fn harness(
+    before_start: impl FnOnce(&MockCluster<'static, DefaultProducerContext>, &KafkaSink),
+) -> Harness {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic(TOPIC, 3, 1).unwrap();
+    mock.create_topic(QUARANTINE, 1, 1).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let env: BTreeMap<&str, String> = [
+        ("IM_RELAY_SDK_APP_ID", "1400000000".to_owned()),
+        ("IM_RELAY_TOKEN", "mock-cluster-token-01".to_owned()),
+        ("IM_RELAY_KAFKA_BROKERS", bootstrap),
+        ("IM_RELAY_TOPIC", TOPIC.to_owned()),
+        ("IM_RELAY_QUARANTINE_TOPIC", QUARANTINE.to_owned()),
+        ("IM_RELAY_KAFKA_LINGER_MS", "1".to_owned()),
+    ]
+    .into();
+    let kafka = Config::load(None, &|k| env.get(k).cloned()).unwrap().kafka;
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let wake = tx.clone();
+    let opened = spool::open(
+        &SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 1 << 26,
+            segment_bytes: 1 << 20,
+            fsync: Fsync::Always,
+        },
+        move || {
+            let _ = wake.send(Event::Appended);
+        },
+    )
+    .unwrap();
+    let sink = KafkaSink::new(&kafka, tx.clone(), 0).unwrap();
+    before_start(&mock, &sink);
+    let publisher = Publisher::with_sink(
+        PublisherConfig {
+            kafka,
+            max_in_flight: 100,
+        },
+        opened.reader,
+        opened.shared.clone(),
+        sink,
+        Some(rx),
+        Instant::now(),
+    )
+    .spawn(Duration::from_secs(5))
+    .unwrap();
+    Harness {
+        dir,
+        mock,
+        appender: opened.appender,
+        shared: opened.shared,
+        events: tx,
+        publisher: Some(publisher),
+        writer: Some(opened.writer),
+    }
+}
+
+fn entry(id: &str) -> Entry {
+    Entry {
+        target: Target::Messages,
+        key: Some(id.as_bytes().to_vec()),
+        headers: vec![("ce_id".into(), id.as_bytes().to_vec())],
+        value: id.as_bytes().to_vec(),
+        received_at_ms: 0,
+    }
+}
+
+impl Harness {
+    async fn append(&self, ids: &[String]) {
+        for id in ids {
+            self.appender.append(entry(id).encode()).await.unwrap();
+        }
+    }
+
+    /// Waits until the backlog is delivered (committed).
+    fn wait_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.shared.backlog() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "backlog {} never drained",
+                self.shared.backlog()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ce_id` → the quarantine reason header (empty on the messages topic), for `topic`.
+    fn read(&self, topic: &str, want: usize) -> BTreeMap<String, String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.mock.bootstrap_servers())
+            .set(
+                "group.id",
+                format!("mock-reader-{topic}-{}", std::process::id()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let mut got = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < want && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let header = |name: &str| {
+                    m.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == name))
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
+                };
+                got.insert(header("ce_id"), header("im_quarantine_reason"));
+            }
+        }
+        got
+    }
+
+    fn stop(mut self) -> tempfile::TempDir {
+        drop(self.appender);
+        if let Some(w) = self.writer.take() {
+            w.join().unwrap();
+        }
+        let _ = self.events.send(Event::Stop);
+        if let Some(p) = self.publisher.take() {
+            p.join().unwrap();
+        }
+        self.dir
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_failures_make_records_wait_then_deliver_them_all() {
+    let h = harness(|mock, _| {
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 12],
+        );
+    });
+    let sent = ids("auth", 30);
+    h.append(&sent).await;
+    h.wait_drained();
+    let got = h.read(TOPIC, sent.len());
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), {
+        let mut s = sent.clone();
+        s.sort();
+        s
+    });
+    h.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fatal_producer_state_reported_with_nothing_in_flight_rebuilds_the_producer() {
+    // Fatal before a single record was sent: it arrives through the error callback only.
+    let h = harness(|_, sink| sink.inject_fatal());
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = ids("fatal", 20);
+    h.append(&sent).await;
+    h.wait_drained();
+    assert_eq!(h.read(TOPIC, sent.len()).len(), sent.len());
+    h.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_refused_for_good_goes_to_the_quarantine_topic_with_its_reason() {
+    let h = harness(|_, _| {});
+    h.mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let first = ids("big", 1);
+    h.append(&first).await;
+    h.wait_drained();
+    let rest = ids("fine", 10);
+    h.append(&rest).await;
+    h.wait_drained();
+    let quarantined = h.read(QUARANTINE, 1);
+    assert_eq!(
+        quarantined.get("big-0").map(String::as_str),
+        Some("kafka_refused")
+    );
+    assert_eq!(h.read(TOPIC, rest.len()).len(), rest.len());
+    h.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_both_topics_refuse_is_kept_in_the_dead_letter_directory() {
+    let h = harness(|_, _| {});
+    h.mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2],
+    );
+    h.append(&ids("refused", 1)).await;
+    h.wait_drained();
+    let rest = ids("after", 5);
+    h.append(&rest).await;
+    h.wait_drained();
+    assert_eq!(h.read(TOPIC, rest.len()).len(), rest.len());
+    let dir = h.stop();
+    let dead = dead_letters(dir.path());
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let (entry, reason) = &dead[0];
+    assert_eq!(entry.headers[0].1, b"refused-0");
+    assert_eq!(entry.target, Target::Quarantine);
+    assert!(reason.contains("too large"), "{reason}");
+}
+
+fn dead_letters(spool: &Path) -> Vec<(Entry, String)> {
+    let dir = spool.join(spool::DEAD_LETTER_DIR);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "entry") {
+            let entry = Entry::decode(&std::fs::read(&path).unwrap()).unwrap();
+            let reason = std::fs::read_to_string(path.with_extension("reason")).unwrap();
+            out.push((entry, reason));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kafka_error_is_classified_and_only_refusals_leave_the_topic() {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+    let of = |c| classify(&KafkaError::MessageProduction(c)).disposition;
+    assert_eq!(of(C::MessageSizeTooLarge), Disposition::Refused);
+    assert_eq!(of(C::InvalidRecord), Disposition::Refused);
+    assert_eq!(
+        of(C::UnknownTopic),
+        Disposition::Wait(Blocked::TopicMissing)
+    );
+    assert_eq!(
+        of(C::UnknownTopicOrPartition),
+        Disposition::Wait(Blocked::TopicMissing)
+    );
+    assert_eq!(
+        of(C::TopicAuthorizationFailed),
+        Disposition::Wait(Blocked::NotAuthorized)
+    );
+    assert_eq!(
+        of(C::ClusterAuthorizationFailed),
+        Disposition::Wait(Blocked::NotAuthorized)
+    );
+    assert_eq!(of(C::Fatal), Disposition::Wait(Blocked::ProducerFatal));
+    assert_eq!(
+        of(C::MessageTimedOut),
+        Disposition::Wait(Blocked::BrokerUnavailable)
+    );
+    // Anything not named waits: dropping is never the default.
+    assert_eq!(of(C::PolicyViolation), Disposition::Wait(Blocked::Other));
+    assert_eq!(of(C::Unknown), Disposition::Wait(Blocked::Other));
+}
