@@ -1105,7 +1105,8 @@ fn long_sweep() {
         Plant::SkipDirSync,
         Plant::CommitPastUnconfirmed,
     ] {
-        let caught = (first..last)
+        let tried = (last - first).min(100);
+        let caught = (first..first + tried)
             .filter(|s| {
                 !run_seed(s * 2, Fsync::Always, steps.min(6_000), Some(planted))
                     .violations
