@@ -608,6 +608,24 @@ pub struct Report {
     pub violations: Vec<String>,
 }
 
+impl Report {
+    /// Sums another run's figures into this one (violations are the caller's to keep).
+    fn add(&mut self, r: Report) {
+        self.steps += r.steps;
+        self.publish_steps += r.publish_steps;
+        self.broker_steps += r.broker_steps;
+        self.appended += r.appended;
+        self.acked += r.acked;
+        self.published += r.published;
+        self.crashes += r.crashes;
+        self.power_cuts += r.power_cuts;
+        self.drains += r.drains;
+        for (k, n) in r.faults.0 {
+            *self.faults.0.entry(k).or_default() += n;
+        }
+    }
+}
+
 struct Running {
     writer: Writer,
     publisher: Publisher<SimSink>,
@@ -1000,13 +1018,7 @@ fn the_invariant_holds_under_every_injected_fault() {
             &r.violations[..r.violations.len().min(5)]
         );
         assert!(r.acked > 0 && r.published > 0, "seed {seed}: {r:?}");
-        total.steps += r.steps;
-        total.acked += r.acked;
-        total.crashes += r.crashes;
-        total.power_cuts += r.power_cuts;
-        for (k, n) in r.faults.0 {
-            *total.faults.0.entry(k).or_default() += n;
-        }
+        total.add(r);
     }
     eprintln!("simulation: {total:?}");
     assert!(total.power_cuts > 0 && total.crashes > 0);
@@ -1067,18 +1079,7 @@ fn long_sweep() {
         if !r.violations.is_empty() {
             failed.push((seed, r.violations[0].clone()));
         }
-        total.steps += r.steps;
-        total.publish_steps += r.publish_steps;
-        total.broker_steps += r.broker_steps;
-        total.appended += r.appended;
-        total.acked += r.acked;
-        total.published += r.published;
-        total.crashes += r.crashes;
-        total.power_cuts += r.power_cuts;
-        total.drains += r.drains;
-        for (k, n) in r.faults.0 {
-            *total.faults.0.entry(k).or_default() += n;
-        }
+        total.add(r);
     }
     println!("seeds {first}..{last}, {steps} steps each");
     println!("steps: {}", total.steps);
