@@ -23,6 +23,10 @@ pub struct Ledger {
     /// unreadable.
     unsent: BTreeSet<u64>,
     unreadable: BTreeSet<u64>,
+    /// Refused by both topics: to be written to the dead-letter directory, with the reason.
+    /// Never sent again, and holding no other record back: on a full disk, the segments
+    /// freed by the records behind it make the room its write needs.
+    dead: BTreeMap<u64, String>,
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -56,7 +60,7 @@ impl Ledger {
 
     /// Records handed to the producer and awaiting their delivery report.
     pub fn with_producer(&self) -> usize {
-        self.pending.len() - self.unsent.len() - self.unreadable.len()
+        self.pending.len() - self.unsent.len() - self.unreadable.len() - self.dead.len()
     }
 
     pub fn has_unreadable(&self) -> bool {
@@ -99,6 +103,7 @@ impl Ledger {
     pub fn next_retry(&self) -> Option<Instant> {
         self.unsent
             .iter()
+            .chain(self.dead.keys())
             .filter_map(|seq| self.pending.get(seq))
             .map(|p| p.retry_at)
             .min()
@@ -112,15 +117,42 @@ impl Ledger {
     /// Kafka confirmed it (or it was kept elsewhere for good): done.
     pub fn confirmed(&mut self, seq: u64) -> Option<Pending> {
         self.unsent.remove(&seq);
+        self.dead.remove(&seq);
         self.pending.remove(&seq)
     }
 
-    /// To be sent again after a backoff; returns the attempts so far.
+    /// Refused by the quarantine topic too: from now on it waits for its dead-letter write.
+    pub fn dead_letter(&mut self, seq: u64, reason: &str, now: Instant) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.retry_at = now;
+            self.unsent.remove(&seq);
+            self.dead.insert(seq, reason.to_owned());
+        }
+    }
+
+    /// Records waiting for their dead-letter write.
+    pub fn dead_letters(&self) -> usize {
+        self.dead.len()
+    }
+
+    /// The records whose dead-letter write is due, with their reasons.
+    pub fn dead_letters_due(&self, now: Instant) -> Vec<(u64, String)> {
+        self.dead
+            .iter()
+            .filter(|(seq, _)| self.pending.get(seq).is_some_and(|p| p.retry_at <= now))
+            .map(|(seq, reason)| (*seq, reason.clone()))
+            .collect()
+    }
+
+    /// To be tried again after a backoff (sent, or written to the dead-letter directory);
+    /// returns the attempts so far.
     pub fn retry(&mut self, seq: u64, now: Instant) -> Option<u32> {
         let p = self.pending.get_mut(&seq)?;
         p.attempts += 1;
         p.retry_at = now + backoff(p.attempts);
-        self.unsent.insert(seq);
+        if !self.dead.contains_key(&seq) {
+            self.unsent.insert(seq);
+        }
         Some(p.attempts)
     }
 
@@ -135,7 +167,7 @@ impl Ledger {
     /// A new producer: everything readable and unconfirmed goes again, in order.
     pub fn resend_all(&mut self, now: Instant) {
         for (seq, p) in &mut self.pending {
-            if p.entry.is_some() {
+            if p.entry.is_some() && !self.dead.contains_key(seq) {
                 p.retry_at = now;
                 self.unsent.insert(*seq);
             }
@@ -157,6 +189,18 @@ impl Ledger {
     /// Whether any record `lo..=hi` awaits confirmation.
     pub fn pending_in(&self, lo: u64, hi: u64) -> bool {
         lo <= hi && self.pending.range(lo..=hi).next().is_some()
+    }
+
+    #[cfg(test)]
+    pub fn describe(&self) -> String {
+        let first: Vec<_> = self.pending.keys().take(20).collect();
+        format!(
+            "pending {} (first {first:?}), unsent {:?}, unreadable {:?}, dead {:?}",
+            self.pending.len(),
+            self.unsent.iter().take(20).collect::<Vec<_>>(),
+            self.unreadable,
+            self.dead,
+        )
     }
 
     /// Unix ms the oldest pending record arrived (sequence order is arrival order).
@@ -200,6 +244,32 @@ mod tests {
         // 5 must wait for 2; the quarantine topic goes on.
         assert_eq!(l.due(now), [6]);
         assert_eq!(l.due(now + Duration::from_secs(1)), [2, 5, 6]);
+    }
+
+    #[test]
+    fn a_record_waiting_for_its_dead_letter_write_holds_nothing_back() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let mut l = Ledger::default();
+        l.add(1, entry(Target::Quarantine), now);
+        l.add(2, entry(Target::Quarantine), now);
+        l.sent(1);
+        l.dead_letter(1, "refused", now);
+        assert_eq!(l.dead_letters_due(now), [(1, "refused".to_owned())]);
+        l.retry(1, now); // the write failed: the disk is full
+        assert_eq!(
+            l.due(now),
+            [2],
+            "2 is not held behind 1's dead-letter write"
+        );
+        assert!(l.dead_letters_due(now).is_empty());
+        assert_eq!(l.dead_letters_due(later).len(), 1);
+        l.resend_all(now);
+        assert_eq!(l.due(later), [2], "a new producer never gets 1 again");
+        assert_eq!(l.with_producer(), 0);
+        l.confirmed(1);
+        assert!(l.dead_letters_due(later).is_empty());
+        assert_eq!(l.commit_point(2), 1);
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub enum SendError {
     Failed(Failure),
 }
 
+/// Records refused by both topics held in memory while their dead-letter write fails (a
+/// full disk), beyond the in-flight bound. Past it, reading stops until the disk has room.
+const MAX_DEAD_LETTERS_WAITING: usize = 1024;
+
 /// Publisher settings.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
@@ -204,6 +208,7 @@ impl<S: Sink> Publisher<S> {
         if self.rebuild && now >= self.rebuild_after {
             self.rebuild_sink(now);
         }
+        self.write_dead_letters(now);
         self.send_due(now);
         self.fill(now);
         self.commit(false, now);
@@ -241,13 +246,7 @@ impl<S: Sink> Publisher<S> {
                     }
                     .emit();
                 }
-                if self.blocked.is_some() {
-                    let still = self
-                        .ledger
-                        .has_unreadable()
-                        .then_some(Blocked::EntryUnreadable);
-                    self.set_blocked(still, &"");
-                }
+                self.unblock();
                 false
             }
             Event::Delivered {
@@ -304,18 +303,41 @@ impl<S: Sink> Publisher<S> {
                 self.ledger.resend(seq, now);
             }
             Target::Quarantine => {
-                let bytes = entry.encode();
-                match self.reader.dead_letter(seq, &bytes, error) {
-                    Ok(()) => {
-                        RecordDeadLettered { seq, error: &error }.emit();
-                        self.ledger.confirmed(seq);
-                    }
-                    Err(io) => {
-                        self.set_blocked(Some(Blocked::DeadLetterFailing), &io);
-                        self.ledger.retry(seq, now);
-                    }
+                self.ledger.dead_letter(seq, error, now);
+                self.write_dead_letters(now);
+            }
+        }
+    }
+
+    /// Writes the records both topics refused to the dead-letter directory; a failed write (a
+    /// full disk) is tried again later, holding no other record back.
+    fn write_dead_letters(&mut self, now: Instant) {
+        for (seq, error) in self.ledger.dead_letters_due(now) {
+            let Some(entry) = self.ledger.entry(seq) else {
+                continue;
+            };
+            match self.reader.dead_letter(seq, &entry.encode(), &error) {
+                Ok(()) => {
+                    RecordDeadLettered { seq, error: &error }.emit();
+                    self.ledger.confirmed(seq);
+                    self.unblock();
+                }
+                Err(io) => {
+                    self.set_blocked(Some(Blocked::DeadLetterFailing), &io);
+                    self.ledger.retry(seq, now);
                 }
             }
+        }
+    }
+
+    /// Something went through: no longer blocked, unless by an unreadable entry.
+    fn unblock(&mut self) {
+        if self.blocked.is_some() {
+            let still = self
+                .ledger
+                .has_unreadable()
+                .then_some(Blocked::EntryUnreadable);
+            self.set_blocked(still, &"");
         }
     }
 
@@ -351,7 +373,16 @@ impl<S: Sink> Publisher<S> {
 
     /// Reads new records from the spool, up to the in-flight bound, and sends them.
     fn fill(&mut self, now: Instant) {
-        let room = self.cfg.max_in_flight.saturating_sub(self.ledger.len());
+        // Records waiting for their dead-letter write (on a full disk) take no room: reading
+        // on delivers the records behind them, which frees the segments that write needs.
+        // They are bounded on their own.
+        let max = self.cfg.max_in_flight;
+        let dead = self.ledger.dead_letters();
+        let room = if dead >= max.max(MAX_DEAD_LETTERS_WAITING) {
+            0
+        } else {
+            max.saturating_sub(self.ledger.len() - dead)
+        };
         if room > 0 {
             // On an error, what was read before it is in `read_buf`; the next turn reads on
             // from there.
@@ -460,6 +491,19 @@ impl<S: Sink> Publisher<S> {
     #[cfg(test)]
     pub(crate) fn parts(&mut self) -> (&Ledger, &mut S, &mut spool::Reader) {
         (&self.ledger, &mut self.sink, &mut self.reader)
+    }
+
+    /// What the publisher holds and why, for a stuck simulation's report.
+    #[cfg(test)]
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "blocked {:?}, read failing {}, buffered {}, last read {}, {}",
+            self.blocked,
+            self.read_failing,
+            self.read_buf.len(),
+            self.reader.last_read(),
+            self.ledger.describe()
+        )
     }
 
     /// A simulated sink starts at the broker's generation.

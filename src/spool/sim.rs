@@ -885,15 +885,16 @@ impl Sim {
 
     fn check(&mut self) {
         let v = &mut self.report.violations;
-        let Some(run) = &self.running else {
+        let Some(run) = &mut self.running else {
             v.push("the spool did not open again once the faults stopped".into());
             return;
         };
         if run.shared.backlog() > 0 {
             v.push(format!(
-                "not drained: backlog {} records (stuck); {}",
+                "not drained: backlog {} records (stuck); {}; publisher {}",
                 run.shared.backlog(),
-                self.disk.describe(&run.shared, &run.writer)
+                self.disk.describe(&run.shared, &run.writer),
+                run.publisher.describe(),
             ));
         }
         let b = self.broker.borrow();
