@@ -42,10 +42,19 @@ struct Setup {
 }
 
 async fn setup(extra: &[(&str, &str)]) -> Setup {
+    setup_topics(extra, true, true).await
+}
+
+/// A broker with the messages and the quarantine topic created, or not.
+async fn setup_topics(extra: &[(&str, &str)], messages: bool, quarantine: bool) -> Setup {
     let broker = Broker::start();
     let topic = format!("im.c2c.zl-{}", unique());
-    broker.create_topic(&topic).await;
-    broker.create_topic(&quarantine_topic(&topic)).await;
+    if messages {
+        broker.create_topic(&topic).await;
+    }
+    if quarantine {
+        broker.create_topic(&quarantine_topic(&topic)).await;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (free_addr(), free_addr());
     let mut all = vec![
@@ -706,4 +715,96 @@ async fn a_full_file_system_answers_503_and_serves_again_by_itself() {
     assert!(total > 100, "{total}");
     assert!(missing.is_empty(), "missing {missing:?}");
     app.stop().await;
+}
+
+const TOPIC_MISSING: &str = r#"im_relay_publish_blocked{reason="topic_missing"}"#;
+
+/// Polls the relay's metrics until `series` shows `value` (30 s at most).
+async fn wait_metric(s: &Setup, relay: &RelayProcess, series: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = relay.metrics();
+        if metric(&metrics, series) == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached {value}: {metrics}\nlog: {}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Signed callbacks from 4 senders for `time`; the ids answered `OK`.
+async fn drive_for(s: &Setup, tag: &'static str, time: Duration) -> Vec<String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 4, tag, stop.clone()));
+    tokio::time::sleep(time).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = driver.await.unwrap();
+    assert!(!acked.is_empty(), "nothing was acknowledged: {}", s.log());
+    acked
+}
+
+/// Seen before the fix: with the topic missing, every callback got `OK` and every record was
+/// dropped ("record not published … UnknownTopic"). Now they wait, the reason is on
+/// `im_relay_publish_blocked`, and they are all published once the topic exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_wait_for_a_topic_missing_at_start_until_it_is_created() {
+    let s = setup_topics(
+        &[("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "5000")],
+        false,
+        true,
+    )
+    .await;
+    let relay = s.start();
+    let acked = drive_for(&s, "no-topic", Duration::from_secs(1)).await;
+    wait_metric(&s, &relay, TOPIC_MISSING, 1.0).await;
+    assert!(backlog_records(&relay.metrics()) > 0.0);
+    s.broker.create_topic(&s.topic).await;
+    s.check_all(acked).await;
+    s.wait_drained(&relay).await;
+    wait_metric(&s, &relay, TOPIC_MISSING, 0.0).await;
+    assert_nothing_dropped(&relay.metrics());
+    assert!(relay.terminate().success());
+}
+
+/// The quarantine topic is missing: a quarantined callback waits for it (and holds no message
+/// back); once it exists, the body is there with its reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quarantined_record_waits_for_a_missing_quarantine_topic() {
+    let s = setup_topics(
+        &[("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "5000")],
+        true,
+        false,
+    )
+    .await;
+    let relay = s.start();
+    let client = reqwest::Client::new();
+    let garbage = "{\"From_Account\": ";
+    let answer = client
+        .post(format!("{}?{}", s.url(), after_send_query()))
+        .body(garbage)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let acked = drive_for(&s, "meanwhile", Duration::from_millis(500)).await;
+    s.check_all(acked).await;
+    wait_metric(&s, &relay, TOPIC_MISSING, 1.0).await;
+    let quarantine = quarantine_topic(&s.topic);
+    s.broker.create_topic(&quarantine).await;
+    let bootstrap = s.broker.bootstrap();
+    let kept = tokio::task::spawn_blocking(move || {
+        read_records(&bootstrap, &quarantine, 1, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(kept.len(), 1, "log: {}", s.log());
+    assert_eq!(kept[0].raw, garbage.as_bytes());
+    assert_eq!(kept[0].headers["im_quarantine_reason"], "invalid_json");
+    s.wait_drained(&relay).await;
+    assert_nothing_dropped(&relay.metrics());
+    assert!(relay.terminate().success());
 }

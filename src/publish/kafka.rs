@@ -230,6 +230,25 @@ impl Sink for KafkaSink {
             .fatal_error()
             .map(|(_, reason)| reason)
     }
+
+    fn explain(&mut self, topic: &str) -> Option<Blocked> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(1))
+            .ok()?;
+        let error = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)?
+            .error()?;
+        match classify(&KafkaError::MetadataFetch(error.into())).disposition {
+            Disposition::Wait(reason @ (Blocked::TopicMissing | Blocked::NotAuthorized)) => {
+                Some(reason)
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -76,12 +76,25 @@ pub trait Sink {
     fn rebuild(&mut self, generation: u64) -> Result<(), String>;
     /// The producer's fatal error, if it is in a fatal state.
     fn fatal(&self) -> Option<String>;
+    /// Why records for `topic` time out, when the cluster's metadata says: a missing topic
+    /// or a refused authorization (librdkafka reports both as a timeout while it still
+    /// waits for the topic to appear). May block for a second.
+    fn explain(&mut self, _topic: &str) -> Option<Blocked> {
+        None
+    }
 }
 
 pub enum SendError {
     /// The producer's queue is full: try again shortly.
     QueueFull,
     Failed(Failure),
+}
+
+fn topic(kafka: &KafkaConfig, target: Target) -> &str {
+    match target {
+        Target::Messages => &kafka.topic,
+        Target::Quarantine => &kafka.quarantine_topic,
+    }
 }
 
 /// Records refused by both topics held in memory while their dead-letter write fails (a
@@ -114,6 +127,8 @@ pub struct Publisher<S: Sink = KafkaSink> {
     rebuild_after: Instant,
     read_buf: VecDeque<(u64, Vec<u8>)>,
     read_failing: bool,
+    /// What the metadata said about the last timeouts, and when it was asked.
+    explained: Option<(Instant, Option<Blocked>)>,
 }
 
 impl Publisher<KafkaSink> {
@@ -172,6 +187,7 @@ impl<S: Sink> Publisher<S> {
             rebuild_after: now,
             read_buf: VecDeque::new(),
             read_failing: false,
+            explained: None,
         }
     }
 
@@ -263,7 +279,10 @@ impl<S: Sink> Publisher<S> {
     /// A record Kafka did not take, synchronously or in its delivery report.
     fn failed(&mut self, seq: u64, failure: Failure, now: Instant) {
         match failure.disposition {
-            Disposition::Wait(reason) => {
+            Disposition::Wait(mut reason) => {
+                if reason == Blocked::BrokerUnavailable {
+                    reason = self.explain(seq, now).unwrap_or(reason);
+                }
                 if reason == Blocked::ProducerFatal || self.sink.fatal().is_some() {
                     self.rebuild = true;
                 }
@@ -288,6 +307,21 @@ impl<S: Sink> Publisher<S> {
             }
             Disposition::Refused => self.refused(seq, &failure.error, now),
         }
+    }
+
+    /// A timeout may hide a missing topic: asks the metadata, at most every few seconds
+    /// (the answer is kept meanwhile), so the blocked reason tells the operator what to fix.
+    fn explain(&mut self, seq: u64, now: Instant) -> Option<Blocked> {
+        const EVERY: Duration = Duration::from_secs(5);
+        if let Some((at, reason)) = self.explained
+            && now.duration_since(at) < EVERY
+        {
+            return reason;
+        }
+        let target = self.ledger.entry(seq)?.target;
+        let reason = self.sink.explain(topic(&self.cfg.kafka, target));
+        self.explained = Some((now, reason));
+        reason
     }
 
     /// Refused for good: a message goes to the quarantine topic with the reason; a record the
@@ -332,6 +366,7 @@ impl<S: Sink> Publisher<S> {
 
     /// Something went through: no longer blocked, unless by an unreadable entry.
     fn unblock(&mut self) {
+        self.explained = None;
         if self.blocked.is_some() {
             let still = self
                 .ledger
@@ -423,11 +458,10 @@ impl<S: Sink> Publisher<S> {
             let Some(entry) = self.ledger.entry(seq) else {
                 continue;
             };
-            let topic = match entry.target {
-                Target::Messages => &self.cfg.kafka.topic,
-                Target::Quarantine => &self.cfg.kafka.quarantine_topic,
-            };
-            match self.sink.send(topic, seq, entry) {
+            match self
+                .sink
+                .send(topic(&self.cfg.kafka, entry.target), seq, entry)
+            {
                 Ok(()) => self.ledger.sent(seq),
                 Err(SendError::QueueFull) => {
                     self.ledger.resend(seq, now + Duration::from_millis(10));

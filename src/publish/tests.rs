@@ -184,6 +184,44 @@ async fn authorization_failures_make_records_wait_then_deliver_them_all() {
     h.stop();
 }
 
+/// Kafka deletes a topic while records flow: produce requests fail, the metadata says the
+/// topic is gone, and librdkafka then refuses records for it at once — the synchronous error
+/// that made the publisher drop every record before the fix. They wait instead, and all of
+/// them arrive once the topic is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_deleted_while_running_holds_its_records_until_it_is_back() {
+    use RDKafkaRespErr::{RD_KAFKA_RESP_ERR_NO_ERROR, RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART};
+    let h = harness(|_, _| {});
+    let before = ids("before", 10);
+    h.append(&before).await;
+    h.wait_drained();
+    h.mock
+        .topic_error(TOPIC, RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+        .unwrap();
+    h.mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART; 1000],
+    );
+    let during = ids("deleted", 20);
+    h.append(&during).await;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        h.shared.backlog(),
+        20,
+        "records for a deleted topic must wait in the spool"
+    );
+    h.mock
+        .topic_error(TOPIC, RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    h.mock.clear_request_errors(RDKafkaApiKey::Produce);
+    h.wait_drained();
+    let got = h.read(TOPIC, 30);
+    for id in before.iter().chain(&during) {
+        assert!(got.contains_key(id), "{id} missing");
+    }
+    h.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fatal_producer_state_reported_with_nothing_in_flight_rebuilds_the_producer() {
     // Fatal before a single record was sent: it arrives through the error callback only.
