@@ -1,6 +1,7 @@
-//! Cross-cutting: the only place that wires the stages together. `Application::build` checks
-//! what can fail (TLS files, the spool, the producer), binds both listeners and reports the
-//! ports it got; `run_until_stopped` serves until the shutdown future resolves, then stops in
+//! Cross-cutting: the only place that wires the stages together. `Application::build` binds
+//! both listeners and serves the admin one at once (`/livez` answers while a large spool is
+//! scanned; `/readyz` says `starting`), then checks what can fail (TLS files, the spool, the
+//! producer) and reports the ports it got; `run_until_stopped` serves until the shutdown future resolves, then stops in
 //! order: go unready, stop accepting, drain in-flight requests, close the spool, give the
 //! publisher a bounded time to deliver — what is left stays in the spool for the next start.
 
@@ -9,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use axum::Router;
@@ -51,15 +52,27 @@ impl std::error::Error for StartupError {}
 pub struct Application {
     config: Config,
     public: TcpListener,
-    admin: TcpListener,
+    admin_addr: SocketAddr,
+    /// The admin server, serving since `build` began; stopped last.
+    admin: tokio::task::JoinHandle<io::Result<()>>,
+    admin_stop: Arc<tokio::sync::Notify>,
+    tls: Option<RustlsConfig>,
+    appender: spool::Appender,
+    writer: std::thread::JoinHandle<()>,
+    publisher: Publisher,
+    events: mpsc::Sender<Event>,
+    ready: Arc<AtomicBool>,
+    metrics: PrometheusHandle,
+}
+
+/// What `Application::open` makes.
+struct Parts {
     tls: Option<RustlsConfig>,
     appender: spool::Appender,
     spool: Arc<spool::Shared>,
     writer: std::thread::JoinHandle<()>,
     publisher: Publisher,
     events: mpsc::Sender<Event>,
-    ready: Arc<AtomicBool>,
-    metrics: PrometheusHandle,
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
@@ -74,6 +87,61 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let metrics = telemetry::metrics_handle();
         telemetry::register_alerting_counters();
+        let public = bind(config.listen)?;
+        let admin = bind(config.admin_listen)?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|e| StartupError::Bind(config.admin_listen, e))?;
+        // Liveness from the first moment: the spool scan below reads every segment, minutes
+        // for a large backlog, and a liveness probe left unanswered kills the pod mid-scan.
+        let ready = Arc::new(AtomicBool::new(true));
+        let spool_slot = Arc::new(OnceLock::new());
+        let health = Health {
+            ready: ready.clone(),
+            spool: spool_slot.clone(),
+            room_bytes: 4 * config.max_body_bytes as u64,
+            append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
+        };
+        let admin_stop = Arc::new(tokio::sync::Notify::new());
+        let admin = {
+            let listener = tokio::net::TcpListener::from_std(admin)
+                .map_err(|e| StartupError::Bind(admin_addr, e))?;
+            let router = admin_router(health, metrics.clone());
+            let stop = admin_stop.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.notified().await })
+                    .await
+            })
+        };
+        let p = match Self::open(&config).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                admin_stop.notify_one();
+                let _ = admin.await;
+                return Err(e);
+            }
+        };
+        let _ = spool_slot.set(p.spool.clone());
+        Ok(Application {
+            config,
+            public,
+            admin_addr,
+            admin,
+            admin_stop,
+            tls: p.tls,
+            appender: p.appender,
+            writer: p.writer,
+            publisher: p.publisher,
+            events: p.events,
+            ready,
+            metrics,
+        })
+    }
+
+    /// What can fail after the listeners: the TLS files, the spool (scanned off the async
+    /// threads, so the admin listener keeps answering), the producer.
+    async fn open(config: &Config) -> Result<Parts, StartupError> {
         let tls = match &config.tls {
             Some(files) => {
                 // One provider for the process; a second install (tests) is harmless.
@@ -88,9 +156,14 @@ impl Application {
         };
         let (events, events_rx) = mpsc::channel();
         let wake = events.clone();
-        let opened = spool::open(&config.spool, move || {
-            let _ = wake.send(Event::Appended);
+        let spool_config = config.spool.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            spool::open(&spool_config, move || {
+                let _ = wake.send(Event::Appended);
+            })
         })
+        .await
+        .map_err(|e| StartupError::Spool(io::Error::other(e)))?
         .map_err(StartupError::Spool)?;
         let r = &opened.recovery;
         tracing::info!(
@@ -112,20 +185,13 @@ impl Application {
             (events.clone(), events_rx),
         )
         .map_err(StartupError::Kafka)?;
-        let public = bind(config.listen)?;
-        let admin = bind(config.admin_listen)?;
-        Ok(Application {
-            config,
-            public,
-            admin,
+        Ok(Parts {
             tls,
             appender: opened.appender,
             spool: opened.shared,
             writer: opened.writer,
             publisher,
             events,
-            ready: Arc::new(AtomicBool::new(true)),
-            metrics,
         })
     }
 
@@ -134,7 +200,7 @@ impl Application {
     }
 
     pub fn admin_port(&self) -> u16 {
-        self.admin.local_addr().map_or(0, |a| a.port())
+        self.admin_addr.port()
     }
 
     /// Serves until `shutdown` resolves, then shuts down in order (see the module note).
@@ -177,7 +243,7 @@ impl Application {
         let handle = Handle::new();
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let public_addr = self.public.local_addr()?;
-        let admin_addr = self.admin.local_addr()?;
+        let admin_addr = self.admin_addr;
         // A client that trickles its headers is cut off (slowloris); the body has its own
         // deadline in `receive`, the TLS handshake axum-server's 10 s.
         let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
@@ -208,23 +274,6 @@ impl Application {
             );
         }
 
-        let admin_stop = Arc::new(tokio::sync::Notify::new());
-        let admin = {
-            let listener = tokio::net::TcpListener::from_std(self.admin)?;
-            let stop = admin_stop.clone();
-            let health = Health {
-                ready: self.ready.clone(),
-                spool: self.spool.clone(),
-                room_bytes: 4 * config.max_body_bytes as u64,
-                append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
-            };
-            let router = admin_router(health, self.metrics.clone());
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.notified().await })
-                    .await
-            })
-        };
         let upkeep = {
             let metrics = self.metrics.clone();
             let process = metrics_process::Collector::default();
@@ -289,8 +338,8 @@ impl Application {
         if let Some(r) = reloader {
             r.abort();
         }
-        admin_stop.notify_one();
-        let _ = admin.await;
+        self.admin_stop.notify_one();
+        let _ = self.admin.await;
         tracing::info!("stopped");
         Ok(())
     }
@@ -344,7 +393,8 @@ async fn reload_certificate(tls: RustlsConfig, files: crate::config::TlsFiles) {
 #[derive(Clone)]
 struct Health {
     ready: Arc<AtomicBool>,
-    spool: Arc<spool::Shared>,
+    /// Set once the spool is open; until then `/readyz` says `starting`.
+    spool: Arc<OnceLock<Arc<spool::Shared>>>,
     /// Room the spool must have left to count as able to take callbacks.
     room_bytes: u64,
     /// A spool write in progress for longer than this: the disk is hanging.
@@ -362,12 +412,10 @@ fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                let trouble = if !health.ready.load(Ordering::SeqCst) {
-                    Some("draining")
-                } else {
-                    health
-                        .spool
-                        .trouble(health.room_bytes, health.append_timeout)
+                let trouble = match health.spool.get() {
+                    None => Some("starting"),
+                    Some(_) if !health.ready.load(Ordering::SeqCst) => Some("draining"),
+                    Some(spool) => spool.trouble(health.room_bytes, health.append_timeout),
                 };
                 match trouble {
                     Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),

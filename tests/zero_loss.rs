@@ -808,3 +808,107 @@ async fn a_quarantined_record_waits_for_a_missing_quarantine_topic() {
     assert_nothing_dropped(&relay.metrics());
     assert!(relay.terminate().success());
 }
+
+/// Fills a spool in `dir` with about `bytes` of small records (what a long Kafka outage
+/// leaves), quickly: no fsync, many appends in flight.
+async fn fill_spool(dir: &std::path::Path, bytes: u64) -> u64 {
+    let cfg = SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 4 << 30,
+        segment_bytes: 64 << 20,
+        fsync: Fsync::Never,
+    };
+    let opened = spool::open(&cfg, || {}).unwrap();
+    // About the size of a relayed text message's record.
+    let mut entry = message_entry("backlog");
+    entry.value = vec![b'x'; 500];
+    let payload = entry.encode();
+    let per = payload.len() as u64 + 24;
+    let records = bytes / per;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (appender, payload) = (opened.appender.clone(), payload.clone());
+        tasks.spawn(async move {
+            for _ in 0..records / 8 {
+                appender.append(payload.clone()).await.unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    drop(opened.appender);
+    opened.writer.join().unwrap();
+    records
+}
+
+/// Starts the relay on the spool in `dir` with no Kafka reachable; polls `/livez` and
+/// `/readyz` until ready. Returns (whether `/livez` answered while `/readyz` said `starting`,
+/// seconds until ready, peak RSS in bytes).
+fn start_on_backlog(dir: &std::path::Path, log: &std::path::Path) -> (bool, f64, u64) {
+    let (listen, admin) = (free_addr(), free_addr());
+    let env: std::collections::HashMap<String, String> = [
+        ("IM_RELAY_LISTEN", listen.as_str()),
+        ("IM_RELAY_ADMIN_LISTEN", admin.as_str()),
+        ("IM_RELAY_SPOOL_DIR", dir.to_str().unwrap()),
+        ("IM_RELAY_SPOOL_SEGMENT_BYTES", "67108864"),
+        ("IM_RELAY_SPOOL_MAX_BYTES", "4294967296"),
+        ("IM_RELAY_SDK_APP_ID", "1400000000"),
+        ("IM_RELAY_TOKEN", TOKEN),
+        ("IM_RELAY_KAFKA_BROKERS", "127.0.0.1:1"),
+        ("IM_RELAY_TOPIC", "im.c2c.backlog"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let started = Instant::now();
+    let relay = RelayProcess::spawn(&env, log);
+    let mut live_while_starting = false;
+    loop {
+        let ready = relay.get("/readyz");
+        if let Some((200, _)) = ready {
+            break;
+        }
+        if let Some((503, body)) = &ready
+            && body.trim() == "starting"
+            && relay.get("/livez").map(|r| r.0) == Some(200)
+        {
+            live_while_starting = true;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "not ready after 5 minutes: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let rss = relay.peak_rss();
+    assert!(relay.terminate().success());
+    (live_while_starting, took, rss)
+}
+
+/// After a long outage the spool holds gigabytes; Kubernetes probes `/livez` while the relay
+/// scans it. Seen before the fix: no listener until the scan ended (a liveness probe failing
+/// for the whole scan), and the scan kept an index entry per record (memory growing with the
+/// backlog). The time is printed for BENCHMARKS.md, not asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_backlog_is_scanned_with_livez_answering_and_flat_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let (small, big) = (work.path().join("small"), work.path().join("big"));
+    let small_records = fill_spool(&small, 64 << 20).await;
+    let big_records = fill_spool(&big, 2 << 30).await;
+    let (_, small_s, small_rss) = start_on_backlog(&small, &work.path().join("small.log"));
+    let (live, big_s, big_rss) = start_on_backlog(&big, &work.path().join("big.log"));
+    eprintln!(
+        "scan to ready: {small_records} records (64 MiB) {small_s:.2} s, peak RSS {} MiB; \
+         {big_records} records (2 GiB) {big_s:.2} s, peak RSS {} MiB",
+        small_rss >> 20,
+        big_rss >> 20
+    );
+    assert!(live, "/livez did not answer while the spool was scanned");
+    assert!(
+        big_rss < small_rss + (48 << 20),
+        "peak RSS grew with the spool: {} MiB for 64 MiB, {} MiB for 2 GiB",
+        small_rss >> 20,
+        big_rss >> 20
+    );
+}

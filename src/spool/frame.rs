@@ -70,7 +70,8 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     Decoded::Frame { seq, payload, size }
 }
 
-/// One pass over a whole segment's bytes.
+/// One pass over a whole segment's bytes (tests and the simulation look at every frame).
+#[cfg(test)]
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Scan {
     /// `(seq, offset, size)` of every intact frame, in file order.
@@ -82,24 +83,38 @@ pub struct Scan {
 }
 
 /// Reads every intact frame; after damage, searches forward for the next valid frame.
+#[cfg(test)]
 pub fn scan(buf: &[u8]) -> Scan {
-    let mut s = Scan::default();
+    let mut frames = Vec::new();
+    let (damaged, valid_end) = visit(buf, |seq, at, size| frames.push((seq, at, size)));
+    Scan {
+        frames,
+        damaged,
+        valid_end,
+    }
+}
+
+/// The same pass, keeping nothing: `f(seq, offset, size)` for every intact frame. Returns
+/// (damaged stretches, end of the last intact frame). Recovery uses this, so its memory does
+/// not grow with the spool.
+pub fn visit(buf: &[u8], mut f: impl FnMut(u64, usize, usize)) -> (usize, usize) {
+    let (mut damaged, mut valid_end) = (0, 0);
     let mut at = 0;
     while at < buf.len() {
         if let Decoded::Frame { seq, size, .. } = decode(&buf[at..]) {
-            s.frames.push((seq, at, size));
+            f(seq, at, size);
             at += size;
-            s.valid_end = at;
+            valid_end = at;
             continue;
         }
         // Damaged here (a torn tail is damage too: one record was lost there).
-        s.damaged += 1;
+        damaged += 1;
         match next_frame(buf, at + 1) {
             Some(next) => at = next,
             None => break,
         }
     }
-    s
+    (damaged, valid_end)
 }
 
 /// Offset of the first intact frame at or after `from`.

@@ -291,11 +291,19 @@ fn read_dropped(storage: &dyn Storage) -> BTreeSet<u64> {
         .collect()
 }
 
-/// One segment as scanned: its first sequence number, name and frames.
-type ScannedSegment = (u64, String, frame::Scan);
-
 /// Scans the spool read-only: what `spool status` shows and what `open` starts from.
-fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<ScannedSegment>, Vec<u64>)> {
+/// What recovery needs to know of one segment: kept per segment, not per frame, so a large
+/// backlog costs no memory beyond one segment's bytes at a time.
+struct SegmentScan {
+    name: String,
+    first: u64,
+    /// Highest sequence number of an intact frame in it.
+    last_seq: Option<u64>,
+    valid_end: u64,
+    len: u64,
+}
+
+fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<SegmentScan>)> {
     let committed = read_committed(storage);
     let dropped = read_dropped(storage);
     let mut r = Recovery {
@@ -304,28 +312,33 @@ fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<ScannedSegment>,
         ..Recovery::default()
     };
     let mut scans = Vec::new();
-    let mut lens = Vec::new();
     for (first, name) in list_segments(storage)? {
         let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
-        let scan = frame::scan(&bytes);
+        let mut last_seq = None;
+        let (damaged, valid_end) = frame::visit(&bytes, |seq, _, _| {
+            last_seq = last_seq.max(Some(seq));
+            if seq > committed && !dropped.contains(&seq) {
+                r.pending += 1;
+            }
+        });
         // A tail too short for the frame it starts is a write cut short, not damage.
-        let tail = &bytes[scan.valid_end..];
+        let tail = &bytes[valid_end..];
         let torn = !tail.is_empty() && frame::decode(tail) == frame::Decoded::Incomplete;
         r.segments += 1;
         r.bytes += bytes.len() as u64;
-        r.damaged += scan.damaged - usize::from(torn);
+        r.damaged += damaged - usize::from(torn);
         if torn {
             r.torn_bytes += tail.len() as u64;
         }
-        r.pending += scan
-            .frames
-            .iter()
-            .filter(|f| f.0 > committed && !dropped.contains(&f.0))
-            .count() as u64;
-        lens.push(bytes.len() as u64);
-        scans.push((first, name, scan));
+        scans.push(SegmentScan {
+            name,
+            first,
+            last_seq,
+            valid_end: valid_end as u64,
+            len: bytes.len() as u64,
+        });
     }
-    Ok((r, scans, lens))
+    Ok((r, scans))
 }
 
 /// Scans the spool in `dir` read-only (what `spool status` shows).
@@ -333,7 +346,7 @@ pub fn inspect(dir: &Path) -> io::Result<Recovery> {
     scan_all(&Disk {
         dir: dir.to_path_buf(),
     })
-    .map(|(r, _, _)| r)
+    .map(|(r, _)| r)
 }
 
 /// Every record not yet committed, as `(seq, payload)`, oldest first, read-only; stops early
@@ -346,14 +359,18 @@ pub fn each_pending(dir: &Path, mut f: impl FnMut(u64, &[u8]) -> bool) -> io::Re
     let dropped = read_dropped(&storage);
     for (_, name) in list_segments(&storage)? {
         let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
-        for (seq, at, _) in frame::scan(&bytes).frames {
-            if seq > committed
+        let mut more = true;
+        frame::visit(&bytes, |seq, at, _| {
+            if more
+                && seq > committed
                 && !dropped.contains(&seq)
                 && let frame::Decoded::Frame { payload, .. } = frame::decode(&bytes[at..])
-                && !f(seq, payload)
             {
-                return Ok(());
+                more = f(seq, payload);
             }
+        });
+        if !more {
+            return Ok(());
         }
     }
     Ok(())
@@ -513,19 +530,19 @@ fn recover(
     cfg: &SpoolConfig,
     lock: Option<File>,
 ) -> io::Result<(Writer, Reader, Arc<Shared>, Recovery)> {
-    let (mut recovery, scans, lens) = scan_all(storage.as_ref())?;
+    let (mut recovery, scans) = scan_all(storage.as_ref())?;
     let mut last_seq = recovery.committed;
     let mut highest_name = 0;
-    for ((first, name, scan), len) in scans.iter().zip(lens) {
-        last_seq = scan.frames.iter().map(|f| f.0).fold(last_seq, u64::max);
-        highest_name = highest_name.max(*first);
-        let file = storage.open(name, false)?;
-        if (scan.valid_end as u64) < len {
+    for scan in &scans {
+        last_seq = last_seq.max(scan.last_seq.unwrap_or(0));
+        highest_name = highest_name.max(scan.first);
+        let file = storage.open(&scan.name, false)?;
+        if scan.valid_end < scan.len {
             // Nothing intact follows the last whole frame: cut it, so the file ends on a
             // frame (the writer never appends to an older segment, so a cut tail could
             // never be completed).
-            file.set_len(scan.valid_end as u64)?;
-            recovery.bytes -= len - scan.valid_end as u64;
+            file.set_len(scan.valid_end)?;
+            recovery.bytes -= scan.len - scan.valid_end;
         }
         // What this scan saw must be what the disk holds before sequence numbers are handed
         // out from it: a cut made before a crash (of a write that failed) may still sit in

@@ -3,6 +3,7 @@
 //! Prometheus conventions; labels come from small fixed sets, never ids or keys.
 
 pub mod activity;
+pub mod catalog;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
@@ -76,6 +77,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding program's); ours still
             // renders what is recorded through it.
             let _ = metrics::set_global_recorder(recorder);
+            catalog::describe();
             handle
         })
         .clone()
@@ -218,7 +220,8 @@ pub fn describe_process(process: &metrics_process::Collector) {
     process.describe();
 }
 
-/// librdkafka's own statistics (every `statistics.interval.ms`), as gauges.
+/// librdkafka's own statistics (every `statistics.interval.ms`): levels as gauges, cumulative
+/// counts as counters.
 pub struct KafkaStatistics<'a>(pub &'a rdkafka::Statistics);
 
 impl KafkaStatistics<'_> {
@@ -238,11 +241,14 @@ impl KafkaStatistics<'_> {
             }
             gauge!("im_relay_kafka_broker_requests_in_flight", "broker" => broker.clone())
                 .set(b.waitresp_cnt as f64);
-            gauge!("im_relay_kafka_broker_retries", "broker" => broker.clone())
-                .set(b.txretries as f64);
-            gauge!("im_relay_kafka_broker_errors", "broker" => broker.clone()).set(b.txerrs as f64);
-            gauge!("im_relay_kafka_broker_request_timeouts", "broker" => broker)
-                .set(b.req_timeouts as f64);
+            // Cumulative in librdkafka (from 0 again when the producer is rebuilt, which
+            // Prometheus reads as a counter reset).
+            counter!("im_relay_kafka_broker_retries_total", "broker" => broker.clone())
+                .absolute(b.txretries);
+            counter!("im_relay_kafka_broker_errors_total", "broker" => broker.clone())
+                .absolute(b.txerrs);
+            counter!("im_relay_kafka_broker_request_timeouts_total", "broker" => broker)
+                .absolute(b.req_timeouts);
         }
     }
 }
@@ -546,6 +552,10 @@ pub fn register_alerting_counters() {
     ] {
         counter!(name).increment(0);
     }
+    // ImRelayNoCallbacks watches it: at 0 from startup, so a relay that never hears from
+    // Tencent alerts too.
+    let after_send = crate::domain::CallbackCommand::C2cAfterSendMsg.label();
+    counter!("im_relay_callbacks_received_total", "command" => after_send).increment(0);
     for r in Blocked::ALL {
         gauge!("im_relay_publish_blocked", "reason" => r.label()).set(0.0);
     }

@@ -436,6 +436,21 @@ impl RelayProcess {
     /// Starts the binary with `env` (fixed ports, so restarts keep the same address) and
     /// waits until `/readyz` answers 200.
     pub fn start(env: &HashMap<String, String>, log: &std::path::Path) -> RelayProcess {
+        let p = RelayProcess::spawn(env, log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while p.ready() != Some(true) {
+            assert!(
+                Instant::now() < deadline,
+                "relay not ready; log: {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    /// Starts the binary without waiting for anything.
+    pub fn spawn(env: &HashMap<String, String>, log: &std::path::Path) -> RelayProcess {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -449,21 +464,11 @@ impl RelayProcess {
             .stderr(out)
             .spawn()
             .expect("relay starts");
-        let p = RelayProcess {
+        RelayProcess {
             child,
             env: env.clone(),
             log: log.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while p.ready() != Some(true) {
-            assert!(
-                Instant::now() < deadline,
-                "relay not ready; log: {}",
-                log.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        p
     }
 
     pub fn pid(&self) -> u32 {
@@ -476,13 +481,32 @@ impl RelayProcess {
 
     /// `Some(true)` ready, `Some(false)` answering but not ready, `None` not answering.
     pub fn ready(&self) -> Option<bool> {
+        self.get("/readyz").map(|(status, _)| status == 200)
+    }
+
+    /// An admin endpoint's status and body; `None` when nothing answers.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut s = std::net::TcpStream::connect(self.admin()).ok()?;
         use std::io::{Read, Write};
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
-        Some(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"))
+        let status = out.split(' ').nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Some((status, body.to_owned()))
+    }
+
+    /// Peak resident memory (`VmHWM`), bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kib * 1024
     }
 
     pub fn metrics(&self) -> String {
