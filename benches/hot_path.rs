@@ -1,5 +1,5 @@
 //! The per-callback hot path, without I/O: verify the query, parse the body, normalize and
-//! encode the record and its spool entry — for a ~600-byte callback (the target: ≤ 5 µs).
+//! encode the record and its spool entry — for a ~600-byte callback (BENCHMARKS.md has the figures).
 //! `cargo bench --bench hot_path`; compare runs on the same machine only.
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -12,8 +12,8 @@ use std::hint::black_box;
 use im_relay::config::Secret;
 use im_relay::domain::SdkAppId;
 use im_relay::normalize::{Context, KeyMode, normalize};
-use im_relay::publish::{Entry, Target};
 use im_relay::receive::json;
+use im_relay::record::Record;
 use im_relay::validate::{Verifier, sign_of};
 use serde_json::Value;
 
@@ -65,18 +65,7 @@ fn hot_path(c: &mut Criterion) {
                 ..ctx
             };
             let out = normalize(&ctx, &body).unwrap();
-            Entry {
-                target: Target::Messages,
-                key: Some(out.key.into_bytes()),
-                headers: out
-                    .headers
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-                    .collect(),
-                value: out.value,
-                received_at_ms: 0,
-            }
-            .encode()
+            Record::message(out.key, out.headers, out.value, received_at, None).encode()
         })
     });
     g.finish();

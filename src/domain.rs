@@ -9,7 +9,8 @@ use serde::Serialize;
 
 /// Longest user id or message key we accept. Tencent documents 32-byte user ids and 50-char
 /// message keys, but real ids are UUIDs, bot ids (`@RBT#…`) and longer; the spec asks for a
-/// generous bound, not the documented one (spec §3).
+/// generous bound, not the documented one
+/// (https://www.tencentcloud.com/document/product/1047/34365).
 pub const MAX_ID_BYTES: usize = 256;
 
 /// The Tencent IM application id (`SdkAppid` in the query), a decimal integer.
@@ -44,7 +45,8 @@ impl fmt::Display for SdkAppId {
 }
 
 /// What a callback is about. One app has one callback URL, so every enabled command arrives
-/// here; the ones we do not relay are acknowledged and counted, never failed (spec §1).
+/// here; the ones we do not relay are acknowledged and counted, never failed
+/// (https://www.tencentcloud.com/document/product/1047/34354).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackCommand {
     C2cAfterSendMsg,
@@ -83,19 +85,12 @@ impl CallbackCommand {
 }
 
 /// Why an id was refused; the caller names the field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
+    #[error("must not be empty")]
     Empty,
+    #[error("longer than {MAX_ID_BYTES} bytes")]
     TooLong,
-}
-
-impl fmt::Display for IdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IdError::Empty => f.write_str("must not be empty"),
-            IdError::TooLong => write!(f, "longer than {MAX_ID_BYTES} bytes"),
-        }
-    }
 }
 
 fn check_id(s: &str) -> Result<(), IdError> {
@@ -109,7 +104,7 @@ fn check_id(s: &str) -> Result<(), IdError> {
 }
 
 /// A Tencent IM user id (`From_Account`, `To_Account`). Only non-empty and bounded: real ids
-/// break the documented alphabet (spec §3).
+/// break the documented alphabet (https://www.tencentcloud.com/document/product/1047/34365).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct UserId<'a>(&'a str);
@@ -125,7 +120,8 @@ impl<'a> UserId<'a> {
 }
 
 /// The message key (`MsgKey`), opaque: one Tencent example even swaps its usual parts. Owned
-/// when we had to derive it for an older payload that lacks one (spec §3).
+/// when we had to derive it for an older payload that lacks one
+/// (https://www.tencentcloud.com/document/product/1047/34365).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct MsgKey<'a>(Cow<'a, str>);

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-/// Tencent's response body (spec §1).
+/// Tencent's response body (https://www.tencentcloud.com/document/product/1047/34354).
 #[derive(Debug, Serialize)]
 pub struct TencentBody<'a> {
     #[serde(rename = "ActionStatus")]

@@ -11,6 +11,9 @@
 //!                  shape)                   headers)     written)   Kafka confirmed)
 //! ```
 //!
+//! The record envelope (`record`: topic, key, headers, value) is its own module: `receive`
+//! builds records, the spool stores their bytes, `publish` sends them.
+//!
 //! `receive` reads the query first and the (capped) body only after `validate` accepted it;
 //! `normalize` is pure — callback in, record bytes and headers out; the `spool` knows frames,
 //! bytes and positions, not Tencent nor Kafka; `publish` runs on its own thread, reads the
@@ -26,6 +29,7 @@ pub mod error;
 pub mod normalize;
 pub mod publish;
 pub mod receive;
+pub mod record;
 pub mod spool;
 pub mod startup;
 pub mod telemetry;

@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use im_relay::config::{self, Config};
 use im_relay::domain::{unix_millis, unix_seconds};
 use im_relay::startup::Application;
-use im_relay::{publish, spool, telemetry, validate};
+use im_relay::{record, spool, telemetry, validate};
 
 fn cli() -> clap::Command {
     clap::Command::new("im-relay")
@@ -115,7 +115,7 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
         }
     };
     let age = oldest
-        .and_then(|payload| publish::Entry::decode(&payload))
+        .and_then(|payload| record::Record::decode(&payload))
         .map(|e| {
             format!(
                 "{:.1}s",

@@ -5,7 +5,6 @@
 //! order: go unready, stop accepting, drain in-flight requests, close the spool, give the
 //! publisher a bounded time to deliver — what is left stays in the spool for the next start.
 
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -28,26 +27,17 @@ use crate::spool;
 use crate::telemetry;
 use crate::validate::Verifier;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    Tls(io::Error),
-    Spool(io::Error),
-    Bind(SocketAddr, io::Error),
-    Kafka(rdkafka::error::KafkaError),
+    #[error("cannot load the TLS certificate or key: {0}")]
+    Tls(#[source] io::Error),
+    #[error("cannot open the spool: {0}")]
+    Spool(#[source] io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] io::Error),
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[source] rdkafka::error::KafkaError),
 }
-
-impl fmt::Display for StartupError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartupError::Tls(e) => write!(f, "cannot load the TLS certificate or key: {e}"),
-            StartupError::Spool(e) => write!(f, "cannot open the spool: {e}"),
-            StartupError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
-            StartupError::Kafka(e) => write!(f, "cannot create the Kafka producer: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartupError {}
 
 pub struct Application {
     config: Config,

@@ -1,6 +1,8 @@
 //! Stage 2 of the road: **validate**. Reads Tencent's query string and decides whether the
 //! request is ours and authentic: `SdkAppid` configured here, then (when a token is set) `Sign`
-//! fresh and correct (spec §1–2). Knows the secrets; never Kafka, never the body.
+//! fresh and correct. Knows the secrets; never Kafka, never the body.
+//! Query: https://www.tencentcloud.com/document/product/1047/34354; token and freshness:
+//! https://cloud.tencent.com/document/product/269/32431.
 
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -91,7 +93,7 @@ impl Verifier {
         }
     }
 
-    /// Validates the query of one callback, in the order the issue gives: app id, then
+    /// Validates the query of one callback, in a fixed order: app id, then
     /// signature, then the command. `now` is Unix seconds.
     pub fn verify(&self, query: Option<&str>, now: i64) -> Result<CallbackQuery, Rejection> {
         let q = RawQuery::parse(query.unwrap_or(""))?;

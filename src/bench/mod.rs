@@ -184,12 +184,6 @@ async fn connection(shared: Arc<Shared>) -> Report {
         match answer.await {
             Ok((200, body)) if is_ok(&body) => {
                 let us = counted_from.elapsed().as_micros() as u64;
-                if us > 10_000 && std::env::var_os("BENCH_DEBUG_STALLS").is_some() {
-                    eprintln!(
-                        "stall {:.3} {us}",
-                        (counted_from - shared.start).as_secs_f64()
-                    );
-                }
                 part.latency_us.saturating_record(us.max(1));
                 part.acked.push(key);
             }

@@ -66,7 +66,7 @@ mod tests {
                 body.len()
             })
             .collect();
-        // Varied sizes (400 to 870 bytes), around the 600 the hot-path target names.
+        // Varied sizes (400 to 870 bytes), around the 600 bytes of a typical text message.
         let mean = sizes.iter().sum::<usize>() / sizes.len();
         assert!(sizes.iter().min() < Some(&450) && sizes.iter().max() > Some(&800));
         assert!(

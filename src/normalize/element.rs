@@ -1,5 +1,6 @@
-//! `MsgBody` elements, typed per `MsgType` (spec §4). An element we cannot type — an unknown
-//! `MsgType`, or a known one whose content has an unexpected shape — is kept raw as
+//! `MsgBody` elements, typed per `MsgType`
+//! (https://www.tencentcloud.com/document/product/1047/33527). An element we cannot type — an
+//! unknown `MsgType`, or a known one whose content has an unexpected shape — is kept raw as
 //! `{"type":"unknown",…}`: the message is never refused for the shape of one element.
 
 use serde::Serialize;
@@ -176,7 +177,8 @@ pub fn elements(raw: &[Value]) -> Vec<Element<'_>> {
 
 type Typed<'a> = Result<(Kind<'a>, Extra<'a>), FieldError>;
 
-/// The `MsgContent` fields each known `MsgType` has (spec §4); anything else goes to `extra`.
+/// The `MsgContent` fields each known `MsgType` has; anything else goes to `extra`
+/// (https://www.tencentcloud.com/document/product/1047/33527).
 const KNOWN: &[(&str, &[&str])] = &[
     ("TIMTextElem", &["Text"]),
     ("TIMLocationElem", &["Desc", "Latitude", "Longitude"]),

@@ -1,5 +1,6 @@
 //! Reading one field of a Tencent JSON object, the way real senders write it: absent or `null`
-//! means "not sent", and integers may arrive as numeric strings (spec §3).
+//! means "not sent", and integers may arrive as numeric strings
+//! (https://www.tencentcloud.com/document/product/1047/34365).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -244,7 +244,7 @@ fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
 /// Older payloads carry no `MsgKey`. Tencent's own identity of a one-to-one message is
 /// (MsgSeq, MsgRandom, MsgTime), which is also how it usually spells `MsgKey`; without all three
 /// we fall back to a hash of the canonical body so retries of the same callback still agree
-/// (spec §3, "Our rule for a missing MsgKey").
+/// (our rule; the fields: https://www.tencentcloud.com/document/product/1047/34365).
 fn derive_msg_key(
     seq: Option<u32>,
     random: Option<u32>,

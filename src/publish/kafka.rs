@@ -12,8 +12,9 @@ use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
 };
 
-use super::{Disposition, Entry, Event, Failure, SendError, Sink};
+use super::{Disposition, Event, Failure, SendError, Sink};
 use crate::config::KafkaConfig;
+use crate::record::Record;
 use crate::telemetry::{Blocked, KafkaStatistics};
 
 /// What a Kafka error means for the record it hit. Unknown codes wait: dropping is never the
@@ -187,7 +188,7 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn send(&mut self, topic: &str, seq: u64, entry: &Entry) -> Result<(), SendError> {
+    fn send(&mut self, topic: &str, seq: u64, entry: &Record) -> Result<(), SendError> {
         let headers = entry.headers.iter().fold(
             OwnedHeaders::new_with_capacity(entry.headers.len()),
             |h, (key, value)| {

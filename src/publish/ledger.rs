@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::entry::{Entry, Target};
+use crate::record::{Record, Target};
 use crate::spool::plant;
 
 pub struct Pending {
     /// `None`: the spool held bytes this version cannot read; never sent, it holds the commit
     /// until an operator drops it.
-    pub entry: Option<Entry>,
+    pub entry: Option<Record>,
     pub attempts: u32,
     pub retry_at: Instant,
 }
@@ -34,7 +34,7 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 impl Ledger {
-    pub fn add(&mut self, seq: u64, entry: Option<Entry>, now: Instant) {
+    pub fn add(&mut self, seq: u64, entry: Option<Record>, now: Instant) {
         if entry.is_some() {
             self.unsent.insert(seq);
         } else {
@@ -67,11 +67,11 @@ impl Ledger {
         !self.unreadable.is_empty()
     }
 
-    pub fn entry(&self, seq: u64) -> Option<&Entry> {
+    pub fn entry(&self, seq: u64) -> Option<&Record> {
         self.pending.get(&seq)?.entry.as_ref()
     }
 
-    pub fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
+    pub fn entry_mut(&mut self, seq: u64) -> Option<&mut Record> {
         self.pending.get_mut(&seq)?.entry.as_mut()
     }
 
@@ -216,8 +216,8 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    fn entry(target: Target) -> Option<Entry> {
-        Some(Entry {
+    fn entry(target: Target) -> Option<Record> {
+        Some(Record {
             target,
             key: None,
             headers: vec![],

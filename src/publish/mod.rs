@@ -9,7 +9,6 @@
 //! that too, it is kept in the spool's dead-letter directory. Every other error makes it wait
 //! (`classify` is the one table), with the reason in `im_relay_publish_blocked{reason}`.
 
-pub mod entry;
 mod kafka;
 pub mod ledger;
 #[cfg(test)]
@@ -23,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use crate::config::KafkaConfig;
 use crate::domain::unix_millis;
+use crate::record::{Record, Target};
 use crate::spool;
 use crate::telemetry::{
-    Blocked, PublishBlocked, PublishRetried, PublisherGauges, RecordDeadLettered, RecordPublished,
-    RecordRefused,
+    Blocked, ProducerRebuilt, PublishBlocked, PublishRetried, PublisherGauges, RecordDeadLettered,
+    RecordPublished, RecordRefused, SpoolCommitFailed, SpoolEntryUnreadable, SpoolReadFailed,
 };
-pub use entry::{Entry, Target};
 pub use kafka::{KafkaSink, Reporter, classify, client_config};
 use ledger::Ledger;
 
@@ -70,7 +69,7 @@ pub enum Event {
 /// Delivery reports come back as `Event::Delivered` with the sink's generation.
 pub trait Sink {
     /// Hands one record to the producer.
-    fn send(&mut self, topic: &str, seq: u64, entry: &Entry) -> Result<(), SendError>;
+    fn send(&mut self, topic: &str, seq: u64, entry: &Record) -> Result<(), SendError>;
     /// Replaces the producer (purging the old one's queue); reports from the old one are
     /// ignored from now on.
     fn rebuild(&mut self, generation: u64) -> Result<(), String>;
@@ -386,23 +385,23 @@ impl<S: Sink> Publisher<S> {
     /// A fatal error, or no delivery for a whole message timeout: a new producer, and every
     /// unconfirmed record again, in order. A failed rebuild is tried again a second later.
     fn rebuild_sink(&mut self, now: Instant) {
-        tracing::warn!(
-            in_flight = self.ledger.len(),
-            fatal = self.sink.fatal(),
-            since_last_delivery_s = now.duration_since(self.last_delivery).as_secs(),
-            "rebuilding the producer"
-        );
         self.built_at = now;
-        match self.sink.rebuild(self.generation + 1) {
+        let fatal = self.sink.fatal();
+        let result = self.sink.rebuild(self.generation + 1);
+        ProducerRebuilt {
+            in_flight: self.ledger.len(),
+            fatal: fatal.as_deref(),
+            since_last_delivery: now.duration_since(self.last_delivery),
+            failed: result.as_ref().err(),
+        }
+        .emit();
+        match result {
             Ok(()) => {
                 self.generation += 1;
                 self.rebuild = false;
                 self.ledger.resend_all(now);
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot rebuild the producer; trying again");
-                self.rebuild_after = now + Duration::from_secs(1);
-            }
+            Err(_) => self.rebuild_after = now + Duration::from_secs(1),
         }
     }
 
@@ -424,9 +423,11 @@ impl<S: Sink> Publisher<S> {
             match self.reader.read(room, &mut self.read_buf) {
                 Ok(_) => self.read_failing = false,
                 Err(error) => {
-                    if !self.read_failing {
-                        tracing::error!(%error, "cannot read the spool; trying again");
+                    SpoolReadFailed {
+                        error: &error,
+                        first: !self.read_failing,
                     }
+                    .emit();
                     self.read_failing = true;
                 }
             }
@@ -435,15 +436,15 @@ impl<S: Sink> Publisher<S> {
             return;
         }
         while let Some((seq, bytes)) = self.read_buf.pop_front() {
-            let entry = Entry::decode(&bytes);
+            let entry = Record::decode(&bytes);
             if entry.is_none() {
                 // Checksummed, so another version's format (an upgrade or a rollback): it
                 // waits, holding the commit, for that version or an operator's drop.
-                tracing::error!(
+                SpoolEntryUnreadable {
                     seq,
-                    version = bytes.first().copied(),
-                    "spool entry not understood; it waits (im-relay spool drop gives it up)"
-                );
+                    version: bytes.first().copied(),
+                }
+                .emit();
                 self.set_blocked(Some(Blocked::EntryUnreadable), &"unreadable spool entry");
             }
             self.ledger.add(seq, entry, now);
@@ -481,7 +482,7 @@ impl<S: Sink> Publisher<S> {
         let ledger = &self.ledger;
         let unconfirmed = |lo, hi| ledger.pending_in(lo, hi);
         if let Err(error) = self.reader.commit(committed, force, now, unconfirmed) {
-            tracing::error!(%error, "cannot persist the spool position");
+            SpoolCommitFailed { error: &error }.emit();
         }
         // Gauges are read at scrape time: ten updates a second are plenty.
         if !force && now.duration_since(self.last_gauges) < Duration::from_millis(100) {

@@ -88,8 +88,8 @@ fn harness(
     }
 }
 
-fn entry(id: &str) -> Entry {
-    Entry {
+fn entry(id: &str) -> Record {
+    Record {
         target: Target::Messages,
         key: Some(id.as_bytes().to_vec()),
         headers: vec![("ce_id".into(), id.as_bytes().to_vec())],
@@ -278,13 +278,13 @@ async fn a_record_both_topics_refuse_is_kept_in_the_dead_letter_directory() {
     assert!(reason.contains("too large"), "{reason}");
 }
 
-fn dead_letters(spool: &Path) -> Vec<(Entry, String)> {
+fn dead_letters(spool: &Path) -> Vec<(Record, String)> {
     let dir = spool.join(spool::DEAD_LETTER_DIR);
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         if path.extension().is_some_and(|x| x == "entry") {
-            let entry = Entry::decode(&std::fs::read(&path).unwrap()).unwrap();
+            let entry = Record::decode(&std::fs::read(&path).unwrap()).unwrap();
             let reason = std::fs::read_to_string(path.with_extension("reason")).unwrap();
             out.push((entry, reason));
         }

@@ -25,7 +25,6 @@ use axum::routing::post;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 pub use connections::ConnectionLimit;
 pub use dedup::DedupWindow;
@@ -34,7 +33,7 @@ pub use source::SourcePolicy;
 use crate::domain::CallbackCommand;
 use crate::error::{Ack, Reason, Rejection};
 use crate::normalize::{self, KeyMode};
-use crate::publish::{Entry, Target};
+use crate::record::{Quarantined, Record};
 use crate::spool::{AppendError, Appender};
 use crate::telemetry::{
     CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackReceived, CallbackRejected,
@@ -120,10 +119,6 @@ fn finish(
         Ok(_) => Ack.into_response(),
         Err(r) => r.into_response(),
     }
-}
-
-fn unix_ms(t: OffsetDateTime) -> u64 {
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
 async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Rejection> {
@@ -249,22 +244,14 @@ async fn relay(
     if lock(&receiver.dedup).contains(&record.id, now) {
         return Ok(Outcome::Duplicate);
     }
-    let mut headers: Vec<(String, Vec<u8>)> = record
-        .headers
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-        .collect();
-    if let Some(tp) = traceparent {
-        headers.push(("traceparent".to_owned(), tp.into_bytes()));
-    }
-    let entry = Entry {
-        target: Target::Messages,
-        key: Some(record.key.into_bytes()),
-        headers,
-        value: record.value,
-        received_at_ms: unix_ms(received_at),
-    };
-    append(receiver, entry).await?;
+    let message = Record::message(
+        record.key,
+        record.headers,
+        record.value,
+        received_at,
+        traceparent,
+    );
+    append(receiver, message).await?;
     lock(&receiver.dedup).insert(&record.id, now);
     let s = &record.stats;
     MessageAccepted {
@@ -286,7 +273,7 @@ fn lock(m: &Mutex<DedupWindow>) -> std::sync::MutexGuard<'_, DedupWindow> {
 
 /// `OK` only once the record is in the spool; a disk that does not answer in time gets the
 /// sender a 503 (the write may still land later: a duplicate at worst, never a loss).
-async fn append(receiver: &Receiver, entry: Entry) -> Result<u64, Rejection> {
+async fn append(receiver: &Receiver, entry: Record) -> Result<u64, Rejection> {
     let appended = tokio::time::timeout(
         receiver.append_timeout,
         receiver.spool.append(entry.encode()),
@@ -294,7 +281,7 @@ async fn append(receiver: &Receiver, entry: Entry) -> Result<u64, Rejection> {
     match appended.await {
         Ok(Ok(seq)) => Ok(seq),
         Ok(Err(AppendError::Full)) => Err(Reason::SpoolFull.into()),
-        Ok(Err(AppendError::Io(_))) | Err(_) => Err(Reason::SpoolUnavailable.into()),
+        Ok(Err(AppendError::Io { .. })) | Err(_) => Err(Reason::SpoolUnavailable.into()),
     }
 }
 
@@ -312,42 +299,17 @@ impl Quarantine<'_> {
     /// Spools the raw callback with its reason; answers with the rejection (or 503 when even
     /// that cannot be stored, so a retrying sender tries again).
     async fn keep(self) -> Result<Outcome, Rejection> {
-        // `Sign` is a credential for the rest of its freshness window: not kept.
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(
-                form_urlencoded::parse(self.raw_query.as_bytes()).filter(|(k, _)| k != "Sign"),
-            )
-            .finish();
-        let mut headers = vec![
-            (
-                "im_quarantine_reason",
-                self.rejection.reason.label().to_owned(),
-            ),
-            ("im_sdk_app_id", self.query.sdk_app_id.to_string()),
-            (
-                "im_callback_command",
-                self.query.command.as_str().to_owned(),
-            ),
-            ("im_query", query),
-            (
-                "im_received_at",
-                self.received_at.format(&Rfc3339).unwrap_or_default(),
-            ),
-            ("content-type", "application/octet-stream".to_owned()),
-        ];
-        if let Some(detail) = &self.rejection.detail {
-            headers.push(("im_quarantine_detail", detail.clone()));
-        }
-        let entry = Entry {
-            target: Target::Quarantine,
-            key: None,
-            headers: headers
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-                .collect(),
-            value: self.body.to_vec(),
-            received_at_ms: unix_ms(self.received_at),
-        };
+        let entry = Record::quarantined(
+            self.body,
+            &Quarantined {
+                reason: self.rejection.reason.label(),
+                detail: self.rejection.detail.as_deref(),
+                sdk_app_id: self.query.sdk_app_id.to_string(),
+                command: self.query.command.as_str(),
+                raw_query: self.raw_query,
+                received_at: self.received_at,
+            },
+        );
         append(self.receiver, entry).await?;
         CallbackQuarantined {
             reason: self.rejection.reason,

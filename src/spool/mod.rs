@@ -80,12 +80,34 @@ pub struct SpoolConfig {
     pub fsync: Fsync,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
     /// `max_bytes` reached: nothing was written.
+    #[error("the spool is full")]
     Full,
-    /// The disk refused the write (or the writer is gone); nothing was kept.
-    Io(String),
+    /// The disk refused the write (or the writer is gone); nothing was kept. (The kind and
+    /// the text, not the `io::Error`: one failed write answers every record of its batch.)
+    #[error("the spool could not take the record: {message}")]
+    Io {
+        kind: io::ErrorKind,
+        message: String,
+    },
+}
+
+impl AppendError {
+    fn io(error: &io::Error) -> AppendError {
+        AppendError::Io {
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+
+    fn writer_stopped() -> AppendError {
+        AppendError::Io {
+            kind: io::ErrorKind::BrokenPipe,
+            message: "spool writer stopped".into(),
+        }
+    }
 }
 
 /// What open found on disk.
@@ -212,10 +234,10 @@ impl Appender {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(AppendRequest { payload, reply })
-            .map_err(|_| AppendError::Io("spool writer stopped".into()))?;
+            .map_err(|_| AppendError::writer_stopped())?;
         answer
             .await
-            .unwrap_or_else(|_| Err(AppendError::Io("spool writer stopped".into())))
+            .unwrap_or_else(|_| Err(AppendError::writer_stopped()))
     }
 }
 
@@ -758,7 +780,10 @@ impl Writer {
             .map(|payload| {
                 let size = (frame::HEADER_BYTES + payload.len()) as u64;
                 if payload.len() > frame::MAX_PAYLOAD_BYTES {
-                    return Err(AppendError::Io("record too large".into()));
+                    return Err(AppendError::Io {
+                        kind: io::ErrorKind::InvalidInput,
+                        message: "record too large".into(),
+                    });
                 }
                 if total + buf.len() as u64 + size > self.shared.max_bytes {
                     return Err(AppendError::Full);
@@ -806,9 +831,8 @@ impl Writer {
                 self.rotate_next = self.offset > 0;
                 self.shared.disk_error.store(true, Ordering::Relaxed);
                 SpoolWriteFailed { error: &error }.emit();
-                let msg = error.to_string();
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
-                    *r = Err(AppendError::Io(msg.clone()));
+                    *r = Err(AppendError::io(&error));
                 }
             }
         }

@@ -28,9 +28,8 @@ use super::plant::{self, Plant};
 use super::storage::{Storage, StorageFile};
 use super::{Fsync, Shared, SpoolConfig, Writer, recover};
 use crate::config::Config;
-use crate::publish::{
-    Disposition, Entry, Event, Failure, Publisher, PublisherConfig, SendError, Sink, Target,
-};
+use crate::publish::{Disposition, Event, Failure, Publisher, PublisherConfig, SendError, Sink};
+use crate::record::{Record, Target};
 use crate::telemetry::Blocked;
 
 /// splitmix64: small, fast, and the same sequence for the same seed everywhere.
@@ -228,12 +227,12 @@ impl SimDisk {
     }
 
     /// The dead-letter files' entries (as written, whole).
-    fn dead_letters(&self) -> Vec<Entry> {
+    fn dead_letters(&self) -> Vec<Record> {
         let s = self.state();
         s.dir
             .iter()
             .filter(|(n, _)| n.starts_with("dead-letter/") && n.ends_with(".entry"))
-            .filter_map(|(_, &i)| Entry::decode(&s.inodes[i].data))
+            .filter_map(|(_, &i)| Record::decode(&s.inodes[i].data))
             .collect()
     }
 }
@@ -438,7 +437,7 @@ struct BrokerState {
     epoch: u64,
 }
 
-fn id_of(entry: &Entry) -> u64 {
+fn id_of(entry: &Record) -> u64 {
     entry
         .headers
         .iter()
@@ -447,7 +446,7 @@ fn id_of(entry: &Entry) -> u64 {
         .expect("simulated entries carry an id")
 }
 
-fn has_header(entry: &Entry, name: &str) -> bool {
+fn has_header(entry: &Record, name: &str) -> bool {
     entry.headers.iter().any(|(k, _)| k == name)
 }
 
@@ -458,7 +457,7 @@ struct SimSink {
 }
 
 impl Sink for SimSink {
-    fn send(&mut self, _topic: &str, seq: u64, entry: &Entry) -> Result<(), SendError> {
+    fn send(&mut self, _topic: &str, seq: u64, entry: &Record) -> Result<(), SendError> {
         let mut b = self.broker.borrow_mut();
         let mut rng = self.rng.borrow_mut();
         if b.send_faults > 0 && rng.chance(b.send_faults) {
@@ -784,7 +783,7 @@ impl Sim {
             if everywhere {
                 headers.push(("refuse_everywhere".into(), vec![]));
             }
-            let entry = Entry {
+            let entry = Record {
                 target: Target::Messages,
                 key: Some(vec![b'k', key]),
                 headers,

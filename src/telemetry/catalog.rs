@@ -95,6 +95,12 @@ pub const METRICS: &[Metric] = &[
         "Records both topics refused, kept in the spool's dead-letter directory."),
     m("im_relay_records_dropped_total", Counter, &[],
         "Acknowledged records an operator gave up (im-relay spool drop)."),
+    m("im_relay_producer_rebuilds_total", Counter, &["result"],
+        "Producers replaced after a fatal state or a whole message timeout without a delivery."),
+    m("im_relay_spool_read_failures_total", Counter, &[],
+        "Spool reads that failed (the publisher tries again)."),
+    m("im_relay_spool_commit_failures_total", Counter, &[],
+        "Committed-position writes that failed (delivered records may be sent again after a restart)."),
     // librdkafka's statistics.
     m("im_relay_kafka_queue_messages", Gauge, &[], "Records in the producer's queue."),
     m("im_relay_kafka_queue_bytes", Gauge, &[], "Bytes in the producer's queue."),

@@ -377,6 +377,84 @@ impl PublishRetried<'_> {
     }
 }
 
+/// The producer was replaced (a fatal state, or nothing confirmed for a whole message
+/// timeout); every unconfirmed record goes again. WARN: records wait meanwhile, none is lost.
+pub struct ProducerRebuilt<'a> {
+    pub in_flight: usize,
+    pub fatal: Option<&'a str>,
+    pub since_last_delivery: Duration,
+    /// The new producer could not be made (tried again a second later).
+    pub failed: Option<&'a String>,
+}
+
+impl ProducerRebuilt<'_> {
+    pub fn emit(&self) {
+        let result = if self.failed.is_some() {
+            "failed"
+        } else {
+            "ok"
+        };
+        counter!("im_relay_producer_rebuilds_total", "result" => result).increment(1);
+        tracing::warn!(
+            in_flight = self.in_flight,
+            fatal = self.fatal,
+            since_last_delivery_s = self.since_last_delivery.as_secs(),
+            error = self.failed.map(String::as_str),
+            "{}",
+            if self.failed.is_some() {
+                "cannot rebuild the producer; trying again in a second"
+            } else {
+                "producer rebuilt; unconfirmed records sent again"
+            }
+        );
+    }
+}
+
+/// Reading the spool failed; the publisher tries again next turn. Logged once per streak.
+pub struct SpoolReadFailed<'a> {
+    pub error: &'a std::io::Error,
+    pub first: bool,
+}
+
+impl SpoolReadFailed<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_read_failures_total").increment(1);
+        if self.first {
+            tracing::error!(error = %self.error, "cannot read the spool; trying again");
+        }
+    }
+}
+
+/// The committed position could not be written: delivered records will be sent again after
+/// a restart (duplicates, never a loss).
+pub struct SpoolCommitFailed<'a> {
+    pub error: &'a std::io::Error,
+}
+
+impl SpoolCommitFailed<'_> {
+    pub fn emit(&self) {
+        counter!("im_relay_spool_commit_failures_total").increment(1);
+        tracing::error!(error = %self.error, "cannot persist the spool position");
+    }
+}
+
+/// A checksummed spool entry in a format this version does not know (an upgrade or a
+/// rollback): it waits, holding the commit (`im_relay_publish_blocked{reason="entry_unreadable"}`).
+pub struct SpoolEntryUnreadable {
+    pub seq: u64,
+    pub version: Option<u8>,
+}
+
+impl SpoolEntryUnreadable {
+    pub fn emit(&self) {
+        tracing::error!(
+            seq = self.seq,
+            version = self.version,
+            "spool entry not understood; it waits (im-relay spool drop gives it up)"
+        );
+    }
+}
+
 /// The publisher's view of the backlog, refreshed on every turn of its loop.
 pub struct PublisherGauges {
     pub backlog_records: u64,

@@ -1,12 +1,10 @@
 //! Memory stays bounded under a flood of rejected requests and many idle connections. Measured
 //! on the real binary (VmRSS from /proc), reported, and held to a generous bound.
 
-mod common;
-
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -1,12 +1,10 @@
 //! Transport bounds: open connections, request-head size, and the source allowlist.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn addr(app: &TestApp) -> String {
     format!("127.0.0.1:{}", app.base.rsplit(':').next().unwrap())

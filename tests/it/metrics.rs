@@ -1,12 +1,10 @@
 //! After an end-to-end run, `/metrics` has the named series with the right values. Its own test
 //! binary: the metrics recorder is process-wide, so counts here are exact.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// `name{labels} value` lines, labels sorted.
@@ -59,7 +57,7 @@ fn message(from: &str, to: &str, key: &str, extra: serde_json::Value) -> String 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_happened() {
     let broker = Broker::start();
-    let app = spawn_app(&broker, &[]).await;
+    let app = spawn_process_app(&broker, &[]).await;
     let image =
         json!({"MsgType": "TIMImageElem", "MsgContent": {"UUID": "u", "ImageInfoArray": []}});
     let bodies = [

@@ -1,8 +1,6 @@
 //! HTTPS with rustls, from a generated certificate: HTTP/1.1 and HTTP/2 (ALPN), records land.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_serves_http1_and_http2_with_the_configured_certificate() {

@@ -1,10 +1,8 @@
 //! End to end: real HTTP into the real app, into a real broker, records read back.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]

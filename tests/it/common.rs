@@ -1,6 +1,5 @@
 //! Test harness: a real broker (tansu) on its own port, the real app on port 0, signed
 //! callbacks over real HTTP, and the records read back from Kafka.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
@@ -258,7 +257,8 @@ pub fn after_send_query() -> String {
 
 /// The app, running on port 0 against `broker`, publishing to its own topic.
 pub struct TestApp {
-    pub spool: tempfile::TempDir,
+    /// The spool's directory, removed when the app is dropped.
+    _spool: tempfile::TempDir,
     pub base: String,
     pub url: String,
     pub admin: String,
@@ -267,6 +267,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// Set when the app runs as its own process (`spawn_process_app`).
+    process: Option<RelayProcess>,
 }
 
 pub fn quarantine_topic(topic: &str) -> String {
@@ -329,7 +331,7 @@ pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
         let _ = stopped.await;
     }));
     TestApp {
-        spool,
+        _spool: spool,
         url: format!("{base}{path}"),
         base,
         admin,
@@ -338,6 +340,45 @@ pub async fn spawn_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
         http: reqwest::Client::new(),
         stop: Some(stop),
         task: Some(task),
+        process: None,
+    }
+}
+
+/// The same app as its own process: for tests that count metrics exactly. The metrics
+/// recorder is one per process, and the in-process apps of other tests running at the same
+/// time in this test binary count into it too.
+pub async fn spawn_process_app(broker: &Broker, extra: &[(&str, &str)]) -> TestApp {
+    let topic = format!("im.c2c.test-{}", unique());
+    broker.create_topic(&topic).await;
+    broker.create_topic(&quarantine_topic(&topic)).await;
+    let spool = tempfile::tempdir().expect("spool dir");
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut all = vec![
+        ("IM_RELAY_LISTEN", listen.as_str()),
+        ("IM_RELAY_ADMIN_LISTEN", admin.as_str()),
+    ];
+    all.extend_from_slice(extra);
+    let env = test_env(broker, &topic, &spool.path().join("spool"), &all);
+    let path = env
+        .get("IM_RELAY_CALLBACK_PATH")
+        .cloned()
+        .unwrap_or_else(|| "/im/callback".into());
+    let log = spool.path().join("relay.log");
+    let process = tokio::task::spawn_blocking(move || RelayProcess::start(&env, &log))
+        .await
+        .expect("relay started");
+    let base = format!("http://{listen}");
+    TestApp {
+        url: format!("{base}{path}"),
+        base,
+        admin: format!("http://{admin}"),
+        topic,
+        bootstrap: broker.bootstrap(),
+        http: reqwest::Client::new(),
+        stop: None,
+        task: None,
+        process: Some(process),
+        _spool: spool,
     }
 }
 
@@ -407,6 +448,12 @@ impl TestApp {
         if let Some(task) = self.task.take() {
             task.await.expect("app task").expect("app stopped cleanly");
         }
+        if let Some(process) = self.process.take() {
+            let status = tokio::task::spawn_blocking(move || process.terminate())
+                .await
+                .expect("relay stopped");
+            assert!(status.success(), "relay exit: {status}");
+        }
     }
 }
 
@@ -429,7 +476,6 @@ pub fn assert_schema_valid(record: &Value) {
 pub struct RelayProcess {
     child: Child,
     pub env: HashMap<String, String>,
-    pub log: std::path::PathBuf,
 }
 
 impl RelayProcess {
@@ -467,7 +513,6 @@ impl RelayProcess {
         RelayProcess {
             child,
             env: env.clone(),
-            log: log.to_path_buf(),
         }
     }
 

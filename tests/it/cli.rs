@@ -1,12 +1,10 @@
 //! The `im-relay` binary as a user runs it: bad settings, `--help`, and SIGTERM.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn relay() -> Command {

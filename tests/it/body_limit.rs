@@ -1,9 +1,7 @@
 //! The body cap holds while a body without `Content-Length` streams in. Its own test binary:
 //! it reads a process-wide metric, which other tests would move.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn rejected_too_large(metrics: &str) -> f64 {
     metrics
@@ -17,7 +15,7 @@ fn rejected_too_large(metrics: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_chunked_body_is_refused_while_streaming() {
     let broker = Broker::start();
-    let app = spawn_app(&broker, &[("IM_RELAY_MAX_BODY_BYTES", "1024")]).await;
+    let app = spawn_process_app(&broker, &[("IM_RELAY_MAX_BODY_BYTES", "1024")]).await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..64).map(|_| Ok(vec![b' '; 512])).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));

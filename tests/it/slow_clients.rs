@@ -1,13 +1,11 @@
 //! Slow clients are cut off while valid traffic keeps flowing: headers trickled byte by byte
 //! (slowloris) hit the header deadline, a body that stalls gets 408.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn port(app: &TestApp) -> String {
     app.base.rsplit(':').next().unwrap().to_owned()

@@ -1,12 +1,10 @@
 //! Every rejection reason, over real HTTP: its status, Tencent's FAIL body, its metric — and
 //! nothing reaches the topic, while a valid callback right after still goes through.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::*;
+use crate::common::*;
 use im_relay::error::Reason;
 use serde_json::{Value, json};
 
@@ -451,7 +449,7 @@ async fn what_cannot_be_relayed_is_quarantined_with_its_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_callback_is_acknowledged_once_and_published_once() {
     let broker = Broker::start();
-    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    let app = spawn_process_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
     // A retry by Tencent is a new request: another RequestTime, the same message.
     let t = now();
     for age in 0..3 {
@@ -479,7 +477,7 @@ async fn a_retried_callback_is_acknowledged_once_and_published_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replayed_request_is_answered_but_not_processed_again() {
     let broker = Broker::start();
-    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    let app = spawn_process_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
     let query = after_send_query();
     // Same signed URL, same body: a replay. Same signed URL, another body: processed (Tencent
     // signs only the time, so one second's callbacks share a Sign).

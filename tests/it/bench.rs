@@ -1,11 +1,9 @@
 //! `im-relay bench` as a user runs it against a relay and a real broker: it reports what was
 //! acknowledged, and its Kafka check finds every record — or says which are missing and fails.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 async fn bench(app: &TestApp, token: &str, topic: &str, rate: &str) -> (Option<i32>, Value) {

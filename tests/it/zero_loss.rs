@@ -1,14 +1,12 @@
 //! Zero loss: whatever got `OK` ends up in Kafka — through `kill -9`, a frozen broker, a full
 //! spool and damaged spool files. The relay runs as a real process where it must die.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
-use im_relay::publish::{Entry, Target};
+use crate::common::*;
+use im_relay::record::{Record, Target};
 use im_relay::spool::{self, Fsync, SpoolConfig};
 
 /// A small deterministic generator, seeded from the clock; the seed is printed so a failing
@@ -432,9 +430,9 @@ async fn damaged_spool_files_are_recovered_record_by_record() {
 }
 
 /// A message entry as `receive` would spool it, with `id` `1400000000:a:b:<key>`.
-fn message_entry(key: &str) -> Entry {
+fn message_entry(key: &str) -> Record {
     let id = format!("1400000000:a:b:{key}");
-    Entry {
+    Record {
         target: Target::Messages,
         key: Some(key.as_bytes().to_vec()),
         headers: vec![("ce_id".into(), id.clone().into_bytes())],
@@ -608,7 +606,7 @@ async fn a_record_larger_than_kafka_takes_is_kept_in_the_dead_letter_directory()
     let kept = dir
         .join("dead-letter")
         .join(format!("{:020}.entry", seqs[0]));
-    let entry = Entry::decode(&std::fs::read(kept).unwrap()).unwrap();
+    let entry = Record::decode(&std::fs::read(kept).unwrap()).unwrap();
     assert_eq!(entry.value.len(), 300_000);
     assert!(relay.terminate().success());
 }

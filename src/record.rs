@@ -1,0 +1,268 @@
+//! The record envelope: one Kafka record as it waits in the spool — which topic, key,
+//! headers, value, and when the callback arrived — with its two constructors, a relayed message
+//! and a quarantined body. Pure: `receive` builds records, the spool stores their bytes,
+//! `publish` sends them. A small length-prefixed binary layout, versioned by its first byte.
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Which topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Messages,
+    Quarantine,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub target: Target,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub value: Vec<u8>,
+    /// Unix milliseconds; for the delivery latency and the backlog's age.
+    pub received_at_ms: u64,
+}
+
+const VERSION: u8 = 1;
+
+/// Why an authenticated callback could not be relayed, and what it came with.
+pub struct Quarantined<'a> {
+    /// A fixed label (`invalid_json`, `kafka_refused`, …).
+    pub reason: &'a str,
+    pub detail: Option<&'a str>,
+    pub sdk_app_id: String,
+    pub command: &'a str,
+    /// The callback's query as received; its `Sign` is dropped here.
+    pub raw_query: &'a str,
+    pub received_at: OffsetDateTime,
+}
+
+fn unix_ms(at: OffsetDateTime) -> u64 {
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+impl Record {
+    /// A relayed message: `normalize`'s key, headers and value, plus the caller's trace
+    /// context (W3C `traceparent`) when there is one.
+    pub fn message(
+        key: String,
+        headers: Vec<(&'static str, String)>,
+        value: Vec<u8>,
+        received_at: OffsetDateTime,
+        traceparent: Option<String>,
+    ) -> Record {
+        let mut headers: Vec<(String, Vec<u8>)> = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+            .collect();
+        if let Some(tp) = traceparent {
+            headers.push(("traceparent".to_owned(), tp.into_bytes()));
+        }
+        Record {
+            target: Target::Messages,
+            key: Some(key.into_bytes()),
+            headers,
+            value,
+            received_at_ms: unix_ms(received_at),
+        }
+    }
+
+    /// An authenticated body we cannot relay, kept as it came (bytes untouched) on the
+    /// quarantine topic, with the reason and where it came from.
+    pub fn quarantined(body: &[u8], why: &Quarantined<'_>) -> Record {
+        // `Sign` is a credential for the rest of its freshness window: not kept.
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(
+                form_urlencoded::parse(why.raw_query.as_bytes()).filter(|(k, _)| k != "Sign"),
+            )
+            .finish();
+        let mut headers = vec![
+            ("im_quarantine_reason", why.reason.to_owned()),
+            ("im_sdk_app_id", why.sdk_app_id.clone()),
+            ("im_callback_command", why.command.to_owned()),
+            ("im_query", query),
+            (
+                "im_received_at",
+                why.received_at.format(&Rfc3339).unwrap_or_default(),
+            ),
+            ("content-type", "application/octet-stream".to_owned()),
+        ];
+        if let Some(detail) = why.detail {
+            headers.push(("im_quarantine_detail", detail.to_owned()));
+        }
+        Record {
+            target: Target::Quarantine,
+            key: None,
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+                .collect(),
+            value: body.to_vec(),
+            received_at_ms: unix_ms(why.received_at),
+        }
+    }
+
+    /// Re-targets a record Kafka refused to the quarantine topic, saying why in the same
+    /// headers a quarantined callback carries.
+    pub fn quarantine(&mut self, reason: &str, detail: &str) {
+        self.target = Target::Quarantine;
+        self.headers
+            .retain(|(k, _)| k != "im_quarantine_reason" && k != "im_quarantine_detail");
+        self.headers
+            .push(("im_quarantine_reason".into(), reason.as_bytes().to_vec()));
+        let detail: String = detail.chars().take(200).collect();
+        self.headers
+            .push(("im_quarantine_detail".into(), detail.into_bytes()));
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let key_len = self.key.as_ref().map_or(0, Vec::len);
+        let mut out = Vec::with_capacity(32 + key_len + self.value.len() + 64 * self.headers.len());
+        out.push(VERSION);
+        out.push(match self.target {
+            Target::Messages => 0,
+            Target::Quarantine => 1,
+        });
+        out.extend_from_slice(&self.received_at_ms.to_le_bytes());
+        match &self.key {
+            Some(k) => put(&mut out, k),
+            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
+        for (name, value) in &self.headers {
+            put(&mut out, name.as_bytes());
+            put(&mut out, value);
+        }
+        put(&mut out, &self.value);
+        out
+    }
+
+    /// `None` for bytes that are not an entry (the spool's checksum makes that unlikely).
+    pub fn decode(mut b: &[u8]) -> Option<Record> {
+        let [version, target, rest @ ..] = b else {
+            return None;
+        };
+        if *version != VERSION {
+            return None;
+        }
+        let target = match target {
+            0 => Target::Messages,
+            1 => Target::Quarantine,
+            _ => return None,
+        };
+        b = rest;
+        let received_at_ms = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+        let key = if b.get(..4)? == u32::MAX.to_le_bytes() {
+            b = &b[4..];
+            None
+        } else {
+            Some(get(&mut b)?.to_vec())
+        };
+        let count = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let mut headers = Vec::with_capacity(count.min(64) as usize);
+        for _ in 0..count {
+            let name = String::from_utf8(get(&mut b)?.to_vec()).ok()?;
+            headers.push((name, get(&mut b)?.to_vec()));
+        }
+        let value = get(&mut b)?.to_vec();
+        b.is_empty().then_some(Record {
+            target,
+            key,
+            headers,
+            value,
+            received_at_ms,
+        })
+    }
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (head, rest) = b.split_at_checked(n)?;
+    *b = rest;
+    Some(head)
+}
+
+fn get<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = u32::from_le_bytes(take(b, 4)?.try_into().ok()?);
+    take(b, len as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header<'a>(r: &'a Record, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn a_message_carries_its_key_headers_and_trace() {
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let r = Record::message(
+            "k".into(),
+            vec![("ce_id", "1".into())],
+            b"{}".to_vec(),
+            at,
+            Some("00-abc-def-01".into()),
+        );
+        assert_eq!(r.target, Target::Messages);
+        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(header(&r, "ce_id"), Some("1"));
+        assert_eq!(header(&r, "traceparent"), Some("00-abc-def-01"));
+        assert_eq!(r.received_at_ms, 1_700_000_000_000);
+        let untraced = Record::message("k".into(), vec![], vec![], at, None);
+        assert_eq!(header(&untraced, "traceparent"), None);
+    }
+
+    #[test]
+    fn a_quarantined_body_is_kept_as_it_came_without_the_signature() {
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let why = Quarantined {
+            reason: "invalid_json",
+            detail: Some("EOF at line 1"),
+            sdk_app_id: "1400000000".into(),
+            command: "C2C.CallbackAfterSendMsg",
+            raw_query: "SdkAppid=1400000000&Sign=secret&RequestTime=1&contenttype=json",
+            received_at: at,
+        };
+        let r = Record::quarantined(b"{\"From", &why);
+        assert_eq!(r.target, Target::Quarantine);
+        assert_eq!(r.key, None);
+        assert_eq!(r.value, b"{\"From");
+        let query = header(&r, "im_query").unwrap();
+        assert!(
+            !query.contains("Sign") && !query.contains("secret"),
+            "{query}"
+        );
+        assert!(query.contains("RequestTime=1"), "{query}");
+        assert_eq!(header(&r, "im_quarantine_reason"), Some("invalid_json"));
+        assert_eq!(header(&r, "im_quarantine_detail"), Some("EOF at line 1"));
+        assert_eq!(header(&r, "im_received_at"), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(header(&r, "im_sdk_app_id"), Some("1400000000"));
+    }
+
+    #[test]
+    fn round_trips_and_refuses_truncation() {
+        let e = Record {
+            target: Target::Quarantine,
+            key: Some(b"k".to_vec()),
+            headers: vec![("a".into(), b"1".to_vec()), ("ce_id".into(), "你好".into())],
+            value: b"{\"x\":1}".to_vec(),
+            received_at_ms: 1_700_000_000_123,
+        };
+        let bytes = e.encode();
+        assert_eq!(Record::decode(&bytes), Some(e.clone()));
+        for cut in 0..bytes.len() {
+            assert_eq!(Record::decode(&bytes[..cut]), None, "cut {cut}");
+        }
+        let keyless = Record { key: None, ..e };
+        assert_eq!(Record::decode(&keyless.encode()), Some(keyless));
+    }
+}

@@ -1,0 +1,18 @@
+//! The integration tests, in one binary (one link instead of eleven; a module per suite).
+//! `common` is the shared harness: a tansu broker per test, the app in this process or as its
+//! own process (for exact metric counts: the recorder is one per process), signed callbacks,
+//! records read back from Kafka.
+
+mod common;
+
+mod bench;
+mod body_limit;
+mod cli;
+mod e2e;
+mod limits;
+mod memory;
+mod metrics;
+mod rejections;
+mod slow_clients;
+mod tls;
+mod zero_loss;
