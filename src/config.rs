@@ -342,6 +342,20 @@ pub fn read_secret_file(path: &str) -> std::io::Result<String> {
     Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
+/// The callback token for `sign` and `bench`: from the environment, never a flag (a flag
+/// shows in `ps` to every user of the machine).
+pub fn token_from_env() -> Option<Secret> {
+    let token = std::env::var("IM_RELAY_TOKEN").ok().or_else(|| {
+        let path = std::env::var("IM_RELAY_TOKEN_FILE").ok()?;
+        read_secret_file(&path).ok()
+    });
+    let token = token.filter(|t| !t.is_empty()).map(Secret::new);
+    if token.is_none() {
+        eprintln!("set IM_RELAY_TOKEN (or IM_RELAY_TOKEN_FILE) to the callback token");
+    }
+    token
+}
+
 fn env_name(key: &str) -> String {
     format!("IM_RELAY_{}", key.to_ascii_uppercase())
 }

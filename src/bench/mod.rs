@@ -4,6 +4,7 @@
 //! sender) or as fast as the connections allow — records every answer in an HDR histogram,
 //! and, given a broker, reads the topic back to prove that every acknowledged callback landed.
 
+pub mod cli;
 mod payload;
 pub mod verify;
 

@@ -5,6 +5,7 @@
 
 mod common;
 
+#[cfg(feature = "load-tool")]
 mod bench;
 mod body_limit;
 mod cli;
