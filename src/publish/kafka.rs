@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rdkafka::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
@@ -13,7 +13,7 @@ use rdkafka::producer::{
 };
 
 use super::{Disposition, Event, Failure, SendError, Sink};
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, client_config};
 use crate::record::Record;
 use crate::telemetry::{Blocked, KafkaStatistics};
 
@@ -123,43 +123,6 @@ impl ProducerContext for Reporter {
             },
         });
     }
-}
-
-/// The librdkafka configuration for our settings: idempotent, `acks=all`, batches compressed.
-pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &cfg.options {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", "im-relay")
-        // Idempotence implies acks=all and bounded in-flight requests; both stated for clarity.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", &cfg.compression)
-        .set("linger.ms", cfg.linger_ms.to_string())
-        .set(
-            "queue.buffering.max.messages",
-            cfg.queue_max_messages.to_string(),
-        )
-        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-        .set("message.max.bytes", cfg.message_max_bytes.to_string())
-        // Feeds the broker gauges (RTT, in-flight, retries, errors).
-        .set("statistics.interval.ms", "5000")
-        .set("security.protocol", &cfg.security_protocol);
-    if let Some(m) = &cfg.sasl_mechanism {
-        c.set("sasl.mechanism", m);
-    }
-    if let Some(u) = &cfg.sasl_username {
-        c.set("sasl.username", u);
-    }
-    if let Some(p) = &cfg.sasl_password {
-        c.set("sasl.password", p.expose());
-    }
-    if let Some(ca) = &cfg.ssl_ca_location {
-        c.set("ssl.ca.location", ca.to_string_lossy());
-    }
-    c
 }
 
 /// librdkafka's threaded producer as the publisher's sink.

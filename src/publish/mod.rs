@@ -28,7 +28,7 @@ use crate::telemetry::{
     Blocked, ProducerRebuilt, PublishBlocked, PublishRetried, PublisherGauges, RecordDeadLettered,
     RecordPublished, RecordRefused, SpoolCommitFailed, SpoolEntryUnreadable, SpoolReadFailed,
 };
-pub use kafka::{KafkaSink, Reporter, classify, client_config};
+pub use kafka::{KafkaSink, Reporter, classify};
 use ledger::Ledger;
 
 /// What to do with a record Kafka did not take.

@@ -1,0 +1,422 @@
+//! The settings table — every setting's key, default, help, whether it is a secret — and how
+//! raw values are layered: defaults → TOML file → `IM_RELAY_*` environment → flags.
+
+use std::collections::BTreeMap;
+
+use clap::{Arg, ArgAction, ArgMatches};
+
+use super::kafka::OWNED_KAFKA_OPTIONS;
+use super::read_secret_file;
+
+pub(super) struct Setting {
+    pub(super) key: &'static str,
+    default: Option<&'static str>,
+    pub(super) secret: bool,
+    help: &'static str,
+}
+
+const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
+    Setting {
+        key,
+        default,
+        secret: false,
+        help,
+    }
+}
+
+const fn secret(key: &'static str, help: &'static str) -> Setting {
+    Setting {
+        key,
+        default: None,
+        secret: true,
+        help,
+    }
+}
+
+pub(super) const SETTINGS: &[Setting] = &[
+    s(
+        "sdk_app_id",
+        None,
+        "Tencent IM SdkAppid(s) served, comma-separated (required)",
+    ),
+    secret(
+        "token",
+        "callback token set in the IM console; enables signature checks",
+    ),
+    secret(
+        "token_next",
+        "second token accepted during a token rotation",
+    ),
+    s(
+        "allow_unsigned",
+        Some("false"),
+        "run without a token (no signature checks): true | false",
+    ),
+    s(
+        "listen",
+        Some("0.0.0.0:8080"),
+        "address for Tencent's callbacks",
+    ),
+    s(
+        "admin_listen",
+        Some("0.0.0.0:8081"),
+        "address for /metrics, /livez, /readyz",
+    ),
+    s(
+        "callback_path",
+        Some("/im/callback"),
+        "path of the callback URL",
+    ),
+    s(
+        "tls_cert",
+        None,
+        "PEM certificate chain; serve HTTPS when set with tls_key",
+    ),
+    s("tls_key", None, "PEM private key for tls_cert"),
+    s(
+        "tls_reload_ms",
+        Some("10000"),
+        "how often the certificate files are checked for changes",
+    ),
+    s(
+        "max_body_bytes",
+        Some("65536"),
+        "largest callback body accepted",
+    ),
+    s(
+        "sign_max_skew_ms",
+        Some("60000"),
+        "accepted |now - RequestTime|",
+    ),
+    s(
+        "shutdown_drain_ms",
+        Some("10000"),
+        "time in-flight requests get on shutdown",
+    ),
+    s(
+        "header_read_timeout_ms",
+        Some("10000"),
+        "time a client gets to send a request's headers (slowloris guard)",
+    ),
+    s(
+        "request_timeout_ms",
+        Some("10000"),
+        "time a client gets to send a request's body",
+    ),
+    s(
+        "max_connections",
+        Some("4096"),
+        "open connections to the callback listener, at most",
+    ),
+    s(
+        "allow_cidrs",
+        None,
+        "networks allowed to call, comma-separated (empty: any)",
+    ),
+    s(
+        "trusted_proxies",
+        None,
+        "networks whose X-Forwarded-For is believed, comma-separated",
+    ),
+    s(
+        "spool_dir",
+        Some("spool"),
+        "durable spool directory (one relay per directory)",
+    ),
+    s(
+        "spool_max_bytes",
+        Some("1073741824"),
+        "bound on the spool; beyond it: 503",
+    ),
+    s(
+        "spool_segment_bytes",
+        Some("67108864"),
+        "size at which a new spool segment starts",
+    ),
+    s(
+        "spool_fsync",
+        Some("always"),
+        "always | interval:<ms> | never",
+    ),
+    s(
+        "spool_append_timeout_ms",
+        Some("1000"),
+        "a spool write taking longer is answered 503 and turns readiness red (Tencent waits 2 s)",
+    ),
+    s(
+        "dedup_window_records",
+        Some("100000"),
+        "record ids remembered against duplicates (0: off)",
+    ),
+    s(
+        "dedup_window_ms",
+        Some("600000"),
+        "how long a record id is remembered",
+    ),
+    s(
+        "publish_max_in_flight",
+        Some("2000"),
+        "records sent to Kafka, not yet confirmed, at most",
+    ),
+    s(
+        "kafka_brokers",
+        Some("127.0.0.1:9092"),
+        "bootstrap brokers, comma-separated",
+    ),
+    s(
+        "topic",
+        Some("im.c2c.messages"),
+        "topic for message records",
+    ),
+    s(
+        "quarantine_topic",
+        Some("im.c2c.quarantine"),
+        "topic for callbacks that cannot be relayed",
+    ),
+    s("key", Some("msgkey"), "record key: msgkey | conversation"),
+    s(
+        "kafka_compression",
+        Some("zstd"),
+        "none | gzip | snappy | lz4 | zstd",
+    ),
+    s(
+        "kafka_linger_ms",
+        Some("5"),
+        "time the producer waits to fill a batch",
+    ),
+    s(
+        "kafka_queue_max_messages",
+        Some("100000"),
+        "records the producer may hold in memory",
+    ),
+    s(
+        "kafka_message_timeout_ms",
+        Some("60000"),
+        "time librdkafka tries a record before we retry it",
+    ),
+    s(
+        "kafka_message_max_bytes",
+        Some("1000000"),
+        "largest record; larger ones go to quarantine",
+    ),
+    s(
+        "kafka_flush_timeout_ms",
+        Some("10000"),
+        "time to flush the producer on shutdown",
+    ),
+    s(
+        "kafka_security_protocol",
+        Some("plaintext"),
+        "plaintext | ssl | sasl_plaintext | sasl_ssl",
+    ),
+    s(
+        "kafka_sasl_mechanism",
+        None,
+        "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512",
+    ),
+    s("kafka_sasl_username", None, "SASL user name"),
+    secret("kafka_sasl_password", "SASL password"),
+    s(
+        "kafka_ssl_ca_location",
+        None,
+        "PEM file of the CA that signed the brokers' certificates",
+    ),
+];
+
+pub(super) fn env_name(key: &str) -> String {
+    format!("IM_RELAY_{}", key.to_ascii_uppercase())
+}
+
+fn flag_name(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+/// The `serve` command's flags, generated from the settings table.
+pub fn serve_command() -> clap::Command {
+    let mut cmd = clap::Command::new("serve")
+        .about("Receive Tencent IM callbacks and publish them to Kafka")
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .help("TOML file with settings [env: IM_RELAY_CONFIG]"),
+        )
+        .arg(
+            Arg::new("kafka_option")
+                .long("kafka-option")
+                .value_name("KEY=VALUE")
+                .action(ArgAction::Append)
+                .help("librdkafka option passed through, repeatable [env: IM_RELAY_KAFKA_OPTIONS, comma-separated]"),
+        );
+    for setting in SETTINGS.iter().filter(|s| !s.secret) {
+        let default = setting
+            .default
+            .map(|d| format!(" [default: {d}]"))
+            .unwrap_or_default();
+        cmd = cmd.arg(
+            Arg::new(setting.key)
+                .long(flag_name(setting.key))
+                .value_name("VALUE")
+                .help(format!(
+                    "{} [env: {}]{default}",
+                    setting.help,
+                    env_name(setting.key)
+                )),
+        );
+    }
+    cmd.after_help(
+        "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
+         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in _FILE \
+         naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
+         IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
+    )
+}
+
+/// The layered raw values, before parsing.
+pub(super) struct Layers<'a> {
+    pub(super) flags: Option<&'a ArgMatches>,
+    pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    pub(super) file: toml::Table,
+    pub(super) errors: Vec<String>,
+}
+
+impl Layers<'_> {
+    fn file_value(&mut self, key: &str) -> Option<String> {
+        match self.file.get(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            toml::Value::Array(items) => Some(
+                items
+                    .iter()
+                    .map(|i| match i {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            _ => {
+                self.errors
+                    .push(format!("{key} (config file): expected a string or number"));
+                None
+            }
+        }
+    }
+
+    pub(super) fn raw(&mut self, setting: &Setting) -> Option<String> {
+        let from_flag = self
+            .flags
+            .filter(|_| !setting.secret)
+            .and_then(|m| m.get_one::<String>(setting.key).cloned());
+        if from_flag.is_some() {
+            return from_flag;
+        }
+        let env = env_name(setting.key);
+        if setting.secret {
+            if let Some(v) = self.secret_value(setting.key, &env) {
+                return Some(v);
+            }
+        } else if let Some(v) = (self.env)(&env) {
+            return Some(v);
+        }
+        self.file_value(setting.key)
+            .or_else(|| setting.default.map(str::to_owned))
+    }
+
+    /// A secret from `NAME`, or from the file named by `NAME_FILE`; the config file's
+    /// `key`/`key_file` are read by `raw` after this.
+    fn secret_value(&mut self, key: &str, env: &str) -> Option<String> {
+        let direct = (self.env)(env);
+        let file_env = format!("{env}_FILE");
+        let file = (self.env)(&file_env).or_else(|| self.file_value(&format!("{key}_file")));
+        match (direct, file) {
+            (Some(_), Some(_)) => {
+                self.errors
+                    .push(format!("{env} and {file_env}: set one, not both"));
+                None
+            }
+            (Some(v), None) => Some(v),
+            (None, Some(path)) => match read_secret_file(&path) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.errors
+                        .push(format!("{file_env}: cannot read `{path}`: {}", e.kind()));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    pub(super) fn kafka_options(&mut self) -> BTreeMap<String, String> {
+        let mut options = BTreeMap::new();
+        match self.file.remove("kafka_options") {
+            Some(toml::Value::Table(t)) => {
+                for (k, v) in t {
+                    let v = match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    options.insert(k, v);
+                }
+            }
+            Some(_) => self
+                .errors
+                .push("kafka_options (config file): expected a table".into()),
+            None => {}
+        }
+        let env_pairs = (self.env)("IM_RELAY_KAFKA_OPTIONS").unwrap_or_default();
+        let flag_pairs: Vec<String> = self
+            .flags
+            .and_then(|m| m.get_many::<String>("kafka_option"))
+            .map(|v| v.cloned().collect())
+            .unwrap_or_default();
+        let pairs = env_pairs
+            .split(',')
+            .map(str::to_owned)
+            .chain(flag_pairs)
+            .filter(|p| !p.trim().is_empty());
+        for pair in pairs {
+            match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    options.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+                _ => self
+                    .errors
+                    .push(format!("kafka option `{pair}`: expected KEY=VALUE")),
+            }
+        }
+        for k in options.keys() {
+            if OWNED_KAFKA_OPTIONS.contains(&k.as_str()) {
+                self.errors.push(format!(
+                    "kafka option `{k}`: set by a typed setting (or fixed by im-relay); use that instead"
+                ));
+            }
+        }
+        options
+    }
+
+    pub(super) fn check_file_keys(&mut self) {
+        let known = |k: &str| {
+            SETTINGS
+                .iter()
+                .any(|s| s.key == k || (s.secret && k.strip_suffix("_file") == Some(s.key)))
+                || k == "kafka_options"
+        };
+        let unknown: Vec<String> = self
+            .file
+            .keys()
+            .filter(|k| !known(k))
+            .map(|k| format!("{k} (config file): unknown setting"))
+            .collect();
+        self.errors.extend(unknown);
+    }
+}
+
+pub(super) fn setting(key: &str) -> &'static Setting {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .unwrap_or_else(|| panic!("no setting named {key}"))
+}
