@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use rdkafka::config::ClientConfig;
 
-use super::{Parser, Secret};
+use clap::ArgMatches;
+
+use super::settings::{Group, load_raw};
+use super::{ConfigErrors, Parser, Secret};
 use crate::normalize::KeyMode;
 
 #[derive(Debug, Clone)]
@@ -28,6 +31,24 @@ pub struct KafkaConfig {
     pub ssl_ca_location: Option<PathBuf>,
     /// librdkafka options passed through as given, for what has no typed field.
     pub options: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The Kafka settings alone (for a command that only talks to Kafka, and for tests): no
+    /// callback token or app id is asked for.
+    pub fn load(
+        flags: Option<&ArgMatches>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<KafkaConfig, ConfigErrors> {
+        let (values, options, errors) = load_raw(flags, env, &[Group::Kafka]);
+        let mut p = Parser { values, errors };
+        let kafka = p.kafka(options);
+        if p.errors.is_empty() {
+            Ok(kafka)
+        } else {
+            Err(ConfigErrors(p.errors))
+        }
+    }
 }
 
 /// librdkafka options set by typed settings (or fixed by us); the pass-through may not touch them.

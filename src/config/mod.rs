@@ -21,8 +21,9 @@ use crate::domain::SdkAppId;
 use crate::spool::{Fsync, SpoolConfig};
 
 pub use kafka::{KafkaConfig, client_config};
+pub use settings::Group;
 pub use settings::serve_command;
-use settings::{Layers, SETTINGS, env_name, setting};
+use settings::{env_name, setting};
 
 /// A secret value: never printed, never compared in variable time by us.
 #[derive(Clone, PartialEq, Eq)]
@@ -125,41 +126,9 @@ impl Config {
         flags: Option<&ArgMatches>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let mut errors = Vec::new();
-        let path = flags
-            .and_then(|m| m.get_one::<String>("config").cloned())
-            .or_else(|| env("IM_RELAY_CONFIG"));
-        let file = match path {
-            None => toml::Table::new(),
-            Some(p) => match std::fs::read_to_string(&p) {
-                Ok(text) => text.parse::<toml::Table>().unwrap_or_else(|e| {
-                    errors.push(format!("config file `{p}`: {}", e.message()));
-                    toml::Table::new()
-                }),
-                Err(e) => {
-                    errors.push(format!("config file `{p}`: {}", e.kind()));
-                    toml::Table::new()
-                }
-            },
-        };
-        let mut layers = Layers {
-            flags,
-            env,
-            file,
-            errors,
-        };
-        layers.check_file_keys();
-        let options = layers.kafka_options();
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-        for s in SETTINGS {
-            if let Some(v) = layers.raw(s) {
-                values.insert(s.key, v);
-            }
-        }
-        let mut p = Parser {
-            values,
-            errors: layers.errors,
-        };
+        let (values, options, errors) =
+            settings::load_raw(flags, env, &[Group::Serve, Group::Kafka]);
+        let mut p = Parser { values, errors };
         let config = p.config(options);
         if p.errors.is_empty() {
             Ok(config)
@@ -563,6 +532,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.spool_append_timeout_ms, 1000);
+    }
+
+    #[test]
+    fn the_kafka_settings_load_alone_without_the_callback_settings() {
+        let env: HashMap<String, String> = [
+            ("IM_RELAY_KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("IM_RELAY_TOPIC", "chat"),
+            // Another subcommand's setting in the same environment is not looked at.
+            ("IM_RELAY_MAX_BODY_BYTES", "not a number"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let kafka = KafkaConfig::load(None, &|k| env.get(k).cloned()).expect("no token needed");
+        assert_eq!(kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(kafka.topic, "chat");
+        assert_eq!(kafka.quarantine_topic, "im.c2c.quarantine");
+        // serve still asks for everything it uses.
+        let serve = Config::load(None, &|k| env.get(k).cloned())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            serve.contains("IM_RELAY_SDK_APP_ID") && serve.contains("IM_RELAY_TOKEN"),
+            "{serve}"
+        );
+        assert!(serve.contains("IM_RELAY_MAX_BODY_BYTES"), "{serve}");
     }
 
     #[test]

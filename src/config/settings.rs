@@ -8,215 +8,277 @@ use clap::{Arg, ArgAction, ArgMatches};
 use super::kafka::OWNED_KAFKA_OPTIONS;
 use super::read_secret_file;
 
+/// What a setting configures. Each subcommand loads the groups it uses: `serve` all of them;
+/// a command that only talks to Kafka loads `Kafka` and is never asked for a callback token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Receiving callbacks: ids, tokens, listeners, limits, the spool, the publisher.
+    Serve,
+    /// The brokers, topics, keys and the producer's settings.
+    Kafka,
+}
+
 pub(super) struct Setting {
     pub(super) key: &'static str,
+    pub(super) group: Group,
     default: Option<&'static str>,
     pub(super) secret: bool,
     help: &'static str,
 }
 
-const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
+const fn s(
+    group: Group,
+    key: &'static str,
+    default: Option<&'static str>,
+    help: &'static str,
+) -> Setting {
     Setting {
         key,
+        group,
         default,
         secret: false,
         help,
     }
 }
 
-const fn secret(key: &'static str, help: &'static str) -> Setting {
+const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting {
     Setting {
         key,
+        group,
         default: None,
         secret: true,
         help,
     }
 }
 
+use Group::{Kafka, Serve};
+
 pub(super) const SETTINGS: &[Setting] = &[
     s(
+        Serve,
         "sdk_app_id",
         None,
         "Tencent IM SdkAppid(s) served, comma-separated (required)",
     ),
     secret(
+        Serve,
         "token",
         "callback token set in the IM console; enables signature checks",
     ),
     secret(
+        Serve,
         "token_next",
         "second token accepted during a token rotation",
     ),
     s(
+        Serve,
         "allow_unsigned",
         Some("false"),
         "run without a token (no signature checks): true | false",
     ),
     s(
+        Serve,
         "listen",
         Some("0.0.0.0:8080"),
         "address for Tencent's callbacks",
     ),
     s(
+        Serve,
         "admin_listen",
         Some("0.0.0.0:8081"),
         "address for /metrics, /livez, /readyz",
     ),
     s(
+        Serve,
         "callback_path",
         Some("/im/callback"),
         "path of the callback URL",
     ),
     s(
+        Serve,
         "tls_cert",
         None,
         "PEM certificate chain; serve HTTPS when set with tls_key",
     ),
-    s("tls_key", None, "PEM private key for tls_cert"),
+    s(Serve, "tls_key", None, "PEM private key for tls_cert"),
     s(
+        Serve,
         "tls_reload_ms",
         Some("10000"),
         "how often the certificate files are checked for changes",
     ),
     s(
+        Serve,
         "max_body_bytes",
         Some("65536"),
         "largest callback body accepted",
     ),
     s(
+        Serve,
         "sign_max_skew_ms",
         Some("60000"),
         "accepted |now - RequestTime|",
     ),
     s(
+        Serve,
         "shutdown_drain_ms",
         Some("10000"),
         "time in-flight requests get on shutdown",
     ),
     s(
+        Serve,
         "header_read_timeout_ms",
         Some("10000"),
         "time a client gets to send a request's headers (slowloris guard)",
     ),
     s(
+        Serve,
         "request_timeout_ms",
         Some("10000"),
         "time a client gets to send a request's body",
     ),
     s(
+        Serve,
         "max_connections",
         Some("4096"),
         "open connections to the callback listener, at most",
     ),
     s(
+        Serve,
         "allow_cidrs",
         None,
         "networks allowed to call, comma-separated (empty: any)",
     ),
     s(
+        Serve,
         "trusted_proxies",
         None,
         "networks whose X-Forwarded-For is believed, comma-separated",
     ),
     s(
+        Serve,
         "spool_dir",
         Some("spool"),
         "durable spool directory (one relay per directory)",
     ),
     s(
+        Serve,
         "spool_max_bytes",
         Some("1073741824"),
         "bound on the spool; beyond it: 503",
     ),
     s(
+        Serve,
         "spool_segment_bytes",
         Some("67108864"),
         "size at which a new spool segment starts",
     ),
     s(
+        Serve,
         "spool_fsync",
         Some("always"),
         "always | interval:<ms> | never",
     ),
     s(
+        Serve,
         "spool_append_timeout_ms",
         Some("1000"),
         "a spool write taking longer is answered 503 and turns readiness red (Tencent waits 2 s)",
     ),
     s(
+        Serve,
         "dedup_window_records",
         Some("100000"),
         "record ids remembered against duplicates (0: off)",
     ),
     s(
+        Serve,
         "dedup_window_ms",
         Some("600000"),
         "how long a record id is remembered",
     ),
     s(
+        Serve,
         "publish_max_in_flight",
         Some("2000"),
         "records sent to Kafka, not yet confirmed, at most",
     ),
     s(
+        Kafka,
         "kafka_brokers",
         Some("127.0.0.1:9092"),
         "bootstrap brokers, comma-separated",
     ),
     s(
+        Kafka,
         "topic",
         Some("im.c2c.messages"),
         "topic for message records",
     ),
     s(
+        Kafka,
         "quarantine_topic",
         Some("im.c2c.quarantine"),
         "topic for callbacks that cannot be relayed",
     ),
-    s("key", Some("msgkey"), "record key: msgkey | conversation"),
     s(
+        Kafka,
+        "key",
+        Some("msgkey"),
+        "record key: msgkey | conversation",
+    ),
+    s(
+        Kafka,
         "kafka_compression",
         Some("zstd"),
         "none | gzip | snappy | lz4 | zstd",
     ),
     s(
+        Kafka,
         "kafka_linger_ms",
         Some("5"),
         "time the producer waits to fill a batch",
     ),
     s(
+        Kafka,
         "kafka_queue_max_messages",
         Some("100000"),
         "records the producer may hold in memory",
     ),
     s(
+        Kafka,
         "kafka_message_timeout_ms",
         Some("60000"),
         "time librdkafka tries a record before we retry it",
     ),
     s(
+        Kafka,
         "kafka_message_max_bytes",
         Some("1000000"),
         "largest record; larger ones go to quarantine",
     ),
     s(
+        Kafka,
         "kafka_flush_timeout_ms",
         Some("10000"),
         "time to flush the producer on shutdown",
     ),
     s(
+        Kafka,
         "kafka_security_protocol",
         Some("plaintext"),
         "plaintext | ssl | sasl_plaintext | sasl_ssl",
     ),
     s(
+        Kafka,
         "kafka_sasl_mechanism",
         None,
         "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512",
     ),
-    s("kafka_sasl_username", None, "SASL user name"),
-    secret("kafka_sasl_password", "SASL password"),
+    s(Kafka, "kafka_sasl_username", None, "SASL user name"),
+    secret(Kafka, "kafka_sasl_password", "SASL password"),
     s(
+        Kafka,
         "kafka_ssl_ca_location",
         None,
         "PEM file of the CA that signed the brokers' certificates",
@@ -412,6 +474,56 @@ impl Layers<'_> {
             .collect();
         self.errors.extend(unknown);
     }
+}
+
+/// The raw values of the settings in `groups`, layered, with the pass-through Kafka options and
+/// every problem met so far.
+pub(super) fn load_raw(
+    flags: Option<&ArgMatches>,
+    env: &dyn Fn(&str) -> Option<String>,
+    groups: &[Group],
+) -> (
+    BTreeMap<&'static str, String>,
+    BTreeMap<String, String>,
+    Vec<String>,
+) {
+    let mut errors = Vec::new();
+    let path = flags
+        .and_then(|m| m.get_one::<String>("config").cloned())
+        .or_else(|| env("IM_RELAY_CONFIG"));
+    let file = match path {
+        None => toml::Table::new(),
+        Some(p) => match std::fs::read_to_string(&p) {
+            Ok(text) => text.parse::<toml::Table>().unwrap_or_else(|e| {
+                errors.push(format!("config file `{p}`: {}", e.message()));
+                toml::Table::new()
+            }),
+            Err(e) => {
+                errors.push(format!("config file `{p}`: {}", e.kind()));
+                toml::Table::new()
+            }
+        },
+    };
+    let mut layers = Layers {
+        flags,
+        env,
+        file,
+        errors,
+    };
+    // Against every setting: one file may serve several subcommands.
+    layers.check_file_keys();
+    let options = if groups.contains(&Group::Kafka) {
+        layers.kafka_options()
+    } else {
+        BTreeMap::new()
+    };
+    let mut values = BTreeMap::new();
+    for s in SETTINGS.iter().filter(|s| groups.contains(&s.group)) {
+        if let Some(v) = layers.raw(s) {
+            values.insert(s.key, v);
+        }
+    }
+    (values, options, layers.errors)
 }
 
 pub(super) fn setting(key: &str) -> &'static Setting {

@@ -14,7 +14,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use super::*;
-use crate::config::Config;
+use crate::config::KafkaConfig;
 use crate::spool::{self, Fsync, SpoolConfig};
 
 const TOPIC: &str = "im.c2c.mock";
@@ -38,15 +38,13 @@ fn harness(
     mock.create_topic(QUARANTINE, 1, 1).unwrap();
     let bootstrap = mock.bootstrap_servers();
     let env: BTreeMap<&str, String> = [
-        ("IM_RELAY_SDK_APP_ID", "1400000000".to_owned()),
-        ("IM_RELAY_TOKEN", "mock-cluster-token-01".to_owned()),
         ("IM_RELAY_KAFKA_BROKERS", bootstrap),
         ("IM_RELAY_TOPIC", TOPIC.to_owned()),
         ("IM_RELAY_QUARANTINE_TOPIC", QUARANTINE.to_owned()),
         ("IM_RELAY_KAFKA_LINGER_MS", "1".to_owned()),
     ]
     .into();
-    let kafka = Config::load(None, &|k| env.get(k).cloned()).unwrap().kafka;
+    let kafka = KafkaConfig::load(None, &|k| env.get(k).cloned()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = mpsc::channel();
     let wake = tx.clone();

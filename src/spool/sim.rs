@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use super::plant::{self, Plant};
 use super::storage::{Storage, StorageFile};
 use super::{Fsync, Shared, SpoolConfig, Writer, recover};
-use crate::config::Config;
 use crate::publish::{Disposition, Event, Failure, Publisher, PublisherConfig, SendError, Sink};
 use crate::record::{Record, Target};
 use crate::telemetry::Blocked;
@@ -632,15 +631,9 @@ struct Running {
 }
 
 fn kafka_config() -> crate::config::KafkaConfig {
-    let env: HashMap<&str, &str> = [
-        ("IM_RELAY_SDK_APP_ID", "1400000000"),
-        ("IM_RELAY_TOKEN", "simulation-token-0123"),
-        ("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "5000"),
-    ]
-    .into();
-    Config::load(None, &|k| env.get(k).map(|v| v.to_string()))
+    let env: HashMap<&str, &str> = [("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "5000")].into();
+    crate::config::KafkaConfig::load(None, &|k| env.get(k).map(|v| v.to_string()))
         .expect("simulation config")
-        .kafka
 }
 
 pub struct Sim {
