@@ -90,7 +90,7 @@ impl Application {
             ready: ready.clone(),
             spool: spool_slot.clone(),
             room_bytes: 4 * config.max_body_bytes as u64,
-            append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
+            append_timeout: config.spool_append_timeout,
         };
         let admin_stop = Arc::new(tokio::sync::Notify::new());
         let admin = {
@@ -199,7 +199,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
         let config = &self.config;
-        let flush_timeout = Duration::from_millis(config.kafka.flush_timeout_ms);
+        let flush_timeout = config.kafka.flush_timeout;
         let publisher = self.publisher.spawn(flush_timeout)?;
         let receiver = Arc::new(Receiver {
             sources: SourcePolicy {
@@ -209,24 +209,24 @@ impl Application {
             verifier: Verifier::new(
                 config.sdk_app_ids.clone(),
                 config.tokens.clone(),
-                config.sign_max_skew_ms,
+                config.sign_max_skew.as_millis() as u64,
             ),
             spool: self.appender,
             dedup: Mutex::new(DedupWindow::new(
                 config.dedup_window_records,
-                Duration::from_millis(config.dedup_window_ms),
+                config.dedup_window,
             )),
             // A replay older than twice the skew window is refused as stale anyway.
             replays: Mutex::new(DedupWindow::new(
                 config.dedup_window_records,
-                Duration::from_millis(2 * config.sign_max_skew_ms + 1000),
+                2 * config.sign_max_skew + Duration::from_secs(1),
             )),
             key_mode: config.kafka.key,
             max_body_bytes: config.max_body_bytes,
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            request_timeout: config.request_timeout,
             // Room for the headers and the batch overhead Kafka counts too.
             max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
-            append_timeout: Duration::from_millis(config.spool_append_timeout_ms),
+            append_timeout: config.spool_append_timeout,
         });
         let app = receive::router(receiver, &config.callback_path)
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -236,7 +236,7 @@ impl Application {
         let admin_addr = self.admin_addr;
         // A client that trickles its headers is cut off (slowloris); the body has its own
         // deadline in `receive`, the TLS handshake axum-server's 10 s.
-        let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+        let header_timeout = config.header_read_timeout;
         let reloader = match (&self.tls, &config.tls) {
             (Some(tls), Some(files)) => {
                 Some(tokio::spawn(reload_certificate(tls.clone(), files.clone())))
@@ -304,7 +304,7 @@ impl Application {
 
         tracing::info!("shutting down: unready, draining requests");
         self.ready.store(false, Ordering::SeqCst);
-        handle.graceful_shutdown(Some(Duration::from_millis(config.shutdown_drain_ms)));
+        handle.graceful_shutdown(Some(config.shutdown_drain));
         let _ = public.await;
 
         // The server and its handlers are gone, and with them every appender: the writer
@@ -351,7 +351,7 @@ pub fn http_limits(
 }
 
 /// Swaps in a renewed certificate (cert-manager, certbot) without a restart: the files are
-/// checked every `reload_ms`; new connections get the new certificate, a broken pair is logged
+/// checked every `reload`; new connections get the new certificate, a broken pair is logged
 /// and the old one kept.
 async fn reload_certificate(tls: RustlsConfig, files: crate::config::TlsFiles) {
     let stamp = |f: &crate::config::TlsFiles| {
@@ -360,7 +360,7 @@ async fn reload_certificate(tls: RustlsConfig, files: crate::config::TlsFiles) {
     };
     let mut seen = stamp(&files);
     loop {
-        tokio::time::sleep(Duration::from_millis(files.reload_ms)).await;
+        tokio::time::sleep(files.reload).await;
         let now = stamp(&files);
         if now == seen {
             continue;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 
@@ -18,19 +19,73 @@ pub struct KafkaConfig {
     pub topic: String,
     pub quarantine_topic: String,
     pub key: KeyMode,
-    pub compression: String,
-    pub linger_ms: u64,
+    pub compression: Compression,
+    pub linger: Duration,
     pub queue_max_messages: u64,
-    pub message_timeout_ms: u64,
+    pub message_timeout: Duration,
     pub message_max_bytes: u64,
-    pub flush_timeout_ms: u64,
-    pub security_protocol: String,
-    pub sasl_mechanism: Option<String>,
+    pub flush_timeout: Duration,
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<SaslMechanism>,
     pub sasl_username: Option<String>,
     pub sasl_password: Option<Secret>,
     pub ssl_ca_location: Option<PathBuf>,
     /// librdkafka options passed through as given, for what has no typed field.
     pub options: BTreeMap<String, String>,
+}
+
+/// Batch compression (`compression.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+/// How the client talks to the brokers (`security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+/// `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+// The external names, once: the setting's values and librdkafka's are the same words.
+const COMPRESSIONS: &[(&str, Compression)] = &[
+    ("none", Compression::None),
+    ("gzip", Compression::Gzip),
+    ("snappy", Compression::Snappy),
+    ("lz4", Compression::Lz4),
+    ("zstd", Compression::Zstd),
+];
+const PROTOCOLS: &[(&str, SecurityProtocol)] = &[
+    ("plaintext", SecurityProtocol::Plaintext),
+    ("ssl", SecurityProtocol::Ssl),
+    ("sasl_plaintext", SecurityProtocol::SaslPlaintext),
+    ("sasl_ssl", SecurityProtocol::SaslSsl),
+];
+const MECHANISMS: &[(&str, SaslMechanism)] = &[
+    ("PLAIN", SaslMechanism::Plain),
+    ("SCRAM-SHA-256", SaslMechanism::ScramSha256),
+    ("SCRAM-SHA-512", SaslMechanism::ScramSha512),
+];
+
+fn name_of<T: PartialEq>(table: &[(&'static str, T)], value: &T) -> &'static str {
+    table
+        .iter()
+        .find(|(_, t)| t == value)
+        .map_or("", |(name, _)| name)
 }
 
 impl KafkaConfig {
@@ -93,13 +148,10 @@ impl Parser {
             "conversation" => KeyMode::Conversation,
             _ => KeyMode::MsgKey,
         };
-        let compression = self.one_of(
-            "kafka_compression",
-            &["none", "gzip", "snappy", "lz4", "zstd"],
-        );
-        let linger_ms = self.parse("kafka_linger_ms", "milliseconds", 0);
+        let compression = self.choice("kafka_compression", COMPRESSIONS);
+        let linger = self.millis("kafka_linger_ms");
         let queue_max_messages = self.parse("kafka_queue_max_messages", "a count", 1);
-        let message_timeout_ms = self.parse("kafka_message_timeout_ms", "milliseconds", 0);
+        let message_timeout = self.millis("kafka_message_timeout_ms");
         let message_max_bytes = self.parse("kafka_message_max_bytes", "a byte count", 0);
         if !(10_000..=1_000_000_000).contains(&message_max_bytes) {
             self.fail(
@@ -107,20 +159,22 @@ impl Parser {
                 "must be between 10000 and 1000000000",
             );
         }
-        let flush_timeout_ms = self.parse("kafka_flush_timeout_ms", "milliseconds", 0);
-        let security_protocol = self.one_of(
-            "kafka_security_protocol",
-            &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
+        let flush_timeout = self.millis("kafka_flush_timeout_ms");
+        let security_protocol = self.choice("kafka_security_protocol", PROTOCOLS);
+        let sasl = matches!(
+            security_protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         );
-        let sasl = security_protocol.starts_with("sasl");
-        let sasl_mechanism = self.opt("kafka_sasl_mechanism").map(str::to_owned);
+        let sasl_mechanism = self
+            .opt("kafka_sasl_mechanism")
+            .is_some()
+            .then(|| self.choice("kafka_sasl_mechanism", MECHANISMS));
         let sasl_username = self.opt("kafka_sasl_username").map(str::to_owned);
         let sasl_password = self.secret("kafka_sasl_password");
         if sasl {
-            self.one_of(
-                "kafka_sasl_mechanism",
-                &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"],
-            );
+            if sasl_mechanism.is_none() {
+                self.fail("kafka_sasl_mechanism", "must be set for sasl_* protocols");
+            }
             if sasl_username.is_none() || sasl_password.is_none() {
                 self.fail(
                     "kafka_security_protocol",
@@ -140,11 +194,11 @@ impl Parser {
             quarantine_topic,
             key,
             compression,
-            linger_ms,
+            linger,
             queue_max_messages,
-            message_timeout_ms,
+            message_timeout,
             message_max_bytes,
-            flush_timeout_ms,
+            flush_timeout,
             security_protocol,
             sasl_mechanism,
             sasl_username,
@@ -166,19 +220,25 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // Idempotence implies acks=all and bounded in-flight requests; both stated for clarity.
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", &cfg.compression)
-        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("compression.type", name_of(COMPRESSIONS, &cfg.compression))
+        .set("linger.ms", cfg.linger.as_millis().to_string())
         .set(
             "queue.buffering.max.messages",
             cfg.queue_max_messages.to_string(),
         )
-        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set(
+            "message.timeout.ms",
+            cfg.message_timeout.as_millis().to_string(),
+        )
         .set("message.max.bytes", cfg.message_max_bytes.to_string())
         // Feeds the broker gauges (RTT, in-flight, retries, errors).
         .set("statistics.interval.ms", "5000")
-        .set("security.protocol", &cfg.security_protocol);
+        .set(
+            "security.protocol",
+            name_of(PROTOCOLS, &cfg.security_protocol),
+        );
     if let Some(m) = &cfg.sasl_mechanism {
-        c.set("sasl.mechanism", m);
+        c.set("sasl.mechanism", name_of(MECHANISMS, m));
     }
     if let Some(u) = &cfg.sasl_username {
         c.set("sasl.username", u);
@@ -190,4 +250,53 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set("ssl.ca.location", ca.to_string_lossy());
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn typed_settings_reach_librdkafka_under_their_external_names() {
+        let env: HashMap<&str, &str> = [
+            ("IM_RELAY_KAFKA_COMPRESSION", "zstd"),
+            ("IM_RELAY_KAFKA_LINGER_MS", "7"),
+            ("IM_RELAY_KAFKA_MESSAGE_TIMEOUT_MS", "45000"),
+            ("IM_RELAY_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("IM_RELAY_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("IM_RELAY_KAFKA_SASL_USERNAME", "relay"),
+            ("IM_RELAY_KAFKA_SASL_PASSWORD", "pw"),
+        ]
+        .into();
+        let cfg = KafkaConfig::load(None, &|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(cfg.compression, Compression::Zstd);
+        assert_eq!(cfg.linger, Duration::from_millis(7));
+        assert_eq!(cfg.sasl_mechanism, Some(SaslMechanism::ScramSha512));
+        let c = client_config(&cfg);
+        for (key, want) in [
+            ("compression.type", "zstd"),
+            ("linger.ms", "7"),
+            ("message.timeout.ms", "45000"),
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "relay"),
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+        ] {
+            assert_eq!(c.get(key), Some(want), "{key}");
+        }
+        let missing: HashMap<&str, &str> = [
+            ("IM_RELAY_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+            ("IM_RELAY_KAFKA_SASL_USERNAME", "relay"),
+            ("IM_RELAY_KAFKA_SASL_PASSWORD", "pw"),
+            ("IM_RELAY_KAFKA_COMPRESSION", "brotli"),
+        ]
+        .into();
+        let err = KafkaConfig::load(None, &|k| missing.get(k).map(|v| v.to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka_sasl_mechanism"), "{err}");
+        assert!(err.contains("`brotli` is not one of none, gzip"), "{err}");
+    }
 }

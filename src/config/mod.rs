@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::ArgMatches;
 use ipnet::IpNet;
@@ -20,7 +21,7 @@ use ipnet::IpNet;
 use crate::domain::SdkAppId;
 use crate::spool::{Fsync, SpoolConfig};
 
-pub use kafka::{KafkaConfig, client_config};
+pub use kafka::{Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config};
 pub use settings::Group;
 pub use settings::serve_command;
 use settings::{env_name, setting};
@@ -57,19 +58,19 @@ pub struct Config {
     pub callback_path: String,
     pub tls: Option<TlsFiles>,
     pub max_body_bytes: usize,
-    pub sign_max_skew_ms: u64,
-    pub shutdown_drain_ms: u64,
-    pub header_read_timeout_ms: u64,
-    pub request_timeout_ms: u64,
+    pub sign_max_skew: Duration,
+    pub shutdown_drain: Duration,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
     /// A spool append not done by then is answered 503 (the record may still be written:
     /// a duplicate at worst, never a loss).
-    pub spool_append_timeout_ms: u64,
+    pub spool_append_timeout: Duration,
     pub max_connections: usize,
     pub allow_cidrs: Vec<IpNet>,
     pub trusted_proxies: Vec<IpNet>,
     pub spool: SpoolConfig,
     pub dedup_window_records: usize,
-    pub dedup_window_ms: u64,
+    pub dedup_window: Duration,
     pub publish_max_in_flight: usize,
     pub kafka: KafkaConfig,
 }
@@ -79,7 +80,7 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// How often the files are checked for a new certificate.
-    pub reload_ms: u64,
+    pub reload: Duration,
 }
 
 /// A secret kept in a file (`…_FILE`, a mounted Kubernetes Secret). Files written by `echo` end
@@ -173,6 +174,27 @@ impl Parser {
         }
     }
 
+    /// A `*_ms` setting: milliseconds outside, a `Duration` inside.
+    fn millis(&mut self, key: &str) -> Duration {
+        Duration::from_millis(self.parse(key, "milliseconds", 0))
+    }
+
+    /// One of a fixed set of names, as its typed value.
+    fn choice<T: Copy>(&mut self, key: &str, table: &[(&str, T)]) -> T {
+        let v = self.opt(key).unwrap_or_default().trim().to_owned();
+        match table.iter().find(|(name, _)| *name == v) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+                self.fail(
+                    key,
+                    format_args!("`{v}` is not one of {}", names.join(", ")),
+                );
+                table[0].1
+            }
+        }
+    }
+
     fn one_of(&mut self, key: &str, allowed: &[&str]) -> String {
         let v = self.opt(key).unwrap_or_default().trim().to_owned();
         if !allowed.contains(&v.as_str()) {
@@ -235,7 +257,7 @@ impl Parser {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
                 key,
-                reload_ms: self.parse("tls_reload_ms", "milliseconds", 10_000).max(100),
+                reload: self.millis("tls_reload_ms").max(Duration::from_millis(100)),
             }),
             (None, None) => None,
             (Some(_), None) => {
@@ -251,11 +273,11 @@ impl Parser {
         if max_body_bytes == 0 || max_body_bytes > 1 << 20 {
             self.fail("max_body_bytes", "must be between 1 and 1048576");
         }
-        let sign_max_skew_ms = self.parse("sign_max_skew_ms", "milliseconds", 0);
-        let shutdown_drain_ms = self.parse("shutdown_drain_ms", "milliseconds", 0);
-        let header_read_timeout_ms = self.parse("header_read_timeout_ms", "milliseconds", 1);
-        let request_timeout_ms = self.parse("request_timeout_ms", "milliseconds", 1);
-        if header_read_timeout_ms == 0 || request_timeout_ms == 0 {
+        let sign_max_skew = self.millis("sign_max_skew_ms");
+        let shutdown_drain = self.millis("shutdown_drain_ms");
+        let header_read_timeout = self.millis("header_read_timeout_ms");
+        let request_timeout = self.millis("request_timeout_ms");
+        if header_read_timeout.is_zero() || request_timeout.is_zero() {
             self.fail("request_timeout_ms", "timeouts must be above 0");
         }
         let max_connections = self.parse("max_connections", "a count", 1);
@@ -282,12 +304,12 @@ impl Parser {
                 "must be at least 4096 and at most half of spool_max_bytes",
             );
         }
-        let spool_append_timeout_ms = self.parse("spool_append_timeout_ms", "milliseconds", 1);
-        if spool_append_timeout_ms == 0 {
+        let spool_append_timeout = self.millis("spool_append_timeout_ms");
+        if spool_append_timeout.is_zero() {
             self.fail("spool_append_timeout_ms", "must be above 0");
         }
         let dedup_window_records = self.parse("dedup_window_records", "a count", 0);
-        let dedup_window_ms = self.parse("dedup_window_ms", "milliseconds", 0);
+        let dedup_window = self.millis("dedup_window_ms");
         let publish_max_in_flight = self.parse("publish_max_in_flight", "a count", 1);
         if publish_max_in_flight == 0 {
             self.fail("publish_max_in_flight", "must be at least 1");
@@ -309,17 +331,17 @@ impl Parser {
             callback_path,
             tls,
             max_body_bytes,
-            sign_max_skew_ms,
-            shutdown_drain_ms,
-            header_read_timeout_ms,
-            request_timeout_ms,
-            spool_append_timeout_ms,
+            sign_max_skew,
+            shutdown_drain,
+            header_read_timeout,
+            request_timeout,
+            spool_append_timeout,
             max_connections,
             allow_cidrs,
             trusted_proxies,
             spool,
             dedup_window_records,
-            dedup_window_ms,
+            dedup_window,
             publish_max_in_flight,
             kafka,
         }
@@ -404,7 +426,7 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.kafka.topic, "im.c2c.messages");
         assert_eq!(c.kafka.key, KeyMode::MsgKey);
-        assert_eq!(c.kafka.compression, "zstd");
+        assert_eq!(c.kafka.compression, kafka::Compression::Zstd);
     }
 
     #[test]
@@ -531,7 +553,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(ok.spool_append_timeout_ms, 1000);
+        assert_eq!(ok.spool_append_timeout, Duration::from_millis(1000));
     }
 
     #[test]

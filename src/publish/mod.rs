@@ -289,7 +289,7 @@ impl<S: Sink> Publisher<S> {
                 // be stuck in a state it does not leave by itself (seen after a broker froze
                 // for a minute: every resend timed out until a restart). A new one starts
                 // clean; the records wait in the ledger and in the spool meanwhile.
-                let stuck = Duration::from_millis(self.cfg.kafka.message_timeout_ms);
+                let stuck = self.cfg.kafka.message_timeout;
                 if now.duration_since(self.last_delivery) >= stuck
                     && now.duration_since(self.built_at) >= stuck
                 {
