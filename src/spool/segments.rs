@@ -1,0 +1,264 @@
+//! The spool's files: segment names and listing, the committed position's two slots, the
+//! dropped list, the dead-letter directory and its space reserve, the scan recovery and
+//! `spool status` make, the operator's drop, the directory lock.
+
+use super::*;
+
+pub(super) fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.seg")
+}
+
+/// `(first_seq, name)` of every segment, oldest first. Only names the writer gives
+/// (`<20 digits>.seg`) count; anything else in the directory is left alone.
+pub(super) fn list_segments(storage: &dyn Storage) -> io::Result<Vec<(u64, String)>> {
+    let mut segs: Vec<(u64, String)> = storage
+        .list()?
+        .into_iter()
+        .filter_map(|name| {
+            let digits = name.strip_suffix(".seg")?;
+            let ok = digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit());
+            Some((digits.parse().ok().filter(|_| ok)?, name))
+        })
+        .collect();
+    segs.sort();
+    Ok(segs)
+}
+
+pub(super) fn read_whole(file: &dyn StorageFile) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0; file.len()? as usize];
+    let n = file.read_at(0, &mut bytes)?;
+    bytes.truncate(n);
+    Ok(bytes)
+}
+
+pub(super) const COMMITTED_FILE: &str = "committed";
+pub(super) const SLOT_BYTES: usize = 12;
+/// Sequence numbers an operator dropped (`im-relay spool drop`), one per line.
+pub(super) const DROPPED_FILE: &str = "dropped";
+/// Records no topic would take, and records an operator dropped, each kept as a file.
+pub const DEAD_LETTER_DIR: &str = "dead-letter";
+
+/// The committed position: two slots of `seq u64 | crc32c u32`, written alternately in place,
+/// so a torn write damages one slot and the other still holds the previous position. A damaged
+/// or missing file means "from the start": duplicates, never loss.
+pub(super) fn read_committed(storage: &dyn Storage) -> u64 {
+    let Ok(file) = storage.open(COMMITTED_FILE, false) else {
+        return 0;
+    };
+    let bytes = read_whole(file.as_ref()).unwrap_or_default();
+    bytes
+        .chunks_exact(SLOT_BYTES)
+        .filter_map(|slot| {
+            let (pos, crc) = slot.split_at(8);
+            (crc32c::crc32c(pos).to_le_bytes() == crc)
+                .then(|| u64::from_le_bytes(pos.try_into().unwrap_or_default()))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+pub(super) fn committed_slot(seq: u64) -> [u8; SLOT_BYTES] {
+    let mut slot = [0u8; SLOT_BYTES];
+    slot[..8].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[..8]);
+    slot[8..].copy_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+pub(super) fn read_dropped(storage: &dyn Storage) -> BTreeSet<u64> {
+    let Ok(file) = storage.open(DROPPED_FILE, false) else {
+        return BTreeSet::new();
+    };
+    let bytes = read_whole(file.as_ref()).unwrap_or_default();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Scans the spool read-only: what `spool status` shows and what `open` starts from.
+/// What recovery needs to know of one segment: kept per segment, not per frame, so a large
+/// backlog costs no memory beyond one segment's bytes at a time.
+pub(super) struct SegmentScan {
+    pub(super) name: String,
+    pub(super) first: u64,
+    /// Highest sequence number of an intact frame in it.
+    pub(super) last_seq: Option<u64>,
+    pub(super) valid_end: u64,
+    pub(super) len: u64,
+}
+
+pub(super) fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<SegmentScan>)> {
+    let committed = read_committed(storage);
+    let dropped = read_dropped(storage);
+    let mut r = Recovery {
+        committed,
+        dropped: dropped.len(),
+        ..Recovery::default()
+    };
+    let mut scans = Vec::new();
+    for (first, name) in list_segments(storage)? {
+        let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
+        let mut last_seq = None;
+        let (damaged, valid_end) = frame::visit(&bytes, |seq, _, _| {
+            last_seq = last_seq.max(Some(seq));
+            if seq > committed && !dropped.contains(&seq) {
+                r.pending += 1;
+            }
+        });
+        // A tail too short for the frame it starts is a write cut short, not damage.
+        let tail = &bytes[valid_end..];
+        let torn = !tail.is_empty() && frame::decode(tail) == frame::Decoded::Incomplete;
+        r.segments += 1;
+        r.bytes += bytes.len() as u64;
+        r.damaged += damaged - usize::from(torn);
+        if torn {
+            r.torn_bytes += tail.len() as u64;
+        }
+        scans.push(SegmentScan {
+            name,
+            first,
+            last_seq,
+            valid_end: valid_end as u64,
+            len: bytes.len() as u64,
+        });
+    }
+    Ok((r, scans))
+}
+
+/// Scans the spool in `dir` read-only (what `spool status` shows).
+pub fn inspect(dir: &Path) -> io::Result<Recovery> {
+    scan_all(&Disk {
+        dir: dir.to_path_buf(),
+    })
+    .map(|(r, _)| r)
+}
+
+/// Every record not yet committed, as `(seq, payload)`, oldest first, read-only; stops early
+/// once `f` returns false.
+pub fn each_pending(dir: &Path, mut f: impl FnMut(u64, &[u8]) -> bool) -> io::Result<()> {
+    let storage = Disk {
+        dir: dir.to_path_buf(),
+    };
+    let committed = read_committed(&storage);
+    let dropped = read_dropped(&storage);
+    for (_, name) in list_segments(&storage)? {
+        let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
+        let mut more = true;
+        frame::visit(&bytes, |seq, at, _| {
+            if more
+                && seq > committed
+                && !dropped.contains(&seq)
+                && let frame::Decoded::Frame { payload, .. } = frame::decode(&bytes[at..])
+            {
+                more = f(seq, payload);
+            }
+        });
+        if !more {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `payload` (record `seq`) in the dead-letter directory with `reason`: the entry as it
+/// was spooled, and a text file saying why. Durable before it returns.
+pub fn write_dead_letter(
+    storage: &dyn Storage,
+    seq: u64,
+    payload: &[u8],
+    reason: &str,
+) -> io::Result<()> {
+    let names = [
+        format!("{DEAD_LETTER_DIR}/{seq:020}.entry"),
+        format!("{DEAD_LETTER_DIR}/{seq:020}.reason"),
+    ];
+    let written = (|| {
+        storage.create_dir(DEAD_LETTER_DIR)?;
+        for (name, bytes) in names.iter().zip([payload, reason.as_bytes()]) {
+            let file = storage.open(name, true)?;
+            file.set_len(0)?;
+            file.write_at(0, bytes)?;
+            file.sync()?;
+        }
+        storage.sync_dir(DEAD_LETTER_DIR)?;
+        storage.sync_dir("")
+    })();
+    if written.is_err() {
+        // A half-written copy would only hold space a full disk needs back.
+        for name in &names {
+            let _ = storage.remove(name);
+        }
+    }
+    written
+}
+
+/// Space set aside (written, so it is really allocated) for one dead-letter copy on a full
+/// disk; a record larger than this waits there until space returns.
+pub(super) const RESERVE_FILE: &str = "dead-letter/reserve";
+pub(super) const RESERVE_MAX_BYTES: u64 = (4 << 20) + (64 << 10);
+
+/// True once the reserve is in place, whole and durable.
+pub(super) fn make_reserve(storage: &dyn Storage, bytes: u64) -> bool {
+    if storage
+        .open(RESERVE_FILE, false)
+        .and_then(|f| f.len())
+        .is_ok_and(|len| len == bytes)
+    {
+        return true;
+    }
+    let made = (|| {
+        storage.create_dir(DEAD_LETTER_DIR)?;
+        let file = storage.open(RESERVE_FILE, true)?;
+        file.set_len(0)?;
+        file.write_at(0, &vec![0; bytes as usize])?;
+        file.sync()?;
+        storage.sync_dir(DEAD_LETTER_DIR)
+    })();
+    if made.is_err() {
+        let _ = storage.remove(RESERVE_FILE);
+    }
+    made.is_ok()
+}
+
+/// `im-relay spool drop`: gives up record `seq` for good. Only with the relay stopped (the
+/// directory lock says so); the record is kept in the dead-letter directory with `reason`
+/// first, then listed in the `dropped` file, which the reader skips.
+pub fn drop_record(dir: &Path, seq: u64, reason: &str) -> io::Result<()> {
+    let storage = Disk {
+        dir: dir.to_path_buf(),
+    };
+    let _lock = lock(dir)?;
+    let mut found = None;
+    each_pending(dir, |s, payload| {
+        if s == seq {
+            found = Some(payload.to_vec());
+        }
+        found.is_none()
+    })?;
+    let Some(payload) = found else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no record {seq} waits in the spool (committed or never written)"),
+        ));
+    };
+    write_dead_letter(
+        &storage,
+        seq,
+        &payload,
+        &format!("dropped by an operator: {reason}"),
+    )?;
+    let file = storage.open(DROPPED_FILE, true)?;
+    let len = file.len()?;
+    file.write_at(len, format!("{seq} {reason}\n").as_bytes())?;
+    file.sync()?;
+    storage.sync_dir("")
+}
+
+pub(super) fn lock(dir: &Path) -> io::Result<File> {
+    let lock = File::create(dir.join("lock"))?;
+    lock.try_lock().map_err(|_| {
+        io::Error::other(format!("{} is in use by another im-relay", dir.display()))
+    })?;
+    Ok(lock)
+}
