@@ -25,6 +25,7 @@ use crate::publish::{Event, Publisher, PublisherConfig};
 use crate::receive::{self, ConnectionLimit, DedupWindow, Receiver, SourcePolicy};
 use crate::spool;
 use crate::telemetry;
+use crate::telemetry::Event as _;
 use crate::validate::Verifier;
 
 #[derive(Debug, thiserror::Error)]

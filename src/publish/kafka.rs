@@ -15,6 +15,7 @@ use rdkafka::producer::{
 use super::{Disposition, Event, Failure, SendError, Sink};
 use crate::config::{KafkaConfig, client_config};
 use crate::record::Record;
+use crate::telemetry::Event as _;
 use crate::telemetry::{Blocked, KafkaStatistics};
 
 /// What a Kafka error means for the record it hit. Unknown codes wait: dropping is never the

@@ -24,6 +24,7 @@ use crate::config::KafkaConfig;
 use crate::domain::unix_millis;
 use crate::record::{Record, Target};
 use crate::spool;
+use crate::telemetry::Event as _;
 use crate::telemetry::{
     Blocked, ProducerRebuilt, PublishBlocked, PublishRetried, PublisherGauges, RecordDeadLettered,
     RecordPublished, RecordRefused, SpoolCommitFailed, SpoolEntryUnreadable, SpoolReadFailed,

@@ -11,6 +11,7 @@ use axum_server::accept::Accept;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::telemetry::Event as _;
 use crate::telemetry::{ConnectionClosed, ConnectionOpened, ConnectionRefused};
 
 #[derive(Clone)]

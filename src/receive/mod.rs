@@ -35,6 +35,7 @@ use crate::error::{Ack, Reason, Rejection};
 use crate::normalize::{self, KeyMode};
 use crate::record::{Quarantined, Record};
 use crate::spool::{AppendError, Appender};
+use crate::telemetry::Event as _;
 use crate::telemetry::{
     CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackReceived, CallbackRejected,
     ElementsUntyped, MessageAccepted, Outcome,

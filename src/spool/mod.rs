@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::telemetry::Event as _;
 use crate::telemetry::{
     SpoolAppended, SpoolDamage, SpoolSyncFailed, SpoolSynced, SpoolWriteFailed,
 };
