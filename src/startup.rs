@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,11 +22,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
 use crate::publish::{Event, Publisher, PublisherConfig};
-use crate::receive::{self, ConnectionLimit, DedupWindow, Receiver, SourcePolicy};
+use crate::receive::{self, ConnectionLimit, Receiver};
 use crate::spool;
 use crate::telemetry;
 use crate::telemetry::Event as _;
-use crate::validate::Verifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -202,33 +201,7 @@ impl Application {
         let config = &self.config;
         let flush_timeout = config.kafka.flush_timeout;
         let publisher = self.publisher.spawn(flush_timeout)?;
-        let receiver = Arc::new(Receiver {
-            sources: SourcePolicy {
-                allow: config.allow_cidrs.clone(),
-                trusted_proxies: config.trusted_proxies.clone(),
-            },
-            verifier: Verifier::new(
-                config.sdk_app_ids.clone(),
-                config.tokens.clone(),
-                config.sign_max_skew.as_millis() as u64,
-            ),
-            spool: self.appender,
-            dedup: Mutex::new(DedupWindow::new(
-                config.dedup_window_records,
-                config.dedup_window,
-            )),
-            // A replay older than twice the skew window is refused as stale anyway.
-            replays: Mutex::new(DedupWindow::new(
-                config.dedup_window_records,
-                2 * config.sign_max_skew + Duration::from_secs(1),
-            )),
-            key_mode: config.kafka.key,
-            max_body_bytes: config.max_body_bytes,
-            request_timeout: config.request_timeout,
-            // Room for the headers and the batch overhead Kafka counts too.
-            max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
-            append_timeout: config.spool_append_timeout,
-        });
+        let receiver = Arc::new(Receiver::new(config, self.appender));
         let app = receive::router(receiver, &config.callback_path)
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = Handle::new();

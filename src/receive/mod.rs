@@ -14,7 +14,7 @@ mod source;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -30,6 +30,7 @@ pub use connections::ConnectionLimit;
 pub use dedup::DedupWindow;
 pub use source::SourcePolicy;
 
+use crate::config::Config;
 use crate::domain::CallbackCommand;
 use crate::error::{Ack, Reason, Rejection};
 use crate::normalize::{self, KeyMode};
@@ -58,6 +59,39 @@ pub struct Receiver {
     pub max_record_bytes: usize,
     /// A spool append not done by then is answered 503, well inside Tencent's 2 s.
     pub append_timeout: std::time::Duration,
+}
+
+impl Receiver {
+    /// The listener's state for `config`, appending to `spool`.
+    pub fn new(config: &Config, spool: Appender) -> Receiver {
+        Receiver {
+            sources: SourcePolicy {
+                allow: config.allow_cidrs.clone(),
+                trusted_proxies: config.trusted_proxies.clone(),
+            },
+            verifier: Verifier::new(
+                config.sdk_app_ids.clone(),
+                config.tokens.clone(),
+                config.sign_max_skew.as_millis() as u64,
+            ),
+            spool,
+            dedup: Mutex::new(DedupWindow::new(
+                config.dedup_window_records,
+                config.dedup_window,
+            )),
+            // A replay older than twice the skew window is refused as stale anyway.
+            replays: Mutex::new(DedupWindow::new(
+                config.dedup_window_records,
+                2 * config.sign_max_skew + Duration::from_secs(1),
+            )),
+            key_mode: config.kafka.key,
+            max_body_bytes: config.max_body_bytes,
+            request_timeout: config.request_timeout,
+            // Room for the headers and the batch overhead Kafka counts too.
+            max_record_bytes: (config.kafka.message_max_bytes as usize).saturating_sub(4096),
+            append_timeout: config.spool_append_timeout,
+        }
+    }
 }
 
 pub fn router(receiver: Arc<Receiver>, path: &str) -> Router {

@@ -712,3 +712,81 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// The in-process tier: the callback router driven with `tower::ServiceExt::oneshot` over a
+/// temp-dir spool — no sockets, no broker. What it accepted is read back from the spool.
+pub struct InProcess {
+    router: axum::Router,
+    dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    pub fn new(extra: &[(&str, &str)]) -> InProcess {
+        // The process's recorder, as the app installs it: events before it are not counted.
+        im_relay::telemetry::metrics_handle();
+        let dir = tempfile::tempdir().expect("spool dir");
+        let mut env: HashMap<String, String> = [
+            ("IM_RELAY_SDK_APP_ID", APP_ID.to_string()),
+            ("IM_RELAY_TOKEN", TOKEN.to_owned()),
+            ("IM_RELAY_SPOOL_DIR", dir.path().display().to_string()),
+            ("IM_RELAY_KAFKA_BROKERS", "127.0.0.1:1".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let config = Config::load(None, &|k| env.get(k).cloned()).expect("test config is valid");
+        let opened = im_relay::spool::open(&config.spool, || {}).expect("spool opens");
+        // The writer thread ends when the router (and its appender) is dropped.
+        drop(opened.writer);
+        let receiver = im_relay::receive::Receiver::new(&config, opened.appender);
+        let router =
+            im_relay::receive::router(std::sync::Arc::new(receiver), &config.callback_path);
+        InProcess { router, dir }
+    }
+
+    /// One request from 127.0.0.1; (status, JSON answer).
+    pub async fn call(&self, method: &str, uri: &str, body: Vec<u8>) -> (u16, Value) {
+        use tower::ServiceExt;
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::from(body))
+            .expect("a request");
+        let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("answered");
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body read");
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&bytes)));
+        (status, json)
+    }
+
+    pub async fn post_signed(&self, body: &str) -> (u16, Value) {
+        let uri = format!("/im/callback?{}", after_send_query());
+        self.call("POST", &uri, body.as_bytes().to_vec()).await
+    }
+
+    /// What the spool holds, oldest first.
+    pub fn spooled(&self) -> Vec<im_relay::record::Record> {
+        let mut out = Vec::new();
+        im_relay::spool::each_pending(self.dir.path(), |_, payload| {
+            out.push(im_relay::record::Record::decode(payload).expect("a record"));
+            true
+        })
+        .expect("spool readable");
+        out
+    }
+}

@@ -1,12 +1,13 @@
-//! Every rejection reason, over real HTTP: its status, Tencent's FAIL body, its metric — and
-//! nothing reaches the topic, while a valid callback right after still goes through.
+//! Every rejection reason: its status, Tencent's FAIL body, its metric — and nothing is kept,
+//! while a valid callback right after still goes through. The table runs in process (router
+//! and spool); one case, the raw-HTTP ones and the quarantine run end to end.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use crate::common::*;
 use im_relay::error::Reason;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// A message between the same two users as the sentinel: with conversation keys every such
 /// record shares one partition, so anything wrongly published would show up before it.
@@ -282,53 +283,47 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The table, in process (router + spool, no sockets): every reason's status, body and
+/// metric; nothing spooled for the messages topic but the valid callback sent after each —
+/// in order.
 #[tokio::test(flavor = "multi_thread")]
-async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
-    let broker = Broker::start();
-    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+async fn every_reason_has_its_status_body_and_metric_and_spools_nothing() {
+    let app = InProcess::new(&[("IM_RELAY_KEY", "conversation")]);
     let cases = cases();
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for (i, c) in cases.iter().enumerate() {
-        let url = format!("{}{}?{}", app.base, c.path, c.query);
-        let resp = app
-            .http
-            .request(c.method.parse().unwrap(), url)
-            .body(c.body.clone())
-            .send()
-            .await
-            .expect("answered");
-        let status = resp.status();
-        let body: Value = resp.json().await.expect("a JSON body");
+        let uri = format!("{}?{}", c.path, c.query);
+        let (status, body) = app.call(c.method, &uri, c.body.clone()).await;
         let label = c.reason.label();
-        assert_eq!(status, c.reason.status(), "{label}: {}", c.query);
+        assert_eq!(status, c.reason.status().as_u16(), "{label}: {}", c.query);
         assert_eq!(body["ActionStatus"], "FAIL", "{label}");
         assert_eq!(body["ErrorCode"], 1, "{label}");
         let info = body["ErrorInfo"].as_str().unwrap();
         assert!(info.starts_with(c.reason.public_info()), "{label}: {info}");
         assert!(!info.contains(TOKEN));
-        // The relay still serves a valid callback right after.
+        // A valid callback right after still goes through.
         assert_eq!(
             app.post_signed(&message(&format!("after-{i}"))).await,
             (200, ok_body()),
             "after {label}"
         );
     }
-
-    // Only the valid ones reached the topic, in order (one conversation, one partition).
-    let sentinel = message("sentinel");
-    assert_eq!(app.post_signed(&sentinel).await, (200, ok_body()));
-    let records = app.records_through("1400000000:alice:bob:k-sentinel").await;
-    let ids: Vec<&str> = records
+    // Bodies that cannot be relayed are spooled for the quarantine topic; nothing else is.
+    let ids: Vec<String> = app
+        .spooled()
         .iter()
-        .map(|r| r.value["id"].as_str().unwrap())
+        .filter(|r| r.target == im_relay::record::Target::Messages)
+        .map(|r| {
+            let (_, id) = r.headers.iter().find(|(k, _)| k == "ce_id").expect("ce_id");
+            String::from_utf8(id.clone()).unwrap()
+        })
         .collect();
     let expected: Vec<String> = (0..cases.len())
         .map(|i| format!("1400000000:alice:bob:k-after-{i}"))
-        .chain(["1400000000:alice:bob:k-sentinel".to_owned()])
         .collect();
     assert_eq!(ids, expected);
-
-    let metrics = app.metrics().await;
+    // The metrics recorder is shared by the whole test process: each series exists.
+    let metrics = im_relay::telemetry::metrics_handle().render();
     for c in &cases {
         let series = format!(
             "im_relay_callbacks_rejected_total{{reason=\"{}\"}}",
@@ -336,6 +331,32 @@ async fn every_reason_has_its_status_body_and_metric_and_publishes_nothing() {
         );
         assert!(metrics.contains(&series), "missing {series}");
     }
+}
+
+/// The end-to-end case: a refused request over real HTTP publishes nothing, and the valid
+/// callback after it reaches Kafka alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_request_over_http_publishes_nothing() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[("IM_RELAY_KEY", "conversation")]).await;
+    let forged = format!(
+        "SdkAppid={APP_ID}&CallbackCommand=C2C.CallbackAfterSendMsg&RequestTime={}&Sign={}",
+        now(),
+        "0".repeat(64)
+    );
+    let (status, body) = app.post(&forged, message("forged")).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["ActionStatus"], "FAIL");
+    assert_eq!(
+        app.post_signed(&message("sentinel")).await,
+        (200, ok_body())
+    );
+    let records = app.records_through("1400000000:alice:bob:k-sentinel").await;
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["1400000000:alice:bob:k-sentinel"]);
     app.stop().await;
 }
 
