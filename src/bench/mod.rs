@@ -76,7 +76,8 @@ impl Report {
     }
 }
 
-struct Shared {
+/// What every connection of a run shares: the options, the schedule, the next request number.
+struct Plan {
     opts: Options,
     next: AtomicU64,
     start: Instant,
@@ -98,7 +99,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         .to_string();
     let path = opts.url.path().to_owned();
     let start = Instant::now();
-    let shared = Arc::new(Shared {
+    let plan = Arc::new(Plan {
         host,
         path,
         next: AtomicU64::new(0),
@@ -106,8 +107,8 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         end: start + opts.duration,
         opts,
     });
-    let tasks: Vec<_> = (0..shared.opts.connections.max(1))
-        .map(|_| tokio::spawn(connection(shared.clone())))
+    let tasks: Vec<_> = (0..plan.opts.connections.max(1))
+        .map(|_| tokio::spawn(connection(plan.clone())))
         .collect();
     let mut report = Report::empty();
     for task in tasks {
@@ -127,19 +128,19 @@ pub async fn run(opts: Options) -> Result<Report, String> {
 }
 
 /// One keep-alive connection, sending requests one after another until the run ends.
-async fn connection(shared: Arc<Shared>) -> Report {
-    let opts = &shared.opts;
+async fn connection(plan: Arc<Plan>) -> Report {
+    let opts = &plan.opts;
     let mut part = Report::empty();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     let mut signed = Signed::default();
     loop {
-        let n = shared.next.fetch_add(1, Ordering::Relaxed);
+        let n = plan.next.fetch_add(1, Ordering::Relaxed);
         // When the request is due: on the fixed schedule, or now.
         let due = match opts.rate {
-            Some(rate) => shared.start + Duration::from_secs_f64(n as f64 / rate),
+            Some(rate) => plan.start + Duration::from_secs_f64(n as f64 / rate),
             None => Instant::now(),
         };
-        if due >= shared.end {
+        if due >= plan.end {
             break;
         }
         // Latency counts from when the request was due, unless we were early and slept: then
@@ -151,7 +152,7 @@ async fn connection(shared: Arc<Shared>) -> Report {
             due
         };
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
-            sender = match connect(&opts.url, &shared.host).await {
+            sender = match connect(&opts.url, &plan.host).await {
                 Ok(s) => Some(s),
                 Err(error) => {
                     tracing::debug!(%error, "bench: connect failed");
@@ -167,11 +168,11 @@ async fn connection(shared: Arc<Shared>) -> Report {
         let (body, key) = payload::callback(&opts.run_id, n, now);
         let request = Request::post(format!(
             "{}?SdkAppid={}&CallbackCommand=C2C.CallbackAfterSendMsg&contenttype=json&ClientIP=127.0.0.1&OptPlatform=RESTAPI&{}",
-            shared.path,
+            plan.path,
             opts.sdk_app_id,
             signed.query(&opts.token, now)
         ))
-        .header(hyper::header::HOST, &shared.host)
+        .header(hyper::header::HOST, &plan.host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("valid request");

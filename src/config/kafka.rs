@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 
 use clap::ArgMatches;
 
-use super::settings::{Group, load_raw};
+use super::settings::{Group, key, load_raw};
 use super::{ConfigErrors, Parser, Secret};
 use crate::normalize::KeyMode;
 
@@ -132,62 +132,65 @@ pub(super) const OWNED_KAFKA_OPTIONS: &[&str] = &[
 
 impl Parser {
     pub(super) fn kafka(&mut self, options: BTreeMap<String, String>) -> KafkaConfig {
-        let brokers = self.opt("kafka_brokers").unwrap_or("").to_owned();
+        let brokers = self.opt(key::KAFKA_BROKERS).unwrap_or("").to_owned();
         if brokers.split(',').any(|b| b.trim().is_empty()) {
             self.fail(
-                "kafka_brokers",
+                key::KAFKA_BROKERS,
                 "must be a comma-separated list of host:port",
             );
         }
-        let topic = self.topic("topic");
-        let quarantine_topic = self.topic("quarantine_topic");
+        let topic = self.topic(key::TOPIC);
+        let quarantine_topic = self.topic(key::QUARANTINE_TOPIC);
         if topic == quarantine_topic {
-            self.fail("quarantine_topic", "must differ from topic");
+            self.fail(key::QUARANTINE_TOPIC, "must differ from topic");
         }
-        let key = match self.one_of("key", &["msgkey", "conversation"]).as_str() {
+        let key = match self.one_of(key::KEY, &["msgkey", "conversation"]).as_str() {
             "conversation" => KeyMode::Conversation,
             _ => KeyMode::MsgKey,
         };
-        let compression = self.choice("kafka_compression", COMPRESSIONS);
-        let linger = self.millis("kafka_linger_ms");
-        let queue_max_messages = self.parse("kafka_queue_max_messages", "a count", 1);
-        let message_timeout = self.millis("kafka_message_timeout_ms");
-        let message_max_bytes = self.parse("kafka_message_max_bytes", "a byte count", 0);
+        let compression = self.choice(key::KAFKA_COMPRESSION, COMPRESSIONS);
+        let linger = self.millis(key::KAFKA_LINGER_MS);
+        let queue_max_messages = self.parse(key::KAFKA_QUEUE_MAX_MESSAGES, "a count", 1);
+        let message_timeout = self.millis(key::KAFKA_MESSAGE_TIMEOUT_MS);
+        let message_max_bytes = self.parse(key::KAFKA_MESSAGE_MAX_BYTES, "a byte count", 0);
         if !(10_000..=1_000_000_000).contains(&message_max_bytes) {
             self.fail(
-                "kafka_message_max_bytes",
+                key::KAFKA_MESSAGE_MAX_BYTES,
                 "must be between 10000 and 1000000000",
             );
         }
-        let flush_timeout = self.millis("kafka_flush_timeout_ms");
-        let security_protocol = self.choice("kafka_security_protocol", PROTOCOLS);
+        let flush_timeout = self.millis(key::KAFKA_FLUSH_TIMEOUT_MS);
+        let security_protocol = self.choice(key::KAFKA_SECURITY_PROTOCOL, PROTOCOLS);
         let sasl = matches!(
             security_protocol,
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         );
         let sasl_mechanism = self
-            .opt("kafka_sasl_mechanism")
+            .opt(key::KAFKA_SASL_MECHANISM)
             .is_some()
-            .then(|| self.choice("kafka_sasl_mechanism", MECHANISMS));
-        let sasl_username = self.opt("kafka_sasl_username").map(str::to_owned);
-        let sasl_password = self.secret("kafka_sasl_password");
+            .then(|| self.choice(key::KAFKA_SASL_MECHANISM, MECHANISMS));
+        let sasl_username = self.opt(key::KAFKA_SASL_USERNAME).map(str::to_owned);
+        let sasl_password = self.secret(key::KAFKA_SASL_PASSWORD);
         if sasl {
             if sasl_mechanism.is_none() {
-                self.fail("kafka_sasl_mechanism", "must be set for sasl_* protocols");
+                self.fail(
+                    key::KAFKA_SASL_MECHANISM,
+                    "must be set for sasl_* protocols",
+                );
             }
             if sasl_username.is_none() || sasl_password.is_none() {
                 self.fail(
-                    "kafka_security_protocol",
+                    key::KAFKA_SECURITY_PROTOCOL,
                     "sasl_* needs kafka_sasl_username and kafka_sasl_password",
                 );
             }
         } else if sasl_mechanism.is_some() || sasl_username.is_some() || sasl_password.is_some() {
             self.fail(
-                "kafka_security_protocol",
+                key::KAFKA_SECURITY_PROTOCOL,
                 "SASL settings are given but the protocol is not sasl_plaintext or sasl_ssl",
             );
         }
-        let ssl_ca_location = self.file("kafka_ssl_ca_location");
+        let ssl_ca_location = self.file(key::KAFKA_SSL_CA_LOCATION);
         KafkaConfig {
             brokers,
             topic,

@@ -4,7 +4,8 @@
 //! `…_FILE` or the config file — never from flags, which `ps` would show — and never print.
 //!
 //! Every setting has one name in three spellings: `kafka_brokers` in the file,
-//! `IM_RELAY_KAFKA_BROKERS` in the environment, `--kafka-brokers` on the command line.
+//! `IM_RELAY_KAFKA_BROKERS` in the environment, `--kafka-brokers` on the command line — all
+//! derived from its one constant in `settings::key`, which the table and the parsers share.
 
 mod kafka;
 mod settings;
@@ -24,7 +25,7 @@ use crate::spool::{Fsync, SpoolConfig};
 pub use kafka::{Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config};
 pub use settings::Group;
 pub use settings::serve_command;
-use settings::{env_name, setting};
+use settings::{env_name, key, setting};
 
 /// A secret value: never printed, never compared in variable time by us.
 #[derive(Clone, PartialEq, Eq)]
@@ -228,70 +229,72 @@ impl Parser {
 
     fn config(&mut self, options: BTreeMap<String, String>) -> Config {
         let sdk_app_ids = self.sdk_app_ids();
-        let tokens: Vec<Secret> = ["token", "token_next"]
+        let tokens: Vec<Secret> = [key::TOKEN, key::TOKEN_NEXT]
             .into_iter()
             .filter_map(|k| self.secret(k))
             .collect();
-        if tokens.len() == 1 && self.values.contains_key("token_next") {
-            self.fail("token_next", "is set but token is not");
+        if tokens.len() == 1 && self.values.contains_key(key::TOKEN_NEXT) {
+            self.fail(key::TOKEN_NEXT, "is set but token is not");
         }
-        let allow_unsigned = self.parse("allow_unsigned", "true or false", false);
+        let allow_unsigned = self.parse(key::ALLOW_UNSIGNED, "true or false", false);
         if tokens.is_empty() && !allow_unsigned {
             self.fail(
-                "token",
+                key::TOKEN,
                 "must be set: without it anyone can post callbacks \
                  (set IM_RELAY_ALLOW_UNSIGNED=true to run without signature checks anyway)",
             );
         }
         let any = SocketAddr::from(([0, 0, 0, 0], 0));
-        let listen = self.parse("listen", "an address (host:port)", any);
-        let admin_listen = self.parse("admin_listen", "an address (host:port)", any);
+        let listen = self.parse(key::LISTEN, "an address (host:port)", any);
+        let admin_listen = self.parse(key::ADMIN_LISTEN, "an address (host:port)", any);
         if listen == admin_listen && listen.port() != 0 {
-            self.fail("admin_listen", "must differ from listen");
+            self.fail(key::ADMIN_LISTEN, "must differ from listen");
         }
-        let callback_path = self.opt("callback_path").unwrap_or("").to_owned();
+        let callback_path = self.opt(key::CALLBACK_PATH).unwrap_or("").to_owned();
         if !callback_path.starts_with('/') {
-            self.fail("callback_path", "must start with `/`");
+            self.fail(key::CALLBACK_PATH, "must start with `/`");
         }
-        let tls = match (self.file("tls_cert"), self.file("tls_key")) {
+        let tls = match (self.file(key::TLS_CERT), self.file(key::TLS_KEY)) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
                 key,
-                reload: self.millis("tls_reload_ms").max(Duration::from_millis(100)),
+                reload: self
+                    .millis(key::TLS_RELOAD_MS)
+                    .max(Duration::from_millis(100)),
             }),
             (None, None) => None,
             (Some(_), None) => {
-                self.fail("tls_key", "must be set together with tls_cert");
+                self.fail(key::TLS_KEY, "must be set together with tls_cert");
                 None
             }
             (None, Some(_)) => {
-                self.fail("tls_cert", "must be set together with tls_key");
+                self.fail(key::TLS_CERT, "must be set together with tls_key");
                 None
             }
         };
-        let max_body_bytes = self.parse("max_body_bytes", "a byte count", 0usize);
+        let max_body_bytes = self.parse(key::MAX_BODY_BYTES, "a byte count", 0usize);
         if max_body_bytes == 0 || max_body_bytes > 1 << 20 {
-            self.fail("max_body_bytes", "must be between 1 and 1048576");
+            self.fail(key::MAX_BODY_BYTES, "must be between 1 and 1048576");
         }
-        let sign_max_skew = self.millis("sign_max_skew_ms");
-        let shutdown_drain = self.millis("shutdown_drain_ms");
-        let header_read_timeout = self.millis("header_read_timeout_ms");
-        let request_timeout = self.millis("request_timeout_ms");
+        let sign_max_skew = self.millis(key::SIGN_MAX_SKEW_MS);
+        let shutdown_drain = self.millis(key::SHUTDOWN_DRAIN_MS);
+        let header_read_timeout = self.millis(key::HEADER_READ_TIMEOUT_MS);
+        let request_timeout = self.millis(key::REQUEST_TIMEOUT_MS);
         if header_read_timeout.is_zero() || request_timeout.is_zero() {
-            self.fail("request_timeout_ms", "timeouts must be above 0");
+            self.fail(key::REQUEST_TIMEOUT_MS, "timeouts must be above 0");
         }
-        let max_connections = self.parse("max_connections", "a count", 1);
+        let max_connections = self.parse(key::MAX_CONNECTIONS, "a count", 1);
         if max_connections == 0 {
-            self.fail("max_connections", "must be at least 1");
+            self.fail(key::MAX_CONNECTIONS, "must be at least 1");
         }
-        let allow_cidrs = self.networks("allow_cidrs");
-        let trusted_proxies = self.networks("trusted_proxies");
+        let allow_cidrs = self.networks(key::ALLOW_CIDRS);
+        let trusted_proxies = self.networks(key::TRUSTED_PROXIES);
         let spool = SpoolConfig {
-            dir: PathBuf::from(self.opt("spool_dir").unwrap_or("spool")),
-            max_bytes: self.parse("spool_max_bytes", "a byte count", 0),
-            segment_bytes: self.parse("spool_segment_bytes", "a byte count", 0),
+            dir: PathBuf::from(self.opt(key::SPOOL_DIR).unwrap_or("spool")),
+            max_bytes: self.parse(key::SPOOL_MAX_BYTES, "a byte count", 0),
+            segment_bytes: self.parse(key::SPOOL_SEGMENT_BYTES, "a byte count", 0),
             fsync: self.parse(
-                "spool_fsync",
+                key::SPOOL_FSYNC,
                 "always, interval:<ms> or never",
                 Fsync::Always,
             ),
@@ -300,25 +303,25 @@ impl Parser {
         // new one has started beside it.
         if spool.segment_bytes < 4096 || spool.max_bytes < 2 * spool.segment_bytes {
             self.fail(
-                "spool_segment_bytes",
+                key::SPOOL_SEGMENT_BYTES,
                 "must be at least 4096 and at most half of spool_max_bytes",
             );
         }
-        let spool_append_timeout = self.millis("spool_append_timeout_ms");
+        let spool_append_timeout = self.millis(key::SPOOL_APPEND_TIMEOUT_MS);
         if spool_append_timeout.is_zero() {
-            self.fail("spool_append_timeout_ms", "must be above 0");
+            self.fail(key::SPOOL_APPEND_TIMEOUT_MS, "must be above 0");
         }
-        let dedup_window_records = self.parse("dedup_window_records", "a count", 0);
-        let dedup_window = self.millis("dedup_window_ms");
-        let publish_max_in_flight = self.parse("publish_max_in_flight", "a count", 1);
+        let dedup_window_records = self.parse(key::DEDUP_WINDOW_RECORDS, "a count", 0);
+        let dedup_window = self.millis(key::DEDUP_WINDOW_MS);
+        let publish_max_in_flight = self.parse(key::PUBLISH_MAX_IN_FLIGHT, "a count", 1);
         if publish_max_in_flight == 0 {
-            self.fail("publish_max_in_flight", "must be at least 1");
+            self.fail(key::PUBLISH_MAX_IN_FLIGHT, "must be at least 1");
         }
         let kafka = self.kafka(options);
         // A callback too big as a record still goes to quarantine as its raw body: that must fit.
         if kafka.message_max_bytes < max_body_bytes as u64 + 16384 {
             self.fail(
-                "kafka_message_max_bytes",
+                key::KAFKA_MESSAGE_MAX_BYTES,
                 "must be at least max_body_bytes + 16384, so a quarantined body fits",
             );
         }
@@ -377,15 +380,18 @@ impl Parser {
     }
 
     fn sdk_app_ids(&mut self) -> Vec<SdkAppId> {
-        let Some(raw) = self.opt("sdk_app_id").map(str::to_owned) else {
-            self.fail("sdk_app_id", "must be set");
+        let Some(raw) = self.opt(key::SDK_APP_ID).map(str::to_owned) else {
+            self.fail(key::SDK_APP_ID, "must be set");
             return Vec::new();
         };
         let mut ids = Vec::new();
         for part in raw.split(',').map(str::trim) {
             match SdkAppId::parse(part) {
                 Some(id) => ids.push(id),
-                None => self.fail("sdk_app_id", format_args!("`{part}` is not a decimal id")),
+                None => self.fail(
+                    key::SDK_APP_ID,
+                    format_args!("`{part}` is not a decimal id"),
+                ),
             }
         }
         ids

@@ -53,233 +53,278 @@ const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting 
 
 use Group::{Kafka, Serve};
 
+/// Every setting's key, spelled once: the table and the parsers name them through these.
+pub mod key {
+    pub const SDK_APP_ID: &str = "sdk_app_id";
+    pub const TOKEN: &str = "token";
+    pub const TOKEN_NEXT: &str = "token_next";
+    pub const ALLOW_UNSIGNED: &str = "allow_unsigned";
+    pub const LISTEN: &str = "listen";
+    pub const ADMIN_LISTEN: &str = "admin_listen";
+    pub const CALLBACK_PATH: &str = "callback_path";
+    pub const TLS_CERT: &str = "tls_cert";
+    pub const TLS_RELOAD_MS: &str = "tls_reload_ms";
+    pub const MAX_BODY_BYTES: &str = "max_body_bytes";
+    pub const SIGN_MAX_SKEW_MS: &str = "sign_max_skew_ms";
+    pub const SHUTDOWN_DRAIN_MS: &str = "shutdown_drain_ms";
+    pub const HEADER_READ_TIMEOUT_MS: &str = "header_read_timeout_ms";
+    pub const REQUEST_TIMEOUT_MS: &str = "request_timeout_ms";
+    pub const MAX_CONNECTIONS: &str = "max_connections";
+    pub const ALLOW_CIDRS: &str = "allow_cidrs";
+    pub const TRUSTED_PROXIES: &str = "trusted_proxies";
+    pub const SPOOL_DIR: &str = "spool_dir";
+    pub const SPOOL_MAX_BYTES: &str = "spool_max_bytes";
+    pub const SPOOL_SEGMENT_BYTES: &str = "spool_segment_bytes";
+    pub const SPOOL_FSYNC: &str = "spool_fsync";
+    pub const SPOOL_APPEND_TIMEOUT_MS: &str = "spool_append_timeout_ms";
+    pub const DEDUP_WINDOW_RECORDS: &str = "dedup_window_records";
+    pub const DEDUP_WINDOW_MS: &str = "dedup_window_ms";
+    pub const PUBLISH_MAX_IN_FLIGHT: &str = "publish_max_in_flight";
+    pub const KAFKA_BROKERS: &str = "kafka_brokers";
+    pub const TOPIC: &str = "topic";
+    pub const QUARANTINE_TOPIC: &str = "quarantine_topic";
+    pub const KEY: &str = "key";
+    pub const KAFKA_COMPRESSION: &str = "kafka_compression";
+    pub const KAFKA_LINGER_MS: &str = "kafka_linger_ms";
+    pub const KAFKA_QUEUE_MAX_MESSAGES: &str = "kafka_queue_max_messages";
+    pub const KAFKA_MESSAGE_TIMEOUT_MS: &str = "kafka_message_timeout_ms";
+    pub const KAFKA_MESSAGE_MAX_BYTES: &str = "kafka_message_max_bytes";
+    pub const KAFKA_FLUSH_TIMEOUT_MS: &str = "kafka_flush_timeout_ms";
+    pub const KAFKA_SECURITY_PROTOCOL: &str = "kafka_security_protocol";
+    pub const KAFKA_SASL_MECHANISM: &str = "kafka_sasl_mechanism";
+    pub const KAFKA_SSL_CA_LOCATION: &str = "kafka_ssl_ca_location";
+    pub const TLS_KEY: &str = "tls_key";
+    pub const KAFKA_SASL_USERNAME: &str = "kafka_sasl_username";
+    pub const KAFKA_SASL_PASSWORD: &str = "kafka_sasl_password";
+}
+
 pub(super) const SETTINGS: &[Setting] = &[
     s(
         Serve,
-        "sdk_app_id",
+        key::SDK_APP_ID,
         None,
         "Tencent IM SdkAppid(s) served, comma-separated (required)",
     ),
     secret(
         Serve,
-        "token",
+        key::TOKEN,
         "callback token set in the IM console; enables signature checks",
     ),
     secret(
         Serve,
-        "token_next",
+        key::TOKEN_NEXT,
         "second token accepted during a token rotation",
     ),
     s(
         Serve,
-        "allow_unsigned",
+        key::ALLOW_UNSIGNED,
         Some("false"),
         "run without a token (no signature checks): true | false",
     ),
     s(
         Serve,
-        "listen",
+        key::LISTEN,
         Some("0.0.0.0:8080"),
         "address for Tencent's callbacks",
     ),
     s(
         Serve,
-        "admin_listen",
+        key::ADMIN_LISTEN,
         Some("0.0.0.0:8081"),
         "address for /metrics, /livez, /readyz",
     ),
     s(
         Serve,
-        "callback_path",
+        key::CALLBACK_PATH,
         Some("/im/callback"),
         "path of the callback URL",
     ),
     s(
         Serve,
-        "tls_cert",
+        key::TLS_CERT,
         None,
         "PEM certificate chain; serve HTTPS when set with tls_key",
     ),
-    s(Serve, "tls_key", None, "PEM private key for tls_cert"),
+    s(Serve, key::TLS_KEY, None, "PEM private key for tls_cert"),
     s(
         Serve,
-        "tls_reload_ms",
+        key::TLS_RELOAD_MS,
         Some("10000"),
         "how often the certificate files are checked for changes",
     ),
     s(
         Serve,
-        "max_body_bytes",
+        key::MAX_BODY_BYTES,
         Some("65536"),
         "largest callback body accepted",
     ),
     s(
         Serve,
-        "sign_max_skew_ms",
+        key::SIGN_MAX_SKEW_MS,
         Some("60000"),
         "accepted |now - RequestTime|",
     ),
     s(
         Serve,
-        "shutdown_drain_ms",
+        key::SHUTDOWN_DRAIN_MS,
         Some("10000"),
         "time in-flight requests get on shutdown",
     ),
     s(
         Serve,
-        "header_read_timeout_ms",
+        key::HEADER_READ_TIMEOUT_MS,
         Some("10000"),
         "time a client gets to send a request's headers (slowloris guard)",
     ),
     s(
         Serve,
-        "request_timeout_ms",
+        key::REQUEST_TIMEOUT_MS,
         Some("10000"),
         "time a client gets to send a request's body",
     ),
     s(
         Serve,
-        "max_connections",
+        key::MAX_CONNECTIONS,
         Some("4096"),
         "open connections to the callback listener, at most",
     ),
     s(
         Serve,
-        "allow_cidrs",
+        key::ALLOW_CIDRS,
         None,
         "networks allowed to call, comma-separated (empty: any)",
     ),
     s(
         Serve,
-        "trusted_proxies",
+        key::TRUSTED_PROXIES,
         None,
         "networks whose X-Forwarded-For is believed, comma-separated",
     ),
     s(
         Serve,
-        "spool_dir",
+        key::SPOOL_DIR,
         Some("spool"),
         "durable spool directory (one relay per directory)",
     ),
     s(
         Serve,
-        "spool_max_bytes",
+        key::SPOOL_MAX_BYTES,
         Some("1073741824"),
         "bound on the spool; beyond it: 503",
     ),
     s(
         Serve,
-        "spool_segment_bytes",
+        key::SPOOL_SEGMENT_BYTES,
         Some("67108864"),
         "size at which a new spool segment starts",
     ),
     s(
         Serve,
-        "spool_fsync",
+        key::SPOOL_FSYNC,
         Some("always"),
         "always | interval:<ms> | never",
     ),
     s(
         Serve,
-        "spool_append_timeout_ms",
+        key::SPOOL_APPEND_TIMEOUT_MS,
         Some("1000"),
         "a spool write taking longer is answered 503 and turns readiness red (Tencent waits 2 s)",
     ),
     s(
         Serve,
-        "dedup_window_records",
+        key::DEDUP_WINDOW_RECORDS,
         Some("100000"),
         "record ids remembered against duplicates (0: off)",
     ),
     s(
         Serve,
-        "dedup_window_ms",
+        key::DEDUP_WINDOW_MS,
         Some("600000"),
         "how long a record id is remembered",
     ),
     s(
         Serve,
-        "publish_max_in_flight",
+        key::PUBLISH_MAX_IN_FLIGHT,
         Some("2000"),
         "records sent to Kafka, not yet confirmed, at most",
     ),
     s(
         Kafka,
-        "kafka_brokers",
+        key::KAFKA_BROKERS,
         Some("127.0.0.1:9092"),
         "bootstrap brokers, comma-separated",
     ),
     s(
         Kafka,
-        "topic",
+        key::TOPIC,
         Some("im.c2c.messages"),
         "topic for message records",
     ),
     s(
         Kafka,
-        "quarantine_topic",
+        key::QUARANTINE_TOPIC,
         Some("im.c2c.quarantine"),
         "topic for callbacks that cannot be relayed",
     ),
     s(
         Kafka,
-        "key",
+        key::KEY,
         Some("msgkey"),
         "record key: msgkey | conversation",
     ),
     s(
         Kafka,
-        "kafka_compression",
+        key::KAFKA_COMPRESSION,
         Some("zstd"),
         "none | gzip | snappy | lz4 | zstd",
     ),
     s(
         Kafka,
-        "kafka_linger_ms",
+        key::KAFKA_LINGER_MS,
         Some("5"),
         "time the producer waits to fill a batch",
     ),
     s(
         Kafka,
-        "kafka_queue_max_messages",
+        key::KAFKA_QUEUE_MAX_MESSAGES,
         Some("100000"),
         "records the producer may hold in memory",
     ),
     s(
         Kafka,
-        "kafka_message_timeout_ms",
+        key::KAFKA_MESSAGE_TIMEOUT_MS,
         Some("60000"),
         "time librdkafka tries a record before we retry it",
     ),
     s(
         Kafka,
-        "kafka_message_max_bytes",
+        key::KAFKA_MESSAGE_MAX_BYTES,
         Some("1000000"),
         "largest record; larger ones go to quarantine",
     ),
     s(
         Kafka,
-        "kafka_flush_timeout_ms",
+        key::KAFKA_FLUSH_TIMEOUT_MS,
         Some("10000"),
         "time to flush the producer on shutdown",
     ),
     s(
         Kafka,
-        "kafka_security_protocol",
+        key::KAFKA_SECURITY_PROTOCOL,
         Some("plaintext"),
         "plaintext | ssl | sasl_plaintext | sasl_ssl",
     ),
     s(
         Kafka,
-        "kafka_sasl_mechanism",
+        key::KAFKA_SASL_MECHANISM,
         None,
         "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512",
     ),
-    s(Kafka, "kafka_sasl_username", None, "SASL user name"),
-    secret(Kafka, "kafka_sasl_password", "SASL password"),
+    s(Kafka, key::KAFKA_SASL_USERNAME, None, "SASL user name"),
+    secret(Kafka, key::KAFKA_SASL_PASSWORD, "SASL password"),
     s(
         Kafka,
-        "kafka_ssl_ca_location",
+        key::KAFKA_SSL_CA_LOCATION,
         None,
         "PEM file of the CA that signed the brokers' certificates",
     ),

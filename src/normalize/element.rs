@@ -20,73 +20,73 @@ pub struct Element<'a> {
     pub element_extra: Extra<'a>,
 }
 
-type S<'a> = Option<&'a str>;
+type OptStr<'a> = Option<&'a str>;
 
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Kind<'a> {
     Text {
-        text: S<'a>,
+        text: OptStr<'a>,
     },
     Location {
-        desc: S<'a>,
+        desc: OptStr<'a>,
         latitude: Option<f64>,
         longitude: Option<f64>,
     },
     Face {
         index: Option<i64>,
-        data: S<'a>,
+        data: OptStr<'a>,
     },
     Custom {
-        data: S<'a>,
-        desc: S<'a>,
-        ext: S<'a>,
-        sound: S<'a>,
+        data: OptStr<'a>,
+        desc: OptStr<'a>,
+        ext: OptStr<'a>,
+        sound: OptStr<'a>,
     },
     Sound {
-        url: S<'a>,
-        uuid: S<'a>,
+        url: OptStr<'a>,
+        uuid: OptStr<'a>,
         size: Option<u64>,
         second: Option<u64>,
         download_flag: Option<i64>,
     },
     Image {
-        uuid: S<'a>,
+        uuid: OptStr<'a>,
         image_format: Option<i64>,
         images: Vec<ImageInfo<'a>>,
     },
     File {
-        url: S<'a>,
-        uuid: S<'a>,
+        url: OptStr<'a>,
+        uuid: OptStr<'a>,
         file_size: Option<u64>,
-        file_name: S<'a>,
+        file_name: OptStr<'a>,
         download_flag: Option<i64>,
     },
     Video {
-        video_url: S<'a>,
-        video_uuid: S<'a>,
+        video_url: OptStr<'a>,
+        video_uuid: OptStr<'a>,
         video_size: Option<u64>,
         video_second: Option<u64>,
-        video_format: S<'a>,
+        video_format: OptStr<'a>,
         video_download_flag: Option<i64>,
-        thumb_url: S<'a>,
-        thumb_uuid: S<'a>,
+        thumb_url: OptStr<'a>,
+        thumb_uuid: OptStr<'a>,
         thumb_size: Option<u64>,
         thumb_width: Option<u64>,
         thumb_height: Option<u64>,
-        thumb_format: S<'a>,
+        thumb_format: OptStr<'a>,
         thumb_download_flag: Option<i64>,
     },
     Relay {
-        title: S<'a>,
+        title: OptStr<'a>,
         msg_num: Option<u64>,
-        compatible_text: S<'a>,
+        compatible_text: OptStr<'a>,
         abstract_list: Option<Vec<&'a str>>,
         messages: Option<Vec<RelayedMessage<'a>>>,
-        json_msg_key: S<'a>,
+        json_msg_key: OptStr<'a>,
     },
     Unknown {
-        msg_type: S<'a>,
+        msg_type: OptStr<'a>,
         content: &'a Value,
     },
 }
@@ -117,7 +117,7 @@ pub struct ImageInfo<'a> {
     pub size: Option<u64>,
     pub width: Option<u64>,
     pub height: Option<u64>,
-    pub url: S<'a>,
+    pub url: OptStr<'a>,
     #[serde(skip_serializing_if = "Extra::is_empty")]
     pub extra: Extra<'a>,
 }
@@ -125,14 +125,14 @@ pub struct ImageInfo<'a> {
 /// One message inlined in a `TIMRelayElem`'s `MsgList`.
 #[derive(Debug, Serialize)]
 pub struct RelayedMessage<'a> {
-    pub from_account: S<'a>,
-    pub to_account: S<'a>,
-    pub group_id: S<'a>,
+    pub from_account: OptStr<'a>,
+    pub to_account: OptStr<'a>,
+    pub group_id: OptStr<'a>,
     pub msg_seq: Option<u64>,
     pub msg_random: Option<u64>,
     pub msg_time: Option<i64>,
     pub elements: Vec<Element<'a>>,
-    pub cloud_custom_data: S<'a>,
+    pub cloud_custom_data: OptStr<'a>,
     #[serde(skip_serializing_if = "Extra::is_empty")]
     pub extra: Extra<'a>,
 }
@@ -163,7 +163,7 @@ pub fn element(raw: &Value) -> Element<'_> {
     }
 }
 
-fn unknown<'a>(msg_type: S<'a>, content: &'a Value, element_extra: Extra<'a>) -> Element<'a> {
+fn unknown<'a>(msg_type: OptStr<'a>, content: &'a Value, element_extra: Extra<'a>) -> Element<'a> {
     Element {
         kind: Kind::Unknown { msg_type, content },
         extra: Extra::new(),
