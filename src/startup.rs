@@ -1,7 +1,7 @@
 //! Cross-cutting: the only place that wires the stages together. `Application::build` binds
-//! both listeners and serves the admin one at once (`/livez` answers while a large spool is
-//! scanned; `/readyz` says `starting`), then checks what can fail (TLS files, the spool, the
-//! producer) and reports the ports it got; `run_until_stopped` serves until the shutdown future resolves, then stops in
+//! and serves the admin listener at once (`/livez` answers while a large spool is scanned;
+//! `/readyz` says `starting`), then checks what can fail (TLS files, the spool, the producer),
+//! binds the callback listener and reports the ports it got; `run_until_stopped` serves until the shutdown future resolves, then stops in
 //! order: go unready, stop accepting, drain in-flight requests, close the spool, give the
 //! publisher a bounded time to deliver — what is left stays in the spool for the next start.
 
@@ -57,6 +57,7 @@ pub struct Application {
 
 /// What `Application::open` makes.
 struct Parts {
+    public: TcpListener,
     tls: Option<RustlsConfig>,
     appender: spool::Appender,
     spool: Arc<spool::Shared>,
@@ -77,7 +78,6 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         let metrics = telemetry::metrics_handle();
         telemetry::register_alerting_counters();
-        let public = bind(config.listen)?;
         let admin = bind(config.admin_listen)?;
         let admin_addr = admin
             .local_addr()
@@ -115,7 +115,7 @@ impl Application {
         let _ = spool_slot.set(p.spool.clone());
         Ok(Application {
             config,
-            public,
+            public: p.public,
             admin_addr,
             admin,
             admin_stop,
@@ -175,7 +175,11 @@ impl Application {
             (events.clone(), events_rx),
         )
         .map_err(StartupError::Kafka)?;
+        // Bound only now: while the spool is scanned a callback is refused at once, not left
+        // waiting in the accept queue (readiness says `starting` meanwhile).
+        let public = bind(config.listen)?;
         Ok(Parts {
+            public,
             tls,
             appender: opened.appender,
             spool: opened.shared,
@@ -273,6 +277,7 @@ impl Application {
                 Err(e) => io::Error::other(e),
             };
             tracing::error!(%error, "public listener failed");
+            self.admin_stop.notify_one();
             return Err(error);
         }
 

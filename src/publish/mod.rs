@@ -309,8 +309,10 @@ impl<S: Sink> Publisher<S> {
         }
     }
 
-    /// A timeout may hide a missing topic: asks the metadata, at most every few seconds
-    /// (the answer is kept meanwhile), so the blocked reason tells the operator what to fix.
+    /// A timeout may hide a missing topic: asks the metadata, at most every 5 s (the answer is
+    /// kept meanwhile, also across deliveries that succeed: with one topic failing and the
+    /// other flowing, asking on every timeout would stall this thread a second each time), so
+    /// the blocked reason tells the operator what to fix.
     fn explain(&mut self, seq: u64, now: Instant) -> Option<Blocked> {
         const EVERY: Duration = Duration::from_secs(5);
         if let Some((at, reason)) = self.explained
@@ -366,7 +368,6 @@ impl<S: Sink> Publisher<S> {
 
     /// Something went through: no longer blocked, unless by an unreadable entry.
     fn unblock(&mut self) {
-        self.explained = None;
         if self.blocked.is_some() {
             let still = self
                 .ledger
