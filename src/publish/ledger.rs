@@ -67,6 +67,12 @@ impl Ledger {
         !self.unreadable.is_empty()
     }
 
+    /// Whether a record that failed at least once is still unconfirmed (scans the window:
+    /// asked only while publishing is marked blocked).
+    pub fn has_failed(&self) -> bool {
+        self.pending.values().any(|p| p.attempts > 0)
+    }
+
     pub fn entry(&self, seq: u64) -> Option<&Record> {
         self.pending.get(&seq)?.entry.as_ref()
     }
@@ -270,6 +276,24 @@ mod tests {
         l.confirmed(1);
         assert!(l.dead_letters_due(later).is_empty());
         assert_eq!(l.commit_point(2), 1);
+    }
+
+    #[test]
+    fn a_failed_record_counts_until_it_is_confirmed() {
+        let now = Instant::now();
+        let mut l = Ledger::default();
+        l.add(1, entry(Target::Messages), now);
+        l.add(2, entry(Target::Quarantine), now);
+        l.sent(1);
+        l.sent(2);
+        assert!(!l.has_failed());
+        l.retry(2, now);
+        l.confirmed(1);
+        assert!(l.has_failed(), "2 still waits for its topic");
+        l.sent(2);
+        assert!(l.has_failed(), "resent, not yet confirmed");
+        l.confirmed(2);
+        assert!(!l.has_failed());
     }
 
     #[test]

@@ -366,13 +366,18 @@ impl<S: Sink> Publisher<S> {
         }
     }
 
-    /// Something went through: no longer blocked, unless by an unreadable entry.
+    /// Something went through: no longer blocked — unless by an unreadable entry, or while a
+    /// record that failed still waits (one topic missing while the other flows must not flip
+    /// the gauge back to 0 on every delivery, or the alert's `for` never elapses).
     fn unblock(&mut self) {
         if self.blocked.is_some() {
-            let still = self
-                .ledger
-                .has_unreadable()
-                .then_some(Blocked::EntryUnreadable);
+            let still = if self.ledger.has_unreadable() {
+                Some(Blocked::EntryUnreadable)
+            } else if self.ledger.has_failed() {
+                self.blocked
+            } else {
+                None
+            };
             self.set_blocked(still, &"");
         }
     }

@@ -791,6 +791,19 @@ async fn a_quarantined_record_waits_for_a_missing_quarantine_topic() {
     let acked = drive_for(&s, "meanwhile", Duration::from_millis(500)).await;
     s.check_all(acked).await;
     wait_metric(&s, &relay, TOPIC_MISSING, 1.0).await;
+    // Messages delivered meanwhile do not clear the state (else the alert's `for` never ends).
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = tokio::spawn(drive(s.url(), 2, "flowing", stop.clone()));
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = metric(&relay.metrics(), TOPIC_MISSING);
+        assert_eq!(
+            seen, 1.0,
+            "blocked state cleared while the quarantine topic is missing"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    s.check_all(driver.await.unwrap()).await;
     let quarantine = quarantine_topic(&s.topic);
     s.broker.create_topic(&quarantine).await;
     let bootstrap = s.broker.bootstrap();
