@@ -98,11 +98,7 @@ impl KafkaConfig {
         let (values, options, errors) = load_raw(flags, env, &[Group::Kafka]);
         let mut p = Parser { values, errors };
         let kafka = p.kafka(options);
-        if p.errors.is_empty() {
-            Ok(kafka)
-        } else {
-            Err(ConfigErrors(p.errors))
-        }
+        p.finish(kafka)
     }
 }
 

@@ -132,11 +132,7 @@ impl Config {
             settings::load_raw(flags, env, &[Group::Serve, Group::Kafka]);
         let mut p = Parser { values, errors };
         let config = p.config(options);
-        if p.errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(p.errors))
-        }
+        p.finish(config)
     }
 }
 
@@ -147,6 +143,15 @@ struct Parser {
 }
 
 impl Parser {
+    /// `value`, unless anything was wrong: then every problem found, at once.
+    fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
     fn fail(&mut self, key: &str, problem: impl fmt::Display) {
         self.errors
             .push(format!("{key} ({}): {problem}", env_name(key)));

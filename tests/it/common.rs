@@ -555,12 +555,7 @@ impl RelayProcess {
     }
 
     pub fn metrics(&self) -> String {
-        let mut s = std::net::TcpStream::connect(self.admin()).expect("admin answers");
-        use std::io::{Read, Write};
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        self.get("/metrics").expect("admin answers").1
     }
 
     /// SIGKILL: no drain, no flush, no goodbye.

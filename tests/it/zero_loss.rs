@@ -323,38 +323,7 @@ async fn a_full_spool_answers_503_and_recovers_by_itself() {
 
     broker.signal("-CONT");
     // Service resumes by itself once the backlog is delivered.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", "after-full");
-        if app.post_signed(&body).await.0 == 200 {
-            acked.push("1400000000:Jonh:jared:after-full".into());
-            break;
-        }
-        assert!(Instant::now() < deadline, "never recovered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Readiness turns green again as delivered segments are deleted.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("{}/readyz", app.admin))
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            Instant::now() < deadline,
-            "readiness never turned green again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let total = acked.len();
-    let (missing, _) = missing_after(
-        app.bootstrap.clone(),
-        app.topic.clone(),
-        acked,
-        Duration::from_secs(60),
-    )
-    .await;
+    let (total, missing) = serves_again_and_delivers(&app, "after-full", acked).await;
     assert!(total > 10);
     assert!(missing.is_empty(), "missing {missing:?}");
     assert!(
@@ -460,6 +429,49 @@ fn spool_config(dir: &std::path::Path) -> SpoolConfig {
         segment_bytes: 1 << 20,
         fsync: Fsync::Always,
     }
+}
+
+/// After a full spool or disk: posts until a callback is answered `OK` again (60 s at most),
+/// waits for readiness to turn green (30 s), then reads every acknowledged id back. Returns
+/// how many were checked and which Kafka lacks.
+async fn serves_again_and_delivers(
+    app: &TestApp,
+    key: &str,
+    mut acked: Vec<String>,
+) -> (usize, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", key);
+        if app.post_signed(&body).await.0 == 200 {
+            acked.push(format!("1400000000:Jonh:jared:{key}"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Readiness turns green again as delivered segments are deleted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{}/readyz", app.admin))
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "readiness never turned green again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = acked.len();
+    let (missing, _) = missing_after(
+        app.bootstrap.clone(),
+        app.topic.clone(),
+        acked,
+        Duration::from_secs(60),
+    )
+    .await;
+    (total, missing)
 }
 
 fn metric(metrics: &str, series: &str) -> f64 {
@@ -676,40 +688,7 @@ async fn a_full_file_system_answers_503_and_serves_again_by_itself() {
     assert!(metric(&app.metrics().await, "im_relay_spool_write_failures_total") > failures_before);
 
     broker.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let body = DOC_SAMPLE.replace("48374_2837546_1557481126", "after-enospc");
-        if app.post_signed(&body).await.0 == 200 {
-            acked.push("1400000000:Jonh:jared:after-enospc".into());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never served again after the disk had room"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("{}/readyz", app.admin))
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            Instant::now() < deadline,
-            "readiness never turned green again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let total = acked.len();
-    let (missing, _) = missing_after(
-        app.bootstrap.clone(),
-        app.topic.clone(),
-        acked,
-        Duration::from_secs(60),
-    )
-    .await;
+    let (total, missing) = serves_again_and_delivers(&app, "after-enospc", acked).await;
     assert!(total > 100, "{total}");
     assert!(missing.is_empty(), "missing {missing:?}");
     app.stop().await;
