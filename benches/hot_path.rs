@@ -10,8 +10,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::hint::black_box;
 
 use im_relay::config::Secret;
-use im_relay::domain::SdkAppId;
-use im_relay::normalize::{Context, KeyMode, normalize};
+use im_relay::domain::{Relayed, SdkAppId};
+use im_relay::normalize::{Context, KeyMode, Source, normalize};
 use im_relay::receive::json;
 use im_relay::record::Record;
 use im_relay::validate::{Verifier, sign_of};
@@ -50,9 +50,10 @@ fn hot_path(c: &mut Criterion) {
         opt_platform: Some("iOS"),
         received_at,
         key_mode: KeyMode::MsgKey,
+        source: Source::Callback,
     };
     g.bench_function("normalize + encode", |b| {
-        b.iter(|| normalize(&ctx, black_box(&body)).unwrap())
+        b.iter(|| normalize(&ctx, Relayed::AfterSendMsg, black_box(&body)).unwrap())
     });
     g.bench_function("all: verify + parse + normalize + spool entry", |b| {
         b.iter(|| {
@@ -64,8 +65,17 @@ fn hot_path(c: &mut Criterion) {
                 sdk_app_id: q.sdk_app_id,
                 ..ctx
             };
-            let out = normalize(&ctx, &body).unwrap();
-            Record::message(out.key, out.headers, out.value, received_at, None).encode()
+            let mut out = normalize(&ctx, Relayed::AfterSendMsg, &body).unwrap();
+            let out = out.pop().unwrap();
+            Record::message(
+                out.target,
+                out.key,
+                out.headers,
+                out.value,
+                received_at,
+                None,
+            )
+            .encode()
         })
     });
     g.finish();

@@ -49,23 +49,72 @@ impl fmt::Display for SdkAppId {
 /// (https://www.tencentcloud.com/document/product/1047/34354).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallbackCommand {
-    C2cAfterSendMsg,
+    Relayed(Relayed),
     Other(String),
 }
 
-impl CallbackCommand {
-    pub const C2C_AFTER_SEND_MSG: &'static str = "C2C.CallbackAfterSendMsg";
+/// The one-to-one after-event callbacks im-relay relays: a message's whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Relayed {
+    /// https://www.tencentcloud.com/document/product/1047/34365
+    AfterSendMsg,
+    /// https://www.tencentcloud.com/document/product/1047/43466
+    AfterMsgWithDraw,
+    /// https://cloud.tencent.com/document/product/269/128224
+    AfterModifyMsg,
+    /// https://www.tencentcloud.com/document/product/1047/43465
+    AfterMsgReport,
+    /// https://cloud.tencent.com/document/product/269/128223
+    AfterMsgReadReceipt,
+}
 
+impl Relayed {
+    pub const ALL: [Relayed; 5] = [
+        Relayed::AfterSendMsg,
+        Relayed::AfterMsgWithDraw,
+        Relayed::AfterModifyMsg,
+        Relayed::AfterMsgReport,
+        Relayed::AfterMsgReadReceipt,
+    ];
+
+    /// Tencent's spelling (note `AfterModifyMsg`, not `AfterMsgModify`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Relayed::AfterSendMsg => "C2C.CallbackAfterSendMsg",
+            Relayed::AfterMsgWithDraw => "C2C.CallbackAfterMsgWithDraw",
+            Relayed::AfterModifyMsg => "C2C.CallbackAfterModifyMsg",
+            Relayed::AfterMsgReport => "C2C.CallbackAfterMsgReport",
+            Relayed::AfterMsgReadReceipt => "C2C.CallbackAfterMsgReadReceipt",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Relayed> {
+        Relayed::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Relayed::AfterSendMsg => "c2c_after_send_msg",
+            Relayed::AfterMsgWithDraw => "c2c_after_msg_withdraw",
+            Relayed::AfterModifyMsg => "c2c_after_modify_msg",
+            Relayed::AfterMsgReport => "c2c_after_msg_report",
+            Relayed::AfterMsgReadReceipt => "c2c_after_msg_read_receipt",
+        }
+    }
+}
+
+impl CallbackCommand {
     pub fn parse(s: &str) -> Self {
-        match s {
-            Self::C2C_AFTER_SEND_MSG => CallbackCommand::C2cAfterSendMsg,
-            other => CallbackCommand::Other(other.to_owned()),
+        match Relayed::parse(s) {
+            Some(r) => CallbackCommand::Relayed(r),
+            None => CallbackCommand::Other(s.to_owned()),
         }
     }
 
     pub fn as_str(&self) -> &str {
         match self {
-            CallbackCommand::C2cAfterSendMsg => Self::C2C_AFTER_SEND_MSG,
+            CallbackCommand::Relayed(r) => r.as_str(),
             CallbackCommand::Other(s) => s,
         }
     }
@@ -73,13 +122,17 @@ impl CallbackCommand {
     /// A metric label from a fixed set: commands are chosen by whoever calls us, so the raw
     /// text never becomes a label.
     pub fn label(&self) -> &'static str {
-        match self.as_str() {
-            Self::C2C_AFTER_SEND_MSG => "c2c_after_send_msg",
-            "C2C.CallbackBeforeSendMsg" => "c2c_before_send_msg",
-            "Group.CallbackAfterSendMsg" => "group_after_send_msg",
-            "Group.CallbackBeforeSendMsg" => "group_before_send_msg",
-            "State.StateChange" => "state_change",
-            _ => "other",
+        match self {
+            CallbackCommand::Relayed(r) => r.label(),
+            CallbackCommand::Other(s) => match s.as_str() {
+                "C2C.CallbackBeforeSendMsg" => "c2c_before_send_msg",
+                "C2C.CallbackAfterC2CMsgExtension" => "c2c_after_msg_extension",
+                "C2C.CallbackAfterMsgReadAll" => "c2c_after_msg_read_all",
+                "Group.CallbackAfterSendMsg" => "group_after_send_msg",
+                "Group.CallbackBeforeSendMsg" => "group_before_send_msg",
+                "State.StateChange" => "state_change",
+                _ => "other",
+            },
         }
     }
 }
@@ -184,7 +237,18 @@ mod tests {
     fn commands_route_known_and_keep_others() {
         assert_eq!(
             CallbackCommand::parse("C2C.CallbackAfterSendMsg"),
-            CallbackCommand::C2cAfterSendMsg
+            CallbackCommand::Relayed(Relayed::AfterSendMsg)
+        );
+        for r in Relayed::ALL {
+            assert_eq!(
+                CallbackCommand::parse(r.as_str()),
+                CallbackCommand::Relayed(r)
+            );
+        }
+        // Tencent's spelling only: the edit callback is `AfterModifyMsg`.
+        assert_eq!(
+            CallbackCommand::parse("C2C.CallbackAfterMsgModify").label(),
+            "other"
         );
         let group = CallbackCommand::parse("Group.CallbackAfterSendMsg");
         assert_eq!(group.as_str(), "Group.CallbackAfterSendMsg");

@@ -42,6 +42,7 @@ pub enum Reason {
     MethodNotAllowed,
     SourceNotAllowed,
     DuplicateQueryParam,
+    InvalidQueryParam,
     MissingSdkAppId,
     InvalidSdkAppId,
     UnknownSdkAppId,
@@ -64,11 +65,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::NotFound,
         Reason::MethodNotAllowed,
         Reason::SourceNotAllowed,
         Reason::DuplicateQueryParam,
+        Reason::InvalidQueryParam,
         Reason::MissingSdkAppId,
         Reason::InvalidSdkAppId,
         Reason::UnknownSdkAppId,
@@ -109,6 +111,11 @@ impl Reason {
                 "duplicate_query_param",
                 S::BAD_REQUEST,
                 "a query parameter appears more than once",
+            ),
+            Reason::InvalidQueryParam => (
+                "invalid_query_param",
+                S::BAD_REQUEST,
+                "a query parameter holds a control character",
             ),
             Reason::MissingSdkAppId => {
                 ("missing_sdk_app_id", S::BAD_REQUEST, "SdkAppid is missing")

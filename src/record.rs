@@ -6,11 +6,44 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// Which topic a record goes to.
+/// Which topic a record goes to: the messages topic, a lifecycle kind's own topic (the
+/// messages topic unless configured), or the quarantine topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Messages,
     Quarantine,
+    Recalls,
+    Edits,
+    ReadReports,
+    ReadReceipts,
+}
+
+impl Target {
+    /// Its byte in an entry; a version-1 entry only ever holds 0 or 1, so entries spooled by
+    /// an older relay read the same.
+    fn byte(self) -> u8 {
+        match self {
+            Target::Messages => 0,
+            Target::Quarantine => 1,
+            Target::Recalls => 2,
+            Target::Edits => 3,
+            Target::ReadReports => 4,
+            Target::ReadReceipts => 5,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Target> {
+        [
+            Target::Messages,
+            Target::Quarantine,
+            Target::Recalls,
+            Target::Edits,
+            Target::ReadReports,
+            Target::ReadReceipts,
+        ]
+        .into_iter()
+        .find(|t| t.byte() == b)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +75,10 @@ fn unix_ms(at: OffsetDateTime) -> u64 {
 }
 
 impl Record {
-    /// A relayed message: `normalize`'s key, headers and value, plus the caller's trace
-    /// context (W3C `traceparent`) when there is one.
+    /// A relayed record for `target`: `normalize`'s key, headers and value, plus the caller's
+    /// trace context (W3C `traceparent`) when there is one.
     pub fn message(
+        target: Target,
         key: String,
         headers: Vec<(&'static str, String)>,
         value: Vec<u8>,
@@ -59,7 +93,7 @@ impl Record {
             headers.push(("traceparent".to_owned(), tp.into_bytes()));
         }
         Record {
-            target: Target::Messages,
+            target,
             key: Some(key.into_bytes()),
             headers,
             value,
@@ -119,10 +153,7 @@ impl Record {
         let key_len = self.key.as_ref().map_or(0, Vec::len);
         let mut out = Vec::with_capacity(32 + key_len + self.value.len() + 64 * self.headers.len());
         out.push(VERSION);
-        out.push(match self.target {
-            Target::Messages => 0,
-            Target::Quarantine => 1,
-        });
+        out.push(self.target.byte());
         out.extend_from_slice(&self.received_at_ms.to_le_bytes());
         match &self.key {
             Some(k) => put(&mut out, k),
@@ -145,11 +176,7 @@ impl Record {
         if *version != VERSION {
             return None;
         }
-        let target = match target {
-            0 => Target::Messages,
-            1 => Target::Quarantine,
-            _ => return None,
-        };
+        let target = Target::from_byte(*target)?;
         b = rest;
         let received_at_ms = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
         let key = if b.get(..4)? == u32::MAX.to_le_bytes() {
@@ -206,6 +233,7 @@ mod tests {
     fn a_message_carries_its_key_headers_and_trace() {
         let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
         let r = Record::message(
+            Target::Messages,
             "k".into(),
             vec![("ce_id", "1".into())],
             b"{}".to_vec(),
@@ -217,7 +245,7 @@ mod tests {
         assert_eq!(header(&r, "ce_id"), Some("1"));
         assert_eq!(header(&r, "traceparent"), Some("00-abc-def-01"));
         assert_eq!(r.received_at_ms, 1_700_000_000_000);
-        let untraced = Record::message("k".into(), vec![], vec![], at, None);
+        let untraced = Record::message(Target::Messages, "k".into(), vec![], vec![], at, None);
         assert_eq!(header(&untraced, "traceparent"), None);
     }
 

@@ -56,6 +56,14 @@ impl RawQuery {
                     name.into_owned(),
                 ));
             }
+            // `OptPlatform=iOS%00x` would carry a NUL into every record (and into a
+            // database downstream that cannot store one): refused, the parameter named.
+            if value.chars().any(char::is_control) {
+                return Err(Rejection::with_detail(
+                    Reason::InvalidQueryParam,
+                    name.into_owned(),
+                ));
+            }
             *slot = Some(value.into_owned());
         }
         Ok(q)
@@ -220,7 +228,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(q.sdk_app_id, SdkAppId::from(APP));
-        assert_eq!(q.command, CallbackCommand::C2cAfterSendMsg);
+        assert_eq!(
+            q.command,
+            CallbackCommand::Relayed(crate::domain::Relayed::AfterSendMsg)
+        );
         assert_eq!(q.client_ip.as_deref(), Some("1.2.3.4"));
         assert_eq!(q.opt_platform.as_deref(), Some("iOS"));
     }
@@ -258,6 +269,14 @@ mod tests {
             (
                 "SdkAppid=1400000000&SdkAppid=1400000000",
                 Reason::DuplicateQueryParam,
+            ),
+            (
+                "SdkAppid=1400000000&OptPlatform=iOS%00x",
+                Reason::InvalidQueryParam,
+            ),
+            (
+                "SdkAppid=1400000000&ClientIP=1.2.3.4%0A",
+                Reason::InvalidQueryParam,
             ),
             ("SdkAppid=1400000000", Reason::MissingSignature),
             ("SdkAppid=1400000000&Sign=00", Reason::MissingSignature),

@@ -1,9 +1,10 @@
-//! Any body: the strict JSON reader and the normalizer answer, never panic, and every record
-//! they produce is JSON again.
+//! Any body, under each of the five relayed commands: the strict JSON reader and the
+//! normalizer answer, never panic, and every record they produce is JSON again, carrying its
+//! id and a key. Seeds for each command are in the corpus (the `tests/fixtures` bodies).
 #![no_main]
 
-use im_relay::domain::SdkAppId;
-use im_relay::normalize::{Context, KeyMode, normalize};
+use im_relay::domain::{Relayed, SdkAppId};
+use im_relay::normalize::{Context, KeyMode, Source, normalize};
 use im_relay::receive::json;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -18,10 +19,17 @@ fuzz_target!(|data: &[u8]| {
         opt_platform: None,
         received_at: time::OffsetDateTime::UNIX_EPOCH,
         key_mode: KeyMode::Conversation,
+        source: Source::Callback,
     };
-    if let Ok(out) = normalize(&ctx, &body) {
-        let record: Value = serde_json::from_slice(&out.value).expect("records are JSON");
-        assert_eq!(record["id"].as_str(), Some(out.id.as_str()));
-        assert!(!out.key.is_empty());
+    for command in Relayed::ALL {
+        if let Ok(records) = normalize(&ctx, command, &body) {
+            assert!(!records.is_empty());
+            for out in records {
+                let record: Value = serde_json::from_slice(&out.value).expect("records are JSON");
+                assert_eq!(record["id"].as_str(), Some(out.id.as_str()));
+                assert_eq!(record["callback_command"].as_str(), Some(command.as_str()));
+                assert!(!out.key.is_empty());
+            }
+        }
     }
 });

@@ -12,12 +12,18 @@ use clap::ArgMatches;
 use super::settings::{Group, key, load_raw};
 use super::{ConfigErrors, Parser, Secret};
 use crate::normalize::KeyMode;
+use crate::record::Target;
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
     pub topic: String,
     pub quarantine_topic: String,
+    /// Per-kind topics, each `topic` unless set.
+    pub recall_topic: String,
+    pub edit_topic: String,
+    pub read_report_topic: String,
+    pub read_receipt_topic: String,
     pub key: KeyMode,
     pub compression: Compression,
     pub linger: Duration,
@@ -89,6 +95,18 @@ fn name_of<T: PartialEq>(table: &[(&'static str, T)], value: &T) -> &'static str
 }
 
 impl KafkaConfig {
+    /// The topic a record for `target` goes to.
+    pub fn topic_for(&self, target: Target) -> &str {
+        match target {
+            Target::Messages => &self.topic,
+            Target::Quarantine => &self.quarantine_topic,
+            Target::Recalls => &self.recall_topic,
+            Target::Edits => &self.edit_topic,
+            Target::ReadReports => &self.read_report_topic,
+            Target::ReadReceipts => &self.read_receipt_topic,
+        }
+    }
+
     /// The Kafka settings alone (for a command that only talks to Kafka, and for tests): no
     /// callback token or app id is asked for.
     pub fn load(
@@ -140,6 +158,20 @@ impl Parser {
         if topic == quarantine_topic {
             self.fail(key::QUARANTINE_TOPIC, "must differ from topic");
         }
+        let kind_topic = |parser: &mut Self, k: &str| {
+            if parser.opt(k).is_none() {
+                return topic.clone();
+            }
+            let t = parser.topic(k);
+            if t == quarantine_topic {
+                parser.fail(k, "must differ from quarantine_topic");
+            }
+            t
+        };
+        let recall_topic = kind_topic(self, key::RECALL_TOPIC);
+        let edit_topic = kind_topic(self, key::EDIT_TOPIC);
+        let read_report_topic = kind_topic(self, key::READ_REPORT_TOPIC);
+        let read_receipt_topic = kind_topic(self, key::READ_RECEIPT_TOPIC);
         let key = match self.one_of(key::KEY, &["msgkey", "conversation"]).as_str() {
             "conversation" => KeyMode::Conversation,
             _ => KeyMode::MsgKey,
@@ -191,6 +223,10 @@ impl Parser {
             brokers,
             topic,
             quarantine_topic,
+            recall_topic,
+            edit_topic,
+            read_report_topic,
+            read_receipt_topic,
             key,
             compression,
             linger,

@@ -10,7 +10,7 @@
 mod kafka;
 mod settings;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use std::time::Duration;
 use clap::ArgMatches;
 use ipnet::IpNet;
 
-use crate::domain::SdkAppId;
+use crate::domain::{Relayed, SdkAppId};
 use crate::spool::{Fsync, SpoolConfig};
 
 pub use kafka::{Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config};
@@ -67,6 +67,8 @@ pub struct Config {
     /// a duplicate at worst, never a loss).
     pub spool_append_timeout: Duration,
     pub max_connections: usize,
+    /// The commands relayed; any other is answered `OK` and not published.
+    pub relay_commands: BTreeSet<Relayed>,
     pub allow_cidrs: Vec<IpNet>,
     pub trusted_proxies: Vec<IpNet>,
     pub spool: SpoolConfig,
@@ -292,6 +294,7 @@ impl Parser {
         if max_connections == 0 {
             self.fail(key::MAX_CONNECTIONS, "must be at least 1");
         }
+        let relay_commands = self.relay_commands();
         let allow_cidrs = self.networks(key::ALLOW_CIDRS);
         let trusted_proxies = self.networks(key::TRUSTED_PROXIES);
         let spool = SpoolConfig {
@@ -345,6 +348,7 @@ impl Parser {
             request_timeout,
             spool_append_timeout,
             max_connections,
+            relay_commands,
             allow_cidrs,
             trusted_proxies,
             spool,
@@ -356,6 +360,29 @@ impl Parser {
     }
 
     /// A comma list of networks (`10.0.0.0/8`) or single addresses (`203.0.113.7`).
+    fn relay_commands(&mut self) -> BTreeSet<Relayed> {
+        let raw = self.opt(key::RELAY_COMMANDS).unwrap_or("").to_owned();
+        let mut chosen = BTreeSet::new();
+        for name in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match Relayed::parse(name) {
+                Some(r) => {
+                    chosen.insert(r);
+                }
+                None => self.fail(
+                    key::RELAY_COMMANDS,
+                    format_args!(
+                        "`{name}` is not one of {}",
+                        Relayed::ALL.map(Relayed::as_str).join(", ")
+                    ),
+                ),
+            }
+        }
+        if chosen.is_empty() {
+            self.fail(key::RELAY_COMMANDS, "must name at least one command");
+        }
+        chosen
+    }
+
     fn networks(&mut self, key: &str) -> Vec<IpNet> {
         let raw = self.opt(key).unwrap_or("").to_owned();
         let mut nets = Vec::new();

@@ -83,6 +83,11 @@ pub mod key {
     pub const KAFKA_BROKERS: &str = "kafka_brokers";
     pub const TOPIC: &str = "topic";
     pub const QUARANTINE_TOPIC: &str = "quarantine_topic";
+    pub const RECALL_TOPIC: &str = "recall_topic";
+    pub const EDIT_TOPIC: &str = "edit_topic";
+    pub const READ_REPORT_TOPIC: &str = "read_report_topic";
+    pub const READ_RECEIPT_TOPIC: &str = "read_receipt_topic";
+    pub const RELAY_COMMANDS: &str = "relay_commands";
     pub const KEY: &str = "key";
     pub const KAFKA_COMPRESSION: &str = "kafka_compression";
     pub const KAFKA_LINGER_MS: &str = "kafka_linger_ms";
@@ -190,6 +195,15 @@ pub(super) const SETTINGS: &[Setting] = &[
     ),
     s(
         Serve,
+        key::RELAY_COMMANDS,
+        Some(
+            "C2C.CallbackAfterSendMsg,C2C.CallbackAfterMsgWithDraw,C2C.CallbackAfterModifyMsg,\
+             C2C.CallbackAfterMsgReport,C2C.CallbackAfterMsgReadReceipt",
+        ),
+        "callbacks relayed, comma-separated; any other is answered OK and not published",
+    ),
+    s(
+        Serve,
         key::ALLOW_CIDRS,
         None,
         "networks allowed to call, comma-separated (empty: any)",
@@ -265,6 +279,30 @@ pub(super) const SETTINGS: &[Setting] = &[
         key::QUARANTINE_TOPIC,
         Some("im.c2c.quarantine"),
         "topic for callbacks that cannot be relayed",
+    ),
+    s(
+        Kafka,
+        key::RECALL_TOPIC,
+        None,
+        "topic for recall records (empty: topic)",
+    ),
+    s(
+        Kafka,
+        key::EDIT_TOPIC,
+        None,
+        "topic for edit records (empty: topic)",
+    ),
+    s(
+        Kafka,
+        key::READ_REPORT_TOPIC,
+        None,
+        "topic for read-report records (empty: topic)",
+    ),
+    s(
+        Kafka,
+        key::READ_RECEIPT_TOPIC,
+        None,
+        "topic for read-receipt records (empty: topic)",
     ),
     s(
         Kafka,

@@ -171,8 +171,17 @@ fn unknown<'a>(msg_type: OptStr<'a>, content: &'a Value, element_extra: Extra<'a
     }
 }
 
-pub fn elements(raw: &[Value]) -> Vec<Element<'_>> {
-    raw.iter().map(element).collect()
+/// Types a `MsgBody`. Every element must be an object (`{"MsgType": …, "MsgContent": …}`):
+/// a bare number or string in the array is not a message element, and relaying it as an
+/// "unknown" one would hide a broken sender.
+pub fn elements(raw: &[Value]) -> Result<Vec<Element<'_>>, FieldError> {
+    if raw.iter().any(|e| !e.is_object()) {
+        return Err(FieldError {
+            field: "MsgBody",
+            problem: Problem::Invalid("must hold objects only".into()),
+        });
+    }
+    Ok(raw.iter().map(element).collect())
 }
 
 type Typed<'a> = Result<(Kind<'a>, Extra<'a>), FieldError>;
@@ -359,7 +368,7 @@ fn relayed_message(raw: &Value) -> Result<RelayedMessage<'_>, FieldError> {
         msg_seq: o.u64("MsgSeq")?,
         msg_random: o.u64("MsgRandom")?,
         msg_time,
-        elements: elements(o.array("MsgBody")?.map_or(&[], Vec::as_slice)),
+        elements: elements(o.array("MsgBody")?.map_or(&[], Vec::as_slice))?,
         cloud_custom_data: o.str("CloudCustomData")?,
         extra: o.extra(&[
             "From_Account",

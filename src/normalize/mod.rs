@@ -1,13 +1,15 @@
-//! Stage 3 of the road: **normalize**. A validated `C2C.CallbackAfterSendMsg` body goes in; the
-//! Kafka record comes out — key, value bytes and headers. Pure: no HTTP, no Kafka, no files, and
-//! the only clock is the `received_at` it is handed.
+//! Stage 3 of the road: **normalize**. A validated body of one of the relayed commands goes
+//! in; its Kafka records come out — key, value bytes and headers (one record, or one per message
+//! a read receipt covers). Pure: no HTTP, no Kafka, no files, and the only clock is the
+//! `received_at` it is handed.
 //!
-//! The record is **lossless**: every field Tencent sent appears in it, typed fields in snake_case,
-//! anything unknown verbatim under `extra`, elements we cannot type kept raw. Its JSON Schema is
-//! `schema/c2c-message.v1.json`.
+//! Records are **lossless**: every field Tencent sent appears, typed fields in snake_case,
+//! anything unknown verbatim under `extra`, elements we cannot type kept raw. Each kind has its
+//! JSON Schema in `schema/`: `c2c-message.v2.json` here, the lifecycle kinds in `lifecycle`.
 
 mod element;
 mod fields;
+mod lifecycle;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -15,15 +17,47 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::domain::{CallbackCommand, MsgKey, SdkAppId, UserId};
+use crate::domain::{MsgKey, Relayed, SdkAppId, UserId};
+use crate::record::Target;
 pub use element::{Element, Kind};
 use fields::Obj;
 pub use fields::{Extra, FieldError, Problem};
 
-/// Names the record's shape; bump the suffix on any breaking change.
-pub const SCHEMA: &str = "im-relay.c2c-message.v1";
+/// Names the record's shape; bump the suffix on any breaking change. v2 added `source`.
+pub const SCHEMA: &str = "im-relay.c2c-message.v2";
 /// CloudEvents `type` of the record.
-pub const EVENT_TYPE: &str = "com.tencent.im.c2c.after_send_msg.v1";
+pub const EVENT_TYPE: &str = "com.tencent.im.c2c.after_send_msg.v2";
+
+/// The JSON Schema of each record kind, by its `schema` value.
+pub const SCHEMAS: [(&str, &str); 5] = [
+    (SCHEMA, include_str!("../../schema/c2c-message.v2.json")),
+    (
+        lifecycle::RECALL_SCHEMA,
+        include_str!("../../schema/c2c-recall.v1.json"),
+    ),
+    (
+        lifecycle::EDIT_SCHEMA,
+        include_str!("../../schema/c2c-edit.v1.json"),
+    ),
+    (
+        lifecycle::READ_REPORT_SCHEMA,
+        include_str!("../../schema/c2c-read-report.v1.json"),
+    ),
+    (
+        lifecycle::READ_RECEIPT_SCHEMA,
+        include_str!("../../schema/c2c-read-receipt.v1.json"),
+    ),
+];
+
+/// Where a record's content came from: a callback Tencent sent us, or Tencent's history
+/// fetched afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    #[default]
+    Callback,
+    Backfill,
+}
 
 /// How records are keyed in Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,11 +78,14 @@ pub struct Context<'a> {
     pub opt_platform: Option<&'a str>,
     pub received_at: OffsetDateTime,
     pub key_mode: KeyMode,
+    pub source: Source,
 }
 
 /// A record ready for Kafka.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
+    /// Which kind's topic it goes to.
+    pub target: Target,
     /// Dedup identity, also the CloudEvents `id`.
     pub id: String,
     pub key: String,
@@ -56,8 +93,8 @@ pub struct Output {
     pub headers: Vec<(&'static str, String)>,
     /// Elements kept raw because their type or shape was unknown.
     pub untyped_elements: usize,
-    /// What the traffic statistics count.
-    pub stats: Stats,
+    /// What the traffic statistics count (messages only).
+    pub stats: Option<Stats>,
 }
 
 /// Figures about the message for the traffic statistics (not part of the record).
@@ -97,6 +134,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
 struct Record<'a> {
     schema: &'static str,
     id: &'a str,
+    source: Source,
     sdk_app_id: SdkAppId,
     callback_command: &'static str,
     msg_key: &'a MsgKey<'a>,
@@ -136,8 +174,24 @@ fn id_error(field: &'static str) -> impl Fn(crate::domain::IdError) -> FieldErro
     }
 }
 
-/// Turns one after-send callback body into its Kafka record.
-pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+/// Turns one callback body of `command` into its Kafka records (one, or for a read receipt
+/// one per message it covers; never none).
+pub fn normalize(
+    ctx: &Context<'_>,
+    command: Relayed,
+    body: &Map<String, Value>,
+) -> Result<Vec<Output>, NormalizeError> {
+    match command {
+        Relayed::AfterSendMsg => after_send(ctx, body).map(|o| vec![o]),
+        Relayed::AfterMsgWithDraw => lifecycle::recall(ctx, body).map(|o| vec![o]),
+        Relayed::AfterModifyMsg => lifecycle::edit(ctx, body).map(|o| vec![o]),
+        Relayed::AfterMsgReport => lifecycle::read_report(ctx, body).map(|o| vec![o]),
+        Relayed::AfterMsgReadReceipt => lifecycle::read_receipt(ctx, body),
+    }
+}
+
+/// One after-send callback body's record.
+fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
     let from = UserId::parse(required("From_Account", b.str("From_Account")?)?)
         .map_err(id_error("From_Account"))?;
@@ -152,22 +206,20 @@ pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output,
         None => (derive_msg_key(msg_seq, msg_random, msg_time, body), true),
     };
     let send_result = b.i64("SendMsgResult")?;
-    let elements = element::elements(msg_body);
+    let elements = element::elements(msg_body)?;
 
-    let (lo, hi) = if from <= to { (from, to) } else { (to, from) };
-    let conversation = format!("{}:{}:{}", ctx.sdk_app_id, lo.as_str(), hi.as_str());
-    let id = format!("{conversation}:{}", msg_key.as_str());
-    // Millisecond precision: enough to order arrivals, and a stable width for consumers.
-    let at = ctx.received_at;
-    let received_at = rfc3339(at.replace_millisecond(at.millisecond()).ok()).unwrap_or_default();
+    let conversation = conversation(ctx.sdk_app_id, from, to);
+    let id = message_id(&conversation, &msg_key);
+    let received_at = received_at(ctx);
     let msg_time_rfc3339 =
         msg_time.and_then(|t| rfc3339(OffsetDateTime::from_unix_timestamp(t).ok()));
 
     let record = Record {
         schema: SCHEMA,
         id: &id,
+        source: ctx.source,
         sdk_app_id: ctx.sdk_app_id,
-        callback_command: CallbackCommand::C2C_AFTER_SEND_MSG,
+        callback_command: Relayed::AfterSendMsg.as_str(),
         msg_key: &msg_key,
         msg_key_derived,
         msg_id: b.str("MsgId")?,
@@ -193,31 +245,11 @@ pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output,
     // Serializing borrowed strs, numbers and `Value`s cannot fail.
     let value = serde_json::to_vec(&record).unwrap_or_default();
 
-    let key = match ctx.key_mode {
-        KeyMode::MsgKey => msg_key.as_str().to_owned(),
-        KeyMode::Conversation => conversation,
-    };
-    let headers = vec![
-        ("ce_specversion", "1.0".to_owned()),
-        ("ce_id", id.clone()),
-        ("ce_source", format!("/tencent-im/{}", ctx.sdk_app_id)),
-        ("ce_type", EVENT_TYPE.to_owned()),
-        // CloudEvents `time` is when the occurrence happened: the send time when we have it.
-        (
-            "ce_time",
-            msg_time_rfc3339.unwrap_or_else(|| received_at.clone()),
-        ),
-        ("content-type", "application/json".to_owned()),
-        ("im_sdk_app_id", ctx.sdk_app_id.to_string()),
-        (
-            "im_callback_command",
-            CallbackCommand::C2C_AFTER_SEND_MSG.to_owned(),
-        ),
-    ];
-    let untyped_elements = elements
-        .iter()
-        .filter(|e| matches!(e.kind, Kind::Unknown { .. }))
-        .count();
+    let key = message_key(ctx.key_mode, &msg_key, &conversation);
+    // CloudEvents `time` is when the occurrence happened: the send time when we have it.
+    let time = msg_time_rfc3339.unwrap_or_else(|| received_at.clone());
+    let headers = headers(ctx, &id, EVENT_TYPE, time, Relayed::AfterSendMsg);
+    let untyped_elements = untyped(&elements);
     let stats = Stats {
         element_types: elements.iter().map(|e| e.kind.label()).collect(),
         delivered: record.delivered,
@@ -228,13 +260,76 @@ pub fn normalize(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output,
         to: to.as_str().to_owned(),
     };
     Ok(Output {
+        target: Target::Messages,
         id,
         key,
         value,
         headers,
         untyped_elements,
-        stats,
+        stats: Some(stats),
     })
+}
+
+/// `SdkAppid:min(a,b):max(a,b)`: one conversation, whichever side speaks.
+fn conversation(app: SdkAppId, a: UserId<'_>, b: UserId<'_>) -> String {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    format!("{app}:{}:{}", lo.as_str(), hi.as_str())
+}
+
+/// A message's record id (and the join key of its lifecycle events):
+/// `SdkAppid:min(From,To):max(From,To):MsgKey`.
+fn message_id(conversation: &str, key: &MsgKey<'_>) -> String {
+    format!("{conversation}:{}", key.as_str())
+}
+
+/// A message and its own events share a key, so they share a partition.
+fn message_key(mode: KeyMode, key: &MsgKey<'_>, conversation: &str) -> String {
+    match mode {
+        KeyMode::MsgKey => key.as_str().to_owned(),
+        KeyMode::Conversation => conversation.to_owned(),
+    }
+}
+
+/// Millisecond precision: enough to order arrivals, and a stable width for consumers.
+fn received_at(ctx: &Context<'_>) -> String {
+    let at = ctx.received_at;
+    rfc3339(at.replace_millisecond(at.millisecond()).ok()).unwrap_or_default()
+}
+
+fn untyped(elements: &[Element<'_>]) -> usize {
+    elements
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Unknown { .. }))
+        .count()
+}
+
+/// The CloudEvents (binary mode) and im-relay headers every relayed record carries.
+fn headers(
+    ctx: &Context<'_>,
+    id: &str,
+    event_type: &'static str,
+    time: String,
+    command: Relayed,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        ("ce_specversion", "1.0".to_owned()),
+        ("ce_id", id.to_owned()),
+        ("ce_source", format!("/tencent-im/{}", ctx.sdk_app_id)),
+        ("ce_type", event_type.to_owned()),
+        ("ce_time", time),
+        ("content-type", "application/json".to_owned()),
+        ("im_sdk_app_id", ctx.sdk_app_id.to_string()),
+        ("im_callback_command", command.as_str().to_owned()),
+    ];
+    if ctx.source == Source::Backfill {
+        headers.push(("im_source", "backfill".to_owned()));
+    }
+    headers
+}
+
+/// Unix milliseconds as RFC 3339 (CloudEvents `time`).
+fn rfc3339_ms(ms: i64) -> Option<String> {
+    rfc3339(OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
 }
 
 fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
@@ -254,10 +349,18 @@ fn derive_msg_key(
     if let (Some(s), Some(r), Some(t)) = (seq, random, time) {
         return MsgKey::derived(format!("{s}_{r}_{t}"));
     }
+    MsgKey::derived(digest_of(&[&Value::Object(body.clone())]))
+}
+
+/// `sha256_` and 32 hex digits of the canonical form of `values`, for ids that must agree
+/// between retries of the same callback whatever order its keys came in.
+fn digest_of(values: &[&Value]) -> String {
     let mut hasher = Sha256::new();
-    hash_canonical(&mut hasher, &Value::Object(body.clone()));
+    for v in values {
+        hash_canonical(&mut hasher, v);
+    }
     let digest = hasher.finalize();
-    MsgKey::derived(format!("sha256_{}", hex::encode(&digest[..16])))
+    format!("sha256_{}", hex::encode(&digest[..16]))
 }
 
 /// Feeds `v` to the hasher with object keys sorted, whatever order the map keeps them in.

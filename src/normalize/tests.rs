@@ -10,7 +10,6 @@ const DOC_SAMPLE: &str = include_str!("../../tests/fixtures/doc_sample.json");
 const ALL_ELEMENTS: &str = include_str!("../../tests/fixtures/all_elements.json");
 const LEGACY_MINIMAL: &str = include_str!("../../tests/fixtures/legacy_minimal.json");
 const NO_KEY_NO_SEQ: &str = include_str!("../../tests/fixtures/no_key_no_seq.json");
-const SCHEMA_TEXT: &str = include_str!("../../schema/c2c-message.v1.json");
 
 fn ctx(key_mode: KeyMode) -> Context<'static> {
     Context {
@@ -19,6 +18,7 @@ fn ctx(key_mode: KeyMode) -> Context<'static> {
         opt_platform: Some("iOS"),
         received_at: datetime!(2026-11-25 12:00:00.123456 UTC),
         key_mode,
+        source: Source::Callback,
     }
 }
 
@@ -30,14 +30,19 @@ fn body(text: &str) -> Map<String, Value> {
 }
 
 fn run(text: &str) -> (Output, Value) {
-    let out = normalize(&ctx(KeyMode::MsgKey), &body(text)).expect("normalizes");
+    let out = after_send(&ctx(KeyMode::MsgKey), &body(text)).expect("normalizes");
     let record: Value = serde_json::from_slice(&out.value).expect("record is JSON");
     assert_valid(&record);
     (out, record)
 }
 
 fn assert_valid(record: &Value) {
-    let schema: Value = serde_json::from_str(SCHEMA_TEXT).expect("schema is JSON");
+    let name = record["schema"].as_str().expect("a schema name");
+    let (_, text) = SCHEMAS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a published schema");
+    let schema: Value = serde_json::from_str(text).expect("schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
     let errors: Vec<String> = validator
         .iter_errors(record)
@@ -57,7 +62,8 @@ fn doc_sample_field_by_field() {
     assert_eq!(out.key, "48374_2837546_1557481126");
     assert_eq!(out.untyped_elements, 0);
     let expected = json!({
-        "schema": "im-relay.c2c-message.v1",
+        "schema": "im-relay.c2c-message.v2",
+        "source": "callback",
         "id": id,
         "sdk_app_id": 1400000000u64,
         "callback_command": "C2C.CallbackAfterSendMsg",
@@ -225,8 +231,8 @@ fn conversation_keys_are_the_same_in_both_directions() {
     let mut back = there.clone();
     back.insert("From_Account".into(), json!("Jonh"));
     back.insert("To_Account".into(), json!("jared"));
-    let a = normalize(&ctx(KeyMode::Conversation), &there).unwrap();
-    let b = normalize(&ctx(KeyMode::Conversation), &back).unwrap();
+    let a = after_send(&ctx(KeyMode::Conversation), &there).unwrap();
+    let b = after_send(&ctx(KeyMode::Conversation), &back).unwrap();
     assert_eq!(a.key, "1400000000:Jonh:jared");
     assert_eq!(a.key, b.key);
     // Same MsgKey, same conversation: same dedup id whichever way it is told.
@@ -283,7 +289,7 @@ fn messages_we_cannot_relay_name_the_field() {
     ];
     for (v, want) in cases {
         let Value::Object(m) = v else { unreachable!() };
-        let err = normalize(&ctx(KeyMode::MsgKey), m).unwrap_err();
+        let err = after_send(&ctx(KeyMode::MsgKey), m).unwrap_err();
         assert_eq!(err.to_string(), *want, "{v}");
     }
 }
@@ -295,12 +301,29 @@ mod properties {
 
     use super::*;
 
-    fn validator() -> &'static jsonschema::Validator {
-        static V: OnceLock<jsonschema::Validator> = OnceLock::new();
+    /// The validator of each published schema, by name.
+    fn validators() -> &'static Vec<(&'static str, jsonschema::Validator)> {
+        static V: OnceLock<Vec<(&'static str, jsonschema::Validator)>> = OnceLock::new();
         V.get_or_init(|| {
-            let schema: Value = serde_json::from_str(SCHEMA_TEXT).unwrap();
-            jsonschema::validator_for(&schema).unwrap()
+            SCHEMAS
+                .iter()
+                .map(|(name, text)| {
+                    let schema: Value = serde_json::from_str(text).unwrap();
+                    (*name, jsonschema::validator_for(&schema).unwrap())
+                })
+                .collect()
         })
+    }
+
+    fn validator() -> &'static jsonschema::Validator {
+        &validators()[0].1
+    }
+
+    fn valid(record: &Value) -> bool {
+        let name = record["schema"].as_str().unwrap_or_default();
+        validators()
+            .iter()
+            .any(|(n, v)| *n == name && v.is_valid(record))
     }
 
     fn any_json() -> impl Strategy<Value = Value> {
@@ -346,6 +369,12 @@ mod properties {
                 "Size",
                 "OnlineOnlyFlag",
                 "URL",
+                "Operator_Account",
+                "Report_Account",
+                "Peer_Account",
+                "LastReadTime",
+                "C2CMsgInfo",
+                "EventTime",
             ])
             .prop_map(str::to_owned),
             ".{0,8}",
@@ -376,13 +405,20 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
-        /// Whatever the JSON, normalize answers: a record or an error naming a field.
+        /// Whatever the JSON and the command, normalize answers: records that validate
+        /// against their kind's schema, or an error naming a field.
         #[test]
         fn never_panics_and_records_always_validate(body in prop::collection::btree_map(field_name(), any_json(), 0..10)) {
             let body: Map<String, Value> = body.into_iter().collect();
-            if let Ok(out) = normalize(&ctx(KeyMode::MsgKey), &body) {
-                let record: Value = serde_json::from_slice(&out.value).unwrap();
-                prop_assert!(validator().is_valid(&record), "{record:#}");
+            for command in Relayed::ALL {
+                if let Ok(records) = normalize(&ctx(KeyMode::MsgKey), command, &body) {
+                    prop_assert!(!records.is_empty());
+                    for out in records {
+                        let record: Value = serde_json::from_slice(&out.value).unwrap();
+                        prop_assert!(valid(&record), "{record:#}");
+                        prop_assert_eq!(record["id"].as_str(), Some(out.id.as_str()));
+                    }
+                }
             }
         }
 
@@ -408,7 +444,7 @@ mod properties {
             for (k, v) in extra {
                 body.entry(k).or_insert(v);
             }
-            let out = normalize(&ctx(KeyMode::MsgKey), &body).unwrap();
+            let out = after_send(&ctx(KeyMode::MsgKey), &body).unwrap();
             let r: Value = serde_json::from_slice(&out.value).unwrap();
             prop_assert!(validator().is_valid(&r), "{r:#}");
             prop_assert_eq!(&r["from_account"], &Value::from(from));
@@ -419,6 +455,202 @@ mod properties {
             let expected_key = key.unwrap_or_else(|| format!("{seq}_{random}_{time}"));
             prop_assert_eq!(&out.key, &expected_key);
             prop_assert_eq!(r["elements"].as_array().unwrap().len(), body["MsgBody"].as_array().unwrap().len());
+        }
+    }
+}
+
+mod lifecycle {
+    use super::*;
+
+    const RECALL: &str = include_str!("../../tests/fixtures/recall.json");
+    const EDIT: &str = include_str!("../../tests/fixtures/edit.json");
+    const READ_REPORT: &str = include_str!("../../tests/fixtures/read_report.json");
+    const READ_RECEIPT: &str = include_str!("../../tests/fixtures/read_receipt.json");
+
+    fn records(command: Relayed, text: &str, mode: KeyMode) -> Vec<(Output, Value)> {
+        normalize(&ctx(mode), command, &body(text))
+            .expect("normalizes")
+            .into_iter()
+            .map(|out| {
+                let record: Value = serde_json::from_slice(&out.value).expect("JSON");
+                assert_valid(&record);
+                (out, record)
+            })
+            .collect()
+    }
+
+    fn one(command: Relayed, text: &str) -> (Output, Value) {
+        let mut all = records(command, text, KeyMode::MsgKey);
+        assert_eq!(all.len(), 1);
+        all.remove(0)
+    }
+
+    fn header<'a>(out: &'a Output, name: &str) -> Option<&'a str> {
+        out.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn without(text: &str, field: &str) -> Map<String, Value> {
+        let mut b = body(text);
+        b.remove(field);
+        b
+    }
+
+    #[test]
+    fn a_recall_joins_its_message_and_is_keyed_like_it() {
+        let (message, _) = run(DOC_SAMPLE);
+        let (out, r) = one(Relayed::AfterMsgWithDraw, RECALL);
+        // The same message as the doc sample: the recall names it by its record id.
+        assert_eq!(r["message_id"], message.id.as_str());
+        assert_eq!(out.id, format!("{}#recall", message.id));
+        assert_eq!(r["id"], out.id.as_str());
+        assert_eq!(out.key, message.key);
+        assert_eq!(out.target, Target::Recalls);
+        assert_eq!(r["event_time_ms"], 1670574414123i64);
+        assert_eq!(r["unread_msg_num"], 7);
+        assert_eq!(r["source"], "callback");
+        assert_eq!(
+            header(&out, "ce_type"),
+            Some("com.tencent.im.c2c.after_msg_withdraw.v1")
+        );
+        assert_eq!(header(&out, "ce_time"), Some("2022-12-09T08:26:54.123Z"));
+        assert_eq!(
+            header(&out, "im_callback_command"),
+            Some("C2C.CallbackAfterMsgWithDraw")
+        );
+        // A recall rebuilt from history has no EventTime: same id.
+        let bare = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgWithDraw,
+            &without(RECALL, "EventTime"),
+        )
+        .unwrap();
+        assert_eq!(bare[0].id, out.id);
+        // Keyed by conversation, like its message.
+        let conv = records(Relayed::AfterMsgWithDraw, RECALL, KeyMode::Conversation);
+        assert_eq!(conv[0].0.key, "1400000000:Jonh:jared");
+        // MsgKey is the only join: required.
+        let err = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgWithDraw,
+            &without(RECALL, "MsgKey"),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "MsgKey is missing");
+    }
+
+    #[test]
+    fn an_edit_is_identified_by_its_time_or_its_content() {
+        let (out, r) = one(Relayed::AfterModifyMsg, EDIT);
+        let message = "1400000000:Jonh:jared:609_690_1769771529";
+        assert_eq!(r["message_id"], message);
+        assert_eq!(out.id, format!("{message}#edit@1769772027036"));
+        assert_eq!(out.key, "609_690_1769771529");
+        assert_eq!(out.target, Target::Edits);
+        assert_eq!(r["elements"][0]["text"], "edited text");
+        assert_eq!(r["cloud_custom_data"], "1769772027");
+        assert_eq!(r["operator_account"], "jared");
+        // Without EventTime: a digest of the new content, the same whatever the key order,
+        // different for different content.
+        let timeless = without(EDIT, "EventTime");
+        let a = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterModifyMsg, &timeless).unwrap();
+        let reordered: Map<String, Value> = timeless.clone().into_iter().rev().collect();
+        let b = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterModifyMsg, &reordered).unwrap();
+        assert_eq!(a[0].id, b[0].id);
+        assert!(a[0].id.starts_with(&format!("{message}#edit@sha256_")));
+        let mut other = timeless.clone();
+        other.insert("CloudCustomData".into(), json!("else"));
+        let c = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterModifyMsg, &other).unwrap();
+        assert_ne!(a[0].id, c[0].id);
+        // Only CloudCustomData edited: elements null, not "now empty".
+        let r = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterModifyMsg,
+            &without(EDIT, "MsgBody"),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&r[0].value).unwrap();
+        assert_valid(&v);
+        assert_eq!(v["elements"], Value::Null);
+        // No MsgKey: derived from MsgSeq/MsgRandom/MsgTime like after-send's; with none of
+        // them it cannot be joined and is refused.
+        let derived = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterModifyMsg,
+            &without(EDIT, "MsgKey"),
+        )
+        .unwrap();
+        assert_eq!(derived[0].key, "609_690_1769771529");
+        let mut lost = without(EDIT, "MsgKey");
+        lost.remove("MsgSeq");
+        let err = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterModifyMsg, &lost).unwrap_err();
+        assert_eq!(err.to_string(), "MsgKey is missing");
+    }
+
+    #[test]
+    fn a_read_report_is_a_watermark_keyed_by_its_conversation() {
+        let (out, r) = one(Relayed::AfterMsgReport, READ_REPORT);
+        assert_eq!(out.id, "1400000000:jared:Jonh#read_report@1614754606");
+        assert_eq!(out.key, "1400000000:Jonh:jared");
+        assert_eq!(r["conversation"], "1400000000:Jonh:jared");
+        assert_eq!(r["report_account"], "jared");
+        assert_eq!(r["peer_account"], "Jonh");
+        assert_eq!(r["last_read_time"], 1614754606);
+        assert_eq!(out.target, Target::ReadReports);
+        // Keyed by conversation whatever the key mode: it has no MsgKey.
+        let conv = records(Relayed::AfterMsgReport, READ_REPORT, KeyMode::Conversation);
+        assert_eq!(conv[0].0.key, out.key);
+        let err = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgReport,
+            &without(READ_REPORT, "LastReadTime"),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "LastReadTime is missing");
+    }
+
+    #[test]
+    fn a_read_receipt_becomes_one_record_per_message() {
+        let all = records(Relayed::AfterMsgReadReceipt, READ_RECEIPT, KeyMode::MsgKey);
+        assert_eq!(all.len(), 2);
+        let (first, r) = &all[0];
+        assert_eq!(
+            first.id,
+            "1400000000:Jonh:jared:33973751_24064952_1769139583#read_receipt"
+        );
+        assert_eq!(first.key, "33973751_24064952_1769139583");
+        assert_eq!(r["msg_id"], "144115433090395387-1769139578-24064952");
+        assert_eq!(r["operator_account"], "jared");
+        assert_eq!(first.target, Target::ReadReceipts);
+        assert_eq!(all[1].0.key, "33973752_1_1769139584");
+        assert_eq!(all[1].1["msg_id"], Value::Null);
+        for (bad, want) in [
+            (json!([]), "C2CMsgInfo must name at least one message"),
+            (json!([1]), "C2CMsgInfo must hold objects only"),
+            (
+                json!([{"From_Account": "a", "To_Account": "b"}]),
+                "MsgKey is missing",
+            ),
+        ] {
+            let mut b = body(READ_RECEIPT);
+            b.insert("C2CMsgInfo".into(), bad);
+            let err = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterMsgReadReceipt, &b);
+            assert_eq!(err.unwrap_err().to_string(), want);
+        }
+    }
+
+    #[test]
+    fn elements_that_are_not_objects_are_refused_by_every_command_that_has_them() {
+        for (command, text) in [
+            (Relayed::AfterSendMsg, DOC_SAMPLE),
+            (Relayed::AfterModifyMsg, EDIT),
+        ] {
+            let mut b = body(text);
+            b.insert("MsgBody".into(), json!([1, 2]));
+            let err = normalize(&ctx(KeyMode::MsgKey), command, &b).unwrap_err();
+            assert_eq!(err.to_string(), "MsgBody must hold objects only");
         }
     }
 }

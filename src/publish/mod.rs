@@ -90,13 +90,6 @@ pub enum SendError {
     Failed(Failure),
 }
 
-fn topic(kafka: &KafkaConfig, target: Target) -> &str {
-    match target {
-        Target::Messages => &kafka.topic,
-        Target::Quarantine => &kafka.quarantine_topic,
-    }
-}
-
 /// Records refused by both topics held in memory while their dead-letter write fails (a
 /// full disk), beyond the in-flight bound. Past it, reading stops until the disk has room.
 const MAX_DEAD_LETTERS_WAITING: usize = 1024;
@@ -321,7 +314,7 @@ impl<S: Sink> Publisher<S> {
             return reason;
         }
         let target = self.ledger.entry(seq)?.target;
-        let reason = self.sink.explain(topic(&self.cfg.kafka, target));
+        let reason = self.sink.explain(self.cfg.kafka.topic_for(target));
         self.explained = Some((now, reason));
         reason
     }
@@ -333,7 +326,11 @@ impl<S: Sink> Publisher<S> {
             return;
         };
         match entry.target {
-            Target::Messages => {
+            Target::Messages
+            | Target::Recalls
+            | Target::Edits
+            | Target::ReadReports
+            | Target::ReadReceipts => {
                 RecordRefused { error: &error }.emit();
                 entry.quarantine("kafka_refused", error);
                 self.ledger.resend(seq, now);
@@ -468,7 +465,7 @@ impl<S: Sink> Publisher<S> {
             };
             match self
                 .sink
-                .send(topic(&self.cfg.kafka, entry.target), seq, entry)
+                .send(self.cfg.kafka.topic_for(entry.target), seq, entry)
             {
                 Ok(()) => self.ledger.sent(seq),
                 Err(SendError::QueueFull) => {

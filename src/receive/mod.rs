@@ -12,6 +12,7 @@ mod dedup;
 pub mod json;
 mod source;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,15 +32,15 @@ pub use dedup::DedupWindow;
 pub use source::SourcePolicy;
 
 use crate::config::Config;
-use crate::domain::CallbackCommand;
+use crate::domain::{CallbackCommand, Relayed};
 use crate::error::{Ack, Reason, Rejection};
-use crate::normalize::{self, KeyMode};
+use crate::normalize::{self, KeyMode, Source};
 use crate::record::{Quarantined, Record};
 use crate::spool::{AppendError, Appender};
 use crate::telemetry::Event as _;
 use crate::telemetry::{
     CallbackFinished, CallbackIgnored, CallbackQuarantined, CallbackReceived, CallbackRejected,
-    ElementsUntyped, MessageAccepted, Outcome,
+    ElementsUntyped, MessageAccepted, Outcome, RecordsAccepted,
 };
 use crate::validate::{CallbackQuery, Verifier};
 
@@ -52,6 +53,8 @@ pub struct Receiver {
     /// Signed requests seen within the freshness window (digest of query and body).
     pub replays: Mutex<DedupWindow>,
     pub key_mode: KeyMode,
+    /// The commands relayed; the others are answered `OK` and counted.
+    pub relay_commands: BTreeSet<Relayed>,
     pub max_body_bytes: usize,
     /// Time the body may take to arrive (headers are bounded by the server).
     pub request_timeout: std::time::Duration,
@@ -85,6 +88,7 @@ impl Receiver {
                 2 * config.sign_max_skew + Duration::from_secs(1),
             )),
             key_mode: config.kafka.key,
+            relay_commands: config.relay_commands.clone(),
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
             // Room for the headers and the batch overhead Kafka counts too.
@@ -253,51 +257,93 @@ async fn relay(
         Some(Value::String(c)) if c == query.command.as_str() => {}
         Some(_) => return quarantine(Reason::CommandMismatch.into()).keep().await,
     }
-    if let CallbackCommand::Other(command) = &query.command {
-        CallbackIgnored { command }.emit();
-        return Ok(Outcome::Ignored);
-    }
+    let command = match &query.command {
+        CallbackCommand::Relayed(r) if receiver.relay_commands.contains(r) => *r,
+        // Before-callbacks too: answered `OK` at once, as a recorder must (its answer could
+        // block or change the message).
+        other => {
+            CallbackIgnored {
+                command: other.as_str(),
+            }
+            .emit();
+            return Ok(Outcome::Ignored);
+        }
+    };
     let ctx = normalize::Context {
         sdk_app_id: query.sdk_app_id,
         client_ip: query.client_ip.as_deref(),
         opt_platform: query.opt_platform.as_deref(),
         received_at,
         key_mode: receiver.key_mode,
+        source: Source::Callback,
     };
-    let record = match normalize::normalize(&ctx, &body) {
+    let records = match normalize::normalize(&ctx, command, &body) {
         Ok(r) => r,
         Err(e) => {
             let r = Rejection::with_detail(Reason::InvalidMessage, e.to_string());
             return quarantine(r).keep().await;
         }
     };
-    if record.value.len() > receiver.max_record_bytes {
+    if records
+        .iter()
+        .any(|r| r.value.len() > receiver.max_record_bytes)
+    {
         return quarantine(Reason::RecordTooLarge.into()).keep().await;
     }
-    ElementsUntyped(record.untyped_elements).emit();
+    ElementsUntyped(records.iter().map(|r| r.untyped_elements).sum()).emit();
     let now = Instant::now();
-    if lock(&receiver.dedup).contains(&record.id, now) {
+    // A retried read receipt may add messages to what an earlier one covered: only the new
+    // ones are appended.
+    let fresh: Vec<_> = {
+        let mut dedup = lock(&receiver.dedup);
+        records
+            .into_iter()
+            .filter(|r| !dedup.contains(&r.id, now))
+            .collect()
+    };
+    if fresh.is_empty() {
         return Ok(Outcome::Duplicate);
     }
-    let message = Record::message(
-        record.key,
-        record.headers,
-        record.value,
-        received_at,
-        traceparent,
-    );
-    append(receiver, message).await?;
-    lock(&receiver.dedup).insert(&record.id, now);
-    let s = &record.stats;
-    MessageAccepted {
-        element_types: &s.element_types,
-        delivered: s.delivered,
-        online_only: s.online_only,
-        age_seconds: s.age_seconds,
-        from: &s.from,
-        to: &s.to,
+    let records = fresh.len();
+    let mut ids = Vec::with_capacity(records);
+    let mut stats = Vec::new();
+    let mut entries = Vec::with_capacity(records);
+    for r in fresh {
+        let record = Record::message(
+            r.target,
+            r.key,
+            r.headers,
+            r.value,
+            received_at,
+            traceparent.clone(),
+        );
+        entries.push(record.encode());
+        ids.push(r.id);
+        stats.extend(r.stats);
+    }
+    append(receiver, entries).await?;
+    {
+        let mut dedup = lock(&receiver.dedup);
+        for id in &ids {
+            dedup.insert(id, now);
+        }
+    }
+    RecordsAccepted {
+        command: command.label(),
+        records,
     }
     .emit();
+    for s in &stats {
+        MessageAccepted {
+            element_types: &s.element_types,
+            delivered: s.delivered,
+            online_only: s.online_only,
+            age_seconds: s.age_seconds,
+            from: &s.from,
+            to: &s.to,
+        }
+        .emit();
+    }
     Ok(Outcome::Accepted)
 }
 
@@ -306,13 +352,12 @@ fn lock(m: &Mutex<DedupWindow>) -> std::sync::MutexGuard<'_, DedupWindow> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `OK` only once the record is in the spool; a disk that does not answer in time gets the
-/// sender a 503 (the write may still land later: a duplicate at worst, never a loss).
-async fn append(receiver: &Receiver, entry: Record) -> Result<u64, Rejection> {
-    let appended = tokio::time::timeout(
-        receiver.append_timeout,
-        receiver.spool.append(entry.encode()),
-    );
+/// `OK` only once the records are in the spool (all of them, or none is acknowledged); a disk
+/// that does not answer in time gets the sender a 503 (the write may still land later: a
+/// duplicate at worst, never a loss).
+async fn append(receiver: &Receiver, entries: Vec<Vec<u8>>) -> Result<u64, Rejection> {
+    let appended =
+        tokio::time::timeout(receiver.append_timeout, receiver.spool.append_all(entries));
     match appended.await {
         Ok(Ok(seq)) => Ok(seq),
         Ok(Err(AppendError::Full)) => Err(Reason::SpoolFull.into()),
@@ -345,7 +390,7 @@ impl Quarantine<'_> {
                 received_at: self.received_at,
             },
         );
-        append(self.receiver, entry).await?;
+        append(self.receiver, vec![entry.encode()]).await?;
         CallbackQuarantined {
             reason: self.rejection.reason,
         }

@@ -230,7 +230,8 @@ impl Shared {
 }
 
 struct AppendRequest {
-    payload: Vec<u8>,
+    /// Written together, in one frame run: all or none acknowledged.
+    payloads: Vec<Vec<u8>>,
     reply: oneshot::Sender<Result<u64, AppendError>>,
 }
 
@@ -244,9 +245,16 @@ impl Appender {
     /// Appends one record; returns its sequence number once it is written (and synced, with
     /// `Fsync::Always`).
     pub async fn append(&self, payload: Vec<u8>) -> Result<u64, AppendError> {
+        self.append_all(vec![payload]).await
+    }
+
+    /// Appends records that stand or fall together (the messages one read receipt covers):
+    /// one write, one space check for all of them, one answer — the first one's sequence
+    /// number, or why none was acknowledged.
+    pub async fn append_all(&self, payloads: Vec<Vec<u8>>) -> Result<u64, AppendError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(AppendRequest { payload, reply })
+            .send(AppendRequest { payloads, reply })
             .map_err(|_| AppendError::writer_stopped())?;
         answer
             .await

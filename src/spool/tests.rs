@@ -216,6 +216,48 @@ async fn a_full_spool_refuses_without_damage_and_takes_again_after_delivery() {
     close(s);
 }
 
+#[tokio::test]
+async fn a_group_is_taken_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        max_bytes: 2000,
+        segment_bytes: 1000,
+        ..config(dir.path())
+    };
+    let mut s = open_quiet(&cfg);
+    // Three numbered together, read back in order.
+    let first = s
+        .appender
+        .append_all(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(&mut s.reader),
+        vec![
+            (first, b"a".to_vec()),
+            (first + 1, b"b".to_vec()),
+            (first + 2, b"c".to_vec())
+        ]
+    );
+    // Fill until only a few hundred bytes are left, then ask for more than that in one
+    // group whose first members would fit alone: none of it is written.
+    while s.shared.bytes() < 1500 {
+        s.appender.append(vec![b'x'; 100]).await.unwrap();
+    }
+    let before = s.shared.bytes();
+    let group = vec![vec![b'g'; 150]; 4];
+    assert!(matches!(
+        s.appender.append_all(group).await,
+        Err(AppendError::Full)
+    ));
+    assert_eq!(s.shared.bytes(), before);
+    let next = s.appender.append(b"fits".to_vec()).await.unwrap();
+    let read = read_all(&mut s.reader);
+    assert!(read.iter().all(|(_, p)| p.first() != Some(&b'g')));
+    assert_eq!(read.last(), Some(&(next, b"fits".to_vec())));
+    close(s);
+}
+
 #[test]
 fn one_relay_per_directory() {
     let dir = tempfile::tempdir().unwrap();

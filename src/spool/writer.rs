@@ -95,8 +95,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let payloads: Vec<&[u8]> = batch.iter().map(|r| r.payload.as_slice()).collect();
-            let results = self.write_batch(&payloads, &mut buf);
+            let groups: Vec<&[Vec<u8>]> = batch.iter().map(|r| r.payloads.as_slice()).collect();
+            let results = self.write_batch(&groups, &mut buf);
             let wrote = results.iter().any(Result::is_ok);
             for (req, result) in batch.into_iter().zip(results) {
                 let _ = req.reply.send(result);
@@ -117,31 +117,38 @@ impl Writer {
         }
     }
 
-    /// Writes `payloads` as one batch; each gets its sequence number, or why it was refused.
+    /// Writes `groups` as one batch; each group gets its first sequence number, or why none of
+    /// it was taken (a group is checked for room as a whole, so it is never cut in two).
     pub(super) fn write_batch(
         &mut self,
-        payloads: &[&[u8]],
+        groups: &[&[Vec<u8>]],
         buf: &mut Vec<u8>,
     ) -> Vec<Result<u64, AppendError>> {
         buf.clear();
         let total = self.shared.bytes();
         let mut seq = self.next_seq;
-        let mut results: Vec<Result<u64, AppendError>> = payloads
+        let mut results: Vec<Result<u64, AppendError>> = groups
             .iter()
-            .map(|payload| {
-                let size = (frame::HEADER_BYTES + payload.len()) as u64;
-                if payload.len() > frame::MAX_PAYLOAD_BYTES {
+            .map(|group| {
+                if group.is_empty() || group.iter().any(|p| p.len() > frame::MAX_PAYLOAD_BYTES) {
                     return Err(AppendError::Io {
                         kind: io::ErrorKind::InvalidInput,
                         message: "record too large".into(),
                     });
                 }
+                let size: u64 = group
+                    .iter()
+                    .map(|p| (frame::HEADER_BYTES + p.len()) as u64)
+                    .sum();
                 if total + buf.len() as u64 + size > self.shared.max_bytes {
                     return Err(AppendError::Full);
                 }
-                frame::encode(seq, payload, buf);
-                seq += 1;
-                Ok(seq - 1)
+                let first = seq;
+                for payload in group.iter() {
+                    frame::encode(seq, payload, buf);
+                    seq += 1;
+                }
+                Ok(first)
             })
             .collect();
         if buf.is_empty() {

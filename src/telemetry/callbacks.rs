@@ -209,6 +209,20 @@ impl Event for ConnectionRefused {
     }
 }
 
+/// Records a relayed callback put in the spool, by command (a read receipt brings one per
+/// message it covers).
+pub struct RecordsAccepted {
+    pub command: &'static str,
+    pub records: usize,
+}
+
+impl Event for RecordsAccepted {
+    fn emit(&self) {
+        counter!("im_relay_records_accepted_total", "command" => self.command)
+            .increment(self.records as u64);
+    }
+}
+
 /// Elements kept raw because their type or shape was not one we know.
 pub struct ElementsUntyped(pub usize);
 

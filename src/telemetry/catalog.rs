@@ -38,6 +38,8 @@ pub const METRICS: &[Metric] = &[
     // Callbacks.
     m("im_relay_callbacks_received_total", Counter, &["command"],
         "Authenticated callbacks received, by command."),
+    m("im_relay_records_accepted_total", Counter, &["command"],
+        "Records spooled from relayed callbacks, by command (a read receipt: one per message it covers)."),
     m("im_relay_callbacks_total", Counter, &["outcome"],
         "Callbacks answered: accepted, ignored (a command not relayed), duplicate, replayed, rejected."),
     m("im_relay_callbacks_rejected_total", Counter, &["reason"],

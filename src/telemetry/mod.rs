@@ -132,7 +132,7 @@ pub fn register_alerting_counters() {
     }
     // ImRelayNoCallbacks watches it: at 0 from startup, so a relay that never hears from
     // Tencent alerts too.
-    let after_send = crate::domain::CallbackCommand::C2cAfterSendMsg.label();
+    let after_send = crate::domain::Relayed::AfterSendMsg.label();
     counter!("im_relay_callbacks_received_total", "command" => after_send).increment(0);
     for r in Blocked::ALL {
         gauge!("im_relay_publish_blocked", "reason" => r.label()).set(0.0);

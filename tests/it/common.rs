@@ -27,7 +27,6 @@ pub const DOC_SAMPLE: &str = include_str!("../fixtures/doc_sample.json");
 pub const ALL_ELEMENTS: &str = include_str!("../fixtures/all_elements.json");
 pub const LEGACY_MINIMAL: &str = include_str!("../fixtures/legacy_minimal.json");
 pub const NO_KEY_NO_SEQ: &str = include_str!("../fixtures/no_key_no_seq.json");
-pub const SCHEMA: &str = include_str!("../../schema/c2c-message.v1.json");
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -402,6 +401,12 @@ impl TestApp {
         self.post(&after_send_query(), body.to_owned()).await
     }
 
+    /// POSTs `body` as a signed callback of `command`.
+    pub async fn post_command(&self, command: &str, body: &str) -> (u16, Value) {
+        let query = signed_query(command, TOKEN, now());
+        self.post(&query, body.to_owned()).await
+    }
+
     pub async fn records(&self, want: usize) -> Vec<Received> {
         self.records_in(&self.topic, want).await
     }
@@ -461,9 +466,14 @@ pub fn ok_body() -> Value {
     serde_json::json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
 }
 
-/// Asserts `record` validates against the published schema.
+/// Asserts `record` validates against the published schema its `schema` names.
 pub fn assert_schema_valid(record: &Value) {
-    let schema: Value = serde_json::from_str(SCHEMA).expect("schema is JSON");
+    let name = record["schema"].as_str().expect("a schema name");
+    let (_, text) = im_relay::normalize::SCHEMAS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a published schema");
+    let schema: Value = serde_json::from_str(text).expect("schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
     let errors: Vec<String> = validator
         .iter_errors(record)
@@ -770,7 +780,12 @@ impl InProcess {
     }
 
     pub async fn post_signed(&self, body: &str) -> (u16, Value) {
-        let uri = format!("/im/callback?{}", after_send_query());
+        self.post_command("C2C.CallbackAfterSendMsg", body).await
+    }
+
+    /// POSTs `body` as a signed callback of `command`.
+    pub async fn post_command(&self, command: &str, body: &str) -> (u16, Value) {
+        let uri = format!("/im/callback?{}", signed_query(command, TOKEN, now()));
         self.call("POST", &uri, body.as_bytes().to_vec()).await
     }
 

@@ -22,7 +22,7 @@ async fn doc_sample_lands_in_kafka_with_key_headers_and_value() {
     assert_eq!(h("ce_specversion"), Some("1.0"));
     assert_eq!(h("ce_id"), Some(id));
     assert_eq!(h("ce_source"), Some("/tencent-im/1400000000"));
-    assert_eq!(h("ce_type"), Some("com.tencent.im.c2c.after_send_msg.v1"));
+    assert_eq!(h("ce_type"), Some("com.tencent.im.c2c.after_send_msg.v2"));
     assert_eq!(h("ce_time"), Some("2019-05-10T09:38:46Z"));
     assert_eq!(h("content-type"), Some("application/json"));
     assert_eq!(h("im_sdk_app_id"), Some("1400000000"));
@@ -30,7 +30,8 @@ async fn doc_sample_lands_in_kafka_with_key_headers_and_value() {
 
     let v = &r.value;
     assert_schema_valid(v);
-    assert_eq!(v["schema"], "im-relay.c2c-message.v1");
+    assert_eq!(v["schema"], "im-relay.c2c-message.v2");
+    assert_eq!(v["source"], "callback");
     assert_eq!(v["id"], id);
     assert_eq!(v["sdk_app_id"], 1400000000u64);
     assert_eq!(v["msg_key"], "48374_2837546_1557481126");

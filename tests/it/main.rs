@@ -10,6 +10,7 @@ mod bench;
 mod body_limit;
 mod cli;
 mod e2e;
+mod lifecycle;
 mod limits;
 mod memory;
 mod metrics;

@@ -146,6 +146,35 @@ fn cases() -> Vec<Case> {
             sign(t),
             good.replace("\"MsgSeq\":1", "\"MsgSeq\":\"one\""),
         ),
+        // Elements that are not objects are not "unknown elements": refused, kept in
+        // quarantine.
+        case(
+            Reason::InvalidMessage,
+            sign(t),
+            json!({"From_Account": "alice", "To_Account": "bob", "MsgBody": [1, 2]}).to_string(),
+        ),
+        // The lifecycle commands are held to the same rules.
+        case(
+            Reason::InvalidMessage,
+            signed_query("C2C.CallbackAfterMsgWithDraw", TOKEN, t),
+            json!({"From_Account": "alice", "To_Account": "bob"}).to_string(),
+        ),
+        case(
+            Reason::CommandMismatch,
+            signed_query("C2C.CallbackAfterModifyMsg", TOKEN, t),
+            good.clone(),
+        ),
+        // A control character in a query value we carry into the record.
+        case(
+            Reason::InvalidQueryParam,
+            sign(t).replace("OptPlatform=Android", "OptPlatform=iOS%00x"),
+            good.clone(),
+        ),
+        case(
+            Reason::InvalidQueryParam,
+            sign(t).replace("ClientIP=203.0.113.7", "ClientIP=203.0.113.7%0D%0Ax"),
+            good.clone(),
+        ),
         // Methods and paths.
         Case {
             method: "DELETE",
@@ -312,7 +341,7 @@ async fn every_reason_has_its_status_body_and_metric_and_spools_nothing() {
     let ids: Vec<String> = app
         .spooled()
         .iter()
-        .filter(|r| r.target == im_relay::record::Target::Messages)
+        .filter(|r| r.target != im_relay::record::Target::Quarantine)
         .map(|r| {
             let (_, id) = r.headers.iter().find(|(k, _)| k == "ce_id").expect("ce_id");
             String::from_utf8(id.clone()).unwrap()

@@ -1,0 +1,248 @@
+//! A message's whole life — send, edit, recall, read report, read receipt — relayed through
+//! real HTTP into a real broker, each as its own kind of record, keyed like its message; and
+//! the commands the relay answers without publishing.
+
+use std::collections::BTreeMap;
+
+use crate::common::*;
+use im_relay::record::Target;
+use serde_json::{Value, json};
+
+const SEND: &str = "C2C.CallbackAfterSendMsg";
+const RECALL: &str = "C2C.CallbackAfterMsgWithDraw";
+const EDIT: &str = "C2C.CallbackAfterModifyMsg";
+const REPORT: &str = "C2C.CallbackAfterMsgReport";
+const RECEIPT: &str = "C2C.CallbackAfterMsgReadReceipt";
+
+/// One message from alice to bob, and the bodies of everything that happens to it.
+pub struct Life {
+    pub send: String,
+    pub other_send: String,
+    pub edit: String,
+    pub later_edit: String,
+    pub recall: String,
+    pub report: String,
+    pub receipt: String,
+}
+
+pub fn life(key: &str) -> Life {
+    let other = format!("{key}-2");
+    let send = |k: &str, text: &str| {
+        json!({
+            "CallbackCommand": SEND, "From_Account": "alice", "To_Account": "bob",
+            "MsgSeq": 1, "MsgRandom": 2, "MsgTime": 1_700_000_000, "MsgKey": k,
+            "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+            "CloudCustomData": "v0",
+        })
+        .to_string()
+    };
+    let edit = |at: i64, text: &str| {
+        json!({
+            "CallbackCommand": EDIT, "Operator_Account": "alice",
+            "From_Account": "alice", "To_Account": "bob", "MsgKey": key,
+            "MsgSeq": 1, "MsgRandom": 2, "MsgTime": 1_700_000_000, "EventTime": at,
+            "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+            "CloudCustomData": format!("v{at}"),
+        })
+        .to_string()
+    };
+    Life {
+        send: send(key, "hello"),
+        other_send: send(&other, "second"),
+        edit: edit(1_700_000_100_000, "hello, edited"),
+        later_edit: edit(1_700_000_200_000, "hello, edited twice"),
+        recall: json!({
+            "CallbackCommand": RECALL, "From_Account": "alice", "To_Account": "bob",
+            "MsgKey": key, "UnreadMsgNum": 0, "EventTime": 1_700_000_300_000i64,
+        })
+        .to_string(),
+        report: json!({
+            "CallbackCommand": REPORT, "Report_Account": "bob", "Peer_Account": "alice",
+            "LastReadTime": 1_700_000_050, "UnreadMsgNum": 0, "EventTime": 1_700_000_050_000i64,
+        })
+        .to_string(),
+        receipt: json!({
+            "CallbackCommand": RECEIPT, "Operator_Account": "bob", "Peer_Account": "alice",
+            "C2CMsgInfo": [
+                {"From_Account": "alice", "To_Account": "bob", "MsgKey": key},
+                {"From_Account": "alice", "To_Account": "bob", "MsgKey": other},
+            ],
+            "EventTime": 1_700_000_060_000i64,
+        })
+        .to_string(),
+    }
+}
+
+/// Posts every event of `life` (the recall and an edit before the message itself, retried
+/// duplicates, a before-send callback); each is answered `OK`.
+async fn post_life(app: &TestApp, l: &Life) {
+    let before_send =
+        json!({"CallbackCommand": "C2C.CallbackBeforeSendMsg", "From_Account": "alice",
+        "To_Account": "bob", "MsgBody": []})
+        .to_string();
+    for (command, body) in [
+        (RECALL, &l.recall),
+        (EDIT, &l.later_edit),
+        ("C2C.CallbackBeforeSendMsg", &before_send),
+        (SEND, &l.send),
+        (SEND, &l.other_send),
+        (EDIT, &l.edit),
+        (EDIT, &l.edit),
+        (REPORT, &l.report),
+        (RECEIPT, &l.receipt),
+        (RECEIPT, &l.receipt),
+        (RECALL, &l.recall),
+    ] {
+        assert_eq!(
+            app.post_command(command, body).await,
+            (200, ok_body()),
+            "{command}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_s_whole_life_reaches_kafka_keyed_like_the_message() {
+    let broker = Broker::start();
+    let recalls = format!("im.c2c.recalls-{}", unique());
+    broker.create_topic(&recalls).await;
+    // Its own process: the metric counts below are exact.
+    let app = spawn_process_app(&broker, &[("IM_RELAY_RECALL_TOPIC", recalls.as_str())]).await;
+    let l = life("m1");
+    post_life(&app, &l).await;
+
+    // Two messages, two edits, a read report, a receipt per message; duplicates not again.
+    let records = app.records(7).await;
+    let mut by_id: BTreeMap<String, &Received> = BTreeMap::new();
+    for r in &records {
+        assert_schema_valid(&r.value);
+        assert_eq!(r.headers["ce_id"], r.value["id"].as_str().unwrap());
+        assert_eq!(r.headers["im_sdk_app_id"], "1400000000");
+        assert_eq!(r.value["source"], "callback");
+        by_id.insert(r.headers["ce_id"].clone(), r);
+    }
+    let message = "1400000000:alice:bob:m1";
+    let ids: Vec<&str> = by_id.keys().map(String::as_str).collect();
+    assert_eq!(
+        ids,
+        [
+            message.to_owned(),
+            format!("{message}#edit@1700000100000"),
+            format!("{message}#edit@1700000200000"),
+            format!("{message}#read_receipt"),
+            format!("{message}-2"),
+            format!("{message}-2#read_receipt"),
+            // The reader first: app, reader, peer, LastReadTime.
+            "1400000000:bob:alice#read_report@1700000050".to_owned(),
+        ]
+    );
+    // The message's own events share its key, so its partition.
+    for id in [
+        message.to_owned(),
+        format!("{message}#edit@1700000100000"),
+        format!("{message}#read_receipt"),
+    ] {
+        let r = by_id[id.as_str()];
+        assert_eq!(r.key, "m1", "{id}");
+        assert_eq!(r.partition, by_id[message].partition, "{id}");
+    }
+    let edit = by_id[format!("{message}#edit@1700000100000").as_str()];
+    assert_eq!(edit.value["message_id"], message);
+    assert_eq!(edit.headers["im_callback_command"], EDIT);
+    assert_eq!(
+        edit.headers["ce_type"],
+        "com.tencent.im.c2c.after_modify_msg.v1"
+    );
+    assert_eq!(edit.value["elements"][0]["text"], "hello, edited");
+    let report = by_id["1400000000:bob:alice#read_report@1700000050"];
+    assert_eq!(report.key, "1400000000:alice:bob");
+    assert_eq!(report.value["last_read_time"], 1_700_000_050);
+
+    // The recall went to its own topic, once.
+    let recalled = app.records_in(&recalls, 1).await;
+    let ids: std::collections::BTreeSet<&str> = recalled
+        .iter()
+        .map(|r| r.headers["ce_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 1, "{recalled:#?}");
+    let r = &recalled[0];
+    assert_schema_valid(&r.value);
+    assert_eq!(r.value["id"], format!("{message}#recall"));
+    assert_eq!(r.value["message_id"], message);
+    assert_eq!(r.key, "m1");
+    assert_eq!(r.headers["im_callback_command"], RECALL);
+
+    let metrics = app.metrics().await;
+    for (command, n) in [
+        ("c2c_after_send_msg", 2),
+        ("c2c_after_modify_msg", 2),
+        ("c2c_after_msg_withdraw", 1),
+        ("c2c_after_msg_report", 1),
+        ("c2c_after_msg_read_receipt", 2),
+    ] {
+        let series = format!("im_relay_records_accepted_total{{command=\"{command}\"}} {n}");
+        assert!(metrics.contains(&series), "missing {series}");
+    }
+}
+
+#[tokio::test]
+async fn commands_not_chosen_are_answered_ok_and_never_spooled() {
+    let app = InProcess::new(&[("IM_RELAY_RELAY_COMMANDS", SEND)]);
+    let l = life("m2");
+    for (command, body) in [
+        (RECALL, &l.recall),
+        (EDIT, &l.edit),
+        (REPORT, &l.report),
+        (RECEIPT, &l.receipt),
+    ] {
+        assert_eq!(app.post_command(command, body).await, (200, ok_body()));
+    }
+    assert!(app.spooled().is_empty(), "{:?}", app.spooled());
+    assert_eq!(app.post_command(SEND, &l.send).await, (200, ok_body()));
+    assert_eq!(app.spooled().len(), 1);
+}
+
+#[tokio::test]
+async fn a_read_receipt_is_spooled_as_one_record_per_message_in_one_write() {
+    let app = InProcess::new(&[]);
+    let l = life("m3");
+    assert_eq!(
+        app.post_command(RECEIPT, &l.receipt).await,
+        (200, ok_body())
+    );
+    let spooled = app.spooled();
+    assert_eq!(spooled.len(), 2);
+    for r in &spooled {
+        assert_eq!(r.target, Target::ReadReceipts);
+        let value: Value = serde_json::from_slice(&r.value).unwrap();
+        assert_schema_valid(&value);
+    }
+    let keys: Vec<&[u8]> = spooled.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys, [&b"m3"[..], b"m3-2"]);
+    // Retried: nothing new.
+    assert_eq!(
+        app.post_command(RECEIPT, &l.receipt).await,
+        (200, ok_body())
+    );
+    assert_eq!(app.spooled().len(), 2);
+}
+
+#[test]
+fn an_unknown_relay_command_is_refused_at_start() {
+    let env: std::collections::HashMap<&str, &str> = [
+        ("IM_RELAY_SDK_APP_ID", "1400000000"),
+        ("IM_RELAY_TOKEN", "t"),
+        (
+            "IM_RELAY_RELAY_COMMANDS",
+            "C2C.CallbackAfterSendMsg,C2C.CallbackBeforeSendMsg",
+        ),
+    ]
+    .into();
+    let err = im_relay::config::Config::load(None, &|k| env.get(k).map(|v| v.to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("relay_commands") && err.contains("C2C.CallbackBeforeSendMsg"),
+        "{err}"
+    );
+}
