@@ -47,5 +47,18 @@ ensure_build_deps() {
   fi
 }
 
+# PostgreSQL's server binaries, for the sync tests (they start their own server in a temporary
+# directory as an unprivileged user). Debian keeps them in /usr/lib/postgresql/<v>/bin.
+ensure_postgres() {
+  if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then return 0; fi
+  say "installing PostgreSQL (Debian's postgresql package) for the sync tests"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+  # The package starts a cluster of its own; the tests do not use it.
+  $sudo service postgresql stop >/dev/null 2>&1 || true
+}
+
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -33,5 +33,6 @@ pub mod receive;
 pub mod record;
 pub mod spool;
 pub mod startup;
+pub mod sync;
 pub mod telemetry;
 pub mod validate;

@@ -20,6 +20,7 @@ fn cli() -> clap::Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(config::serve_command())
+        .subcommand(config::sync_command())
         .subcommand(
             clap::Command::new("spool")
                 .about("Inspect the durable spool, or give up one record in it")
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
     let matches = cli.get_matches();
     match matches.subcommand() {
         Some(("serve", flags)) => serve(flags),
+        Some(("sync", flags)) => sync(flags),
         Some(("sign", flags)) => sign(flags),
         #[cfg(feature = "load-tool")]
         Some(("bench", flags)) => im_relay::bench::cli::main(flags),
@@ -178,21 +180,8 @@ fn sign(flags: &clap::ArgMatches) -> ExitCode {
 }
 
 fn serve(flags: &clap::ArgMatches) -> ExitCode {
-    let config = match Config::load(Some(flags), &|k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprint!("{errors}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    let loaded = Config::load(Some(flags), &|k| std::env::var(k).ok());
+    run_async(loaded, |config| async {
         let app = match Application::build(config).await {
             Ok(app) => app,
             Err(error) => {
@@ -203,6 +192,77 @@ fn serve(flags: &clap::ArgMatches) -> ExitCode {
         match app.run_until_stopped(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
+        }
+    })
+}
+
+/// A subcommand's settings, every problem reported at once (exit 2), then `main` on a new
+/// async runtime.
+fn run_async<C, F: std::future::Future<Output = ExitCode>>(
+    loaded: Result<C, config::ConfigErrors>,
+    main: impl FnOnce(C) -> F,
+) -> ExitCode {
+    let config = match loaded {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(main(config)),
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `im-relay sync`: the consumer loop on its own thread, the admin listener beside it; a
+/// signal lets the batch in hand finish (applied and committed) before it stops.
+fn sync(flags: &clap::ArgMatches) -> ExitCode {
+    let loaded = config::SyncConfig::load(Some(flags), &|k| std::env::var(k).ok());
+    run_async(loaded, |config| async move {
+        let listener = match tokio::net::TcpListener::bind(config.admin_listen).await {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(%error, addr = %config.admin_listen, "cannot bind the admin listener");
+                return ExitCode::FAILURE;
+            }
+        };
+        let health = std::sync::Arc::new(im_relay::sync::SyncHealth::default());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let router = {
+            let health = health.clone();
+            im_relay::startup::admin_router(move || health.trouble(), telemetry::metrics_handle())
+        };
+        let admin = tokio::spawn(async move { axum::serve(listener, router).await });
+        // Its own thread, outside the runtime: the database clients block.
+        let (done, mut finished) = tokio::sync::oneshot::channel();
+        {
+            let (health, stop) = (health.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _ = done.send(im_relay::sync::run(&config, &stop, &health));
+            });
+        }
+        let result = tokio::select! {
+            result = &mut finished => result,
+            () = shutdown_signal() => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                finished.await
+            }
+        };
+        admin.abort();
+        match result {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "sync failed");
+                ExitCode::FAILURE
+            }
+            Err(_) => {
+                tracing::error!("sync stopped unexpectedly");
+                ExitCode::FAILURE
+            }
         }
     })
 }

@@ -96,7 +96,7 @@ impl Application {
         let admin = {
             let listener = tokio::net::TcpListener::from_std(admin)
                 .map_err(|e| StartupError::Bind(admin_addr, e))?;
-            let router = admin_router(health, metrics.clone());
+            let router = admin_router(move || health.trouble(), metrics.clone());
             let stop = admin_stop.clone();
             tokio::spawn(async move {
                 axum::serve(listener, router)
@@ -370,7 +370,22 @@ struct Health {
     append_timeout: Duration,
 }
 
-fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
+impl Health {
+    /// Why `/readyz` is red, if it is.
+    fn trouble(&self) -> Option<&'static str> {
+        match self.spool.get() {
+            None => Some("starting"),
+            Some(_) if !self.ready.load(Ordering::SeqCst) => Some("draining"),
+            Some(spool) => spool.trouble(self.room_bytes, self.append_timeout),
+        }
+    }
+}
+
+/// `/metrics`, `/livez`, and `/readyz` green unless `trouble` names a reason.
+pub fn admin_router(
+    trouble: impl Fn() -> Option<&'static str> + Clone + Send + Sync + 'static,
+    metrics: PrometheusHandle,
+) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -381,12 +396,7 @@ fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
         .route(
             "/readyz",
             get(move || async move {
-                let trouble = match health.spool.get() {
-                    None => Some("starting"),
-                    Some(_) if !health.ready.load(Ordering::SeqCst) => Some("draining"),
-                    Some(spool) => spool.trouble(health.room_bytes, health.append_timeout),
-                };
-                match trouble {
+                match trouble() {
                     Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     None => (StatusCode::OK, "ready\n".to_owned()),
                 }

@@ -246,12 +246,8 @@ impl Parser {
 
 /// The librdkafka configuration for our settings: idempotent, `acks=all`, batches compressed.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &cfg.options {
-        c.set(k, v);
-    }
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", "im-relay")
+    let mut c = connection_config(cfg);
+    c.set("client.id", "im-relay")
         // Idempotence implies acks=all and bounded in-flight requests; both stated for clarity.
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -267,11 +263,21 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         )
         .set("message.max.bytes", cfg.message_max_bytes.to_string())
         // Feeds the broker gauges (RTT, in-flight, retries, errors).
-        .set("statistics.interval.ms", "5000")
-        .set(
-            "security.protocol",
-            name_of(PROTOCOLS, &cfg.security_protocol),
-        );
+        .set("statistics.interval.ms", "5000");
+    c
+}
+
+/// Where the brokers are and how to reach them (security, pass-through options): what a
+/// producer and a consumer share.
+pub fn connection_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &cfg.options {
+        c.set(k, v);
+    }
+    c.set("bootstrap.servers", &cfg.brokers).set(
+        "security.protocol",
+        name_of(PROTOCOLS, &cfg.security_protocol),
+    );
     if let Some(m) = &cfg.sasl_mechanism {
         c.set("sasl.mechanism", name_of(MECHANISMS, m));
     }

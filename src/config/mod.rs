@@ -9,6 +9,7 @@
 
 mod kafka;
 mod settings;
+mod sync;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -22,10 +23,13 @@ use ipnet::IpNet;
 use crate::domain::{Relayed, SdkAppId};
 use crate::spool::{Fsync, SpoolConfig};
 
-pub use kafka::{Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config};
+pub use kafka::{
+    Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config, connection_config,
+};
 pub use settings::Group;
-pub use settings::serve_command;
 use settings::{env_name, key, setting};
+pub use settings::{serve_command, sync_command};
+pub use sync::{Database, SyncConfig};
 
 /// A secret value: never printed, never compared in variable time by us.
 #[derive(Clone, PartialEq, Eq)]

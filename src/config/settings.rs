@@ -16,10 +16,14 @@ pub enum Group {
     Serve,
     /// The brokers, topics, keys and the producer's settings.
     Kafka,
+    /// `im-relay sync`: its database, consumer group and admin listener.
+    Sync,
 }
 
 pub(super) struct Setting {
     pub(super) key: &'static str,
+    /// The flag's name when it is not the key's (`--database` for `sync_database_url`).
+    flag: Option<&'static str>,
     pub(super) group: Group,
     default: Option<&'static str>,
     pub(super) secret: bool,
@@ -34,6 +38,7 @@ const fn s(
 ) -> Setting {
     Setting {
         key,
+        flag: None,
         group,
         default,
         secret: false,
@@ -41,9 +46,19 @@ const fn s(
     }
 }
 
+impl Setting {
+    const fn flag(self, flag: &'static str) -> Setting {
+        Setting {
+            flag: Some(flag),
+            ..self
+        }
+    }
+}
+
 const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting {
     Setting {
         key,
+        flag: None,
         group,
         default: None,
         secret: true,
@@ -51,7 +66,7 @@ const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting 
     }
 }
 
-use Group::{Kafka, Serve};
+use Group::{Kafka, Serve, Sync};
 
 /// Every setting's key, spelled once: the table and the parsers name them through these.
 pub mod key {
@@ -88,6 +103,11 @@ pub mod key {
     pub const READ_REPORT_TOPIC: &str = "read_report_topic";
     pub const READ_RECEIPT_TOPIC: &str = "read_receipt_topic";
     pub const RELAY_COMMANDS: &str = "relay_commands";
+    pub const SYNC_DATABASE_URL: &str = "sync_database_url";
+    pub const SYNC_DATABASE_PASSWORD: &str = "sync_database_password";
+    pub const SYNC_GROUP: &str = "sync_group";
+    pub const SYNC_ADMIN_LISTEN: &str = "sync_admin_listen";
+    pub const SYNC_BATCH_MAX: &str = "sync_batch_max";
     pub const KEY: &str = "key";
     pub const KAFKA_COMPRESSION: &str = "kafka_compression";
     pub const KAFKA_LINGER_MS: &str = "kafka_linger_ms";
@@ -366,6 +386,32 @@ pub(super) const SETTINGS: &[Setting] = &[
         None,
         "PEM file of the CA that signed the brokers' certificates",
     ),
+    s(
+        Sync,
+        key::SYNC_DATABASE_URL,
+        Some("sqlite://im-relay-sync.db"),
+        "sqlite://FILE (created if missing) or postgres://USER@HOST[:PORT]/DB (no password here)",
+    )
+    .flag("database"),
+    secret(Sync, key::SYNC_DATABASE_PASSWORD, "PostgreSQL password"),
+    s(
+        Sync,
+        key::SYNC_GROUP,
+        Some("im-relay-sync"),
+        "Kafka consumer group",
+    ),
+    s(
+        Sync,
+        key::SYNC_ADMIN_LISTEN,
+        Some("0.0.0.0:8082"),
+        "metrics and health listener (serve's is admin_listen, 8081)",
+    ),
+    s(
+        Sync,
+        key::SYNC_BATCH_MAX,
+        Some("500"),
+        "records applied per database transaction, at most",
+    ),
 ];
 
 pub(super) fn env_name(key: &str) -> String {
@@ -378,8 +424,38 @@ fn flag_name(key: &str) -> String {
 
 /// The `serve` command's flags, generated from the settings table.
 pub fn serve_command() -> clap::Command {
-    let mut cmd = clap::Command::new("serve")
-        .about("Receive Tencent IM callbacks and publish them to Kafka")
+    command(
+        "serve",
+        "Receive Tencent IM callbacks and publish them to Kafka",
+        &[Serve, Kafka],
+    )
+    .after_help(
+        "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
+         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in _FILE \
+         naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
+         IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
+    )
+}
+
+/// The `sync` command's flags: its own settings and Kafka's, no callback token.
+pub fn sync_command() -> clap::Command {
+    command(
+        "sync",
+        "Keep a database (SQLite or PostgreSQL) equal to the conversations the topic describes",
+        &[Sync, Kafka],
+    )
+    .after_help(
+        "Secrets are read only from the environment or the config file: \
+         IM_RELAY_SYNC_DATABASE_PASSWORD, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending \
+         in _FILE naming a file that holds the value; a --database URL holding a password is \
+         refused.",
+    )
+}
+
+/// A subcommand with a flag for every non-secret setting of `groups`.
+fn command(name: &'static str, about: &'static str, groups: &[Group]) -> clap::Command {
+    let mut cmd = clap::Command::new(name)
+        .about(about)
         .arg(
             Arg::new("config")
                 .long("config")
@@ -393,14 +469,20 @@ pub fn serve_command() -> clap::Command {
                 .action(ArgAction::Append)
                 .help("librdkafka option passed through, repeatable [env: IM_RELAY_KAFKA_OPTIONS, comma-separated]"),
         );
-    for setting in SETTINGS.iter().filter(|s| !s.secret) {
+    for setting in SETTINGS
+        .iter()
+        .filter(|s| !s.secret && groups.contains(&s.group))
+    {
         let default = setting
             .default
             .map(|d| format!(" [default: {d}]"))
             .unwrap_or_default();
+        let flag = setting
+            .flag
+            .map_or_else(|| flag_name(setting.key), str::to_owned);
         cmd = cmd.arg(
             Arg::new(setting.key)
-                .long(flag_name(setting.key))
+                .long(flag)
                 .value_name("VALUE")
                 .help(format!(
                     "{} [env: {}]{default}",
@@ -409,12 +491,7 @@ pub fn serve_command() -> clap::Command {
                 )),
         );
     }
-    cmd.after_help(
-        "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
-         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in _FILE \
-         naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
-         IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
-    )
+    cmd
 }
 
 /// The layered raw values, before parsing.

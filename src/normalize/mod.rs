@@ -10,6 +10,7 @@
 mod element;
 mod fields;
 mod lifecycle;
+pub use lifecycle::{EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA};
 
 use serde::Serialize;
 use serde_json::{Map, Value};

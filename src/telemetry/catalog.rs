@@ -117,6 +117,17 @@ pub const METRICS: &[Metric] = &[
         "Requests timed out (since the producer was built)."),
     // The build.
     m("im_relay_build_info", Gauge, &["version", "git_sha"], "Always 1: the running build."),
+    // `im-relay sync`.
+    m("im_relay_sync_applied_total", Counter, &["kind"],
+        "Records applied to the database (committed), by kind: message, recall, edit, read_report, read_receipt."),
+    m("im_relay_sync_dead_letters_total", Counter, &[],
+        "Records the tables cannot take, kept in the dead_letters table."),
+    m("im_relay_sync_database_errors_total", Counter, &[],
+        "Failed attempts to reach or write the database; the batch waits, offsets are not committed."),
+    m("im_relay_sync_commit_failures_total", Counter, &[],
+        "Offset commits that failed after a batch was applied (the batch comes again: same rows)."),
+    m("im_relay_sync_lag_records", Gauge, &[],
+        "Records on sync's partitions not yet applied."),
 ];
 
 /// Registers every metric's help text (and unit) with the recorder.

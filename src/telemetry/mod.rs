@@ -8,10 +8,12 @@ mod callbacks;
 pub mod catalog;
 mod publish;
 mod spool;
+mod sync;
 
 pub use callbacks::*;
 pub use publish::*;
 pub use spool::*;
+pub use sync::*;
 
 use std::sync::OnceLock;
 

@@ -15,6 +15,29 @@ fn relay() -> Command {
 }
 
 #[test]
+fn sync_asks_no_callback_token_and_refuses_a_password_on_the_command_line() {
+    let out = relay()
+        .args(["sync", "--database", "postgres://sync:hunter2@db.example/im"])
+        .args(["--sync-batch-max", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must not hold a password"), "{stderr}");
+    assert!(stderr.contains("IM_RELAY_SYNC_BATCH_MAX"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    // Nothing about a token or an app id: those are serve's.
+    assert!(!stderr.contains("IM_RELAY_TOKEN"), "{stderr}");
+    assert!(!stderr.contains("IM_RELAY_SDK_APP_ID"), "{stderr}");
+    // And no flag takes the password itself.
+    let out = relay()
+        .args(["sync", "--sync-database-password", "hunter2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn bad_settings_are_all_reported_and_the_exit_code_is_2() {
     let out = relay()
         .arg("serve")

@@ -28,7 +28,7 @@ pub const ALL_ELEMENTS: &str = include_str!("../fixtures/all_elements.json");
 pub const LEGACY_MINIMAL: &str = include_str!("../fixtures/legacy_minimal.json");
 pub const NO_KEY_NO_SEQ: &str = include_str!("../fixtures/no_key_no_seq.json");
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -507,13 +507,22 @@ impl RelayProcess {
 
     /// Starts the binary without waiting for anything.
     pub fn spawn(env: &HashMap<String, String>, log: &std::path::Path) -> RelayProcess {
+        RelayProcess::spawn_command("serve", env, log)
+    }
+
+    /// Starts `im-relay <command>` (`serve`, `sync`) without waiting for anything.
+    pub fn spawn_command(
+        command: &str,
+        env: &HashMap<String, String>,
+        log: &std::path::Path,
+    ) -> RelayProcess {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_im-relay"))
-            .arg("serve")
+            .arg(command)
             .env_clear()
             .envs(env)
             .stdout(Stdio::null())
@@ -531,7 +540,9 @@ impl RelayProcess {
     }
 
     fn admin(&self) -> String {
-        self.env["IM_RELAY_ADMIN_LISTEN"].clone()
+        let sync = self.env.get("IM_RELAY_SYNC_ADMIN_LISTEN");
+        sync.unwrap_or_else(|| &self.env["IM_RELAY_ADMIN_LISTEN"])
+            .clone()
     }
 
     /// `Some(true)` ready, `Some(false)` answering but not ready, `None` not answering.

@@ -75,7 +75,7 @@ pub fn life(key: &str) -> Life {
 
 /// Posts every event of `life` (the recall and an edit before the message itself, retried
 /// duplicates, a before-send callback); each is answered `OK`.
-async fn post_life(app: &TestApp, l: &Life) {
+pub async fn post_life(app: &TestApp, l: &Life) {
     let before_send =
         json!({"CallbackCommand": "C2C.CallbackBeforeSendMsg", "From_Account": "alice",
         "To_Account": "bob", "MsgBody": []})

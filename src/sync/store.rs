@@ -1,0 +1,461 @@
+//! The tables, in SQLite or PostgreSQL: versioned migrations, and one transaction per batch of
+//! changes. The SQL is shared; each change is one upsert whose `DO UPDATE` merges the fact in
+//! (min, max, latest version), so applying a batch twice — after a crash, a redelivery — leaves
+//! the same rows.
+//!
+//! Times are integer Unix milliseconds. `elements` and `cloud_custom_data` are JSON text, byte
+//! for byte as in the record (not `jsonb`): a `\u0000` inside stays escaped, which is text
+//! PostgreSQL can store.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::Database;
+use crate::domain::unix_millis;
+
+use super::change::{Change, MessageFacts};
+
+/// A record the tables cannot take: kept in `dead_letters` with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub error: String,
+}
+
+/// One item of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Change(Change),
+    DeadLetter(DeadLetter),
+}
+
+/// Why a batch was not applied. `data`: this item can never be stored (it goes to the
+/// dead-letter table); otherwise the database is unreachable or busy and the batch waits.
+#[derive(Debug)]
+pub struct StoreError {
+    pub data: bool,
+    pub message: String,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub trait Store: Send {
+    /// Applies `items` in one transaction: all or none.
+    fn apply(&mut self, items: &[Item]) -> Result<(), StoreError>;
+}
+
+/// Opens the database and brings its tables up to the latest migration.
+pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
+    match db {
+        Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
+        Database::Postgres { url, password } => Ok(Box::new(Postgres::open(
+            url,
+            password.as_ref().map(|p| p.expose().to_owned()),
+        )?)),
+    }
+}
+
+/// Migrations, in order; `{bytes}` is the dialect's binary type. Never edit one that shipped:
+/// add the next.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "messages, read marks, dead letters",
+    "CREATE TABLE messages (
+        sdk_app_id BIGINT NOT NULL,
+        id TEXT NOT NULL,
+        msg_key TEXT NOT NULL,
+        from_account TEXT NOT NULL,
+        to_account TEXT NOT NULL,
+        arrived BIGINT NOT NULL,
+        msg_time BIGINT,
+        elements TEXT,
+        cloud_custom_data TEXT,
+        recalled_at BIGINT,
+        edited_at BIGINT,
+        read_at BIGINT,
+        elements_version_time BIGINT,
+        elements_version_id TEXT,
+        ccd_version_time BIGINT,
+        ccd_version_id TEXT,
+        PRIMARY KEY (sdk_app_id, id)
+    );
+    CREATE INDEX messages_by_conversation
+        ON messages (sdk_app_id, from_account, to_account, msg_time);
+    CREATE TABLE read_marks (
+        sdk_app_id BIGINT NOT NULL,
+        reader TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        last_read_time BIGINT NOT NULL,
+        PRIMARY KEY (sdk_app_id, reader, peer)
+    );
+    CREATE TABLE dead_letters (
+        topic TEXT NOT NULL,
+        kafka_partition BIGINT NOT NULL,
+        kafka_offset BIGINT NOT NULL,
+        record_key {bytes},
+        payload {bytes} NOT NULL,
+        error TEXT NOT NULL,
+        failed_at BIGINT NOT NULL,
+        PRIMARY KEY (topic, kafka_partition, kafka_offset)
+    );",
+)];
+
+/// `new` replaces `old` when it says something and `old` is absent or earlier (by time,
+/// then id).
+fn newer(col: &str) -> String {
+    format!(
+        "(excluded.{col}_version_time IS NOT NULL AND (messages.{col}_version_time IS NULL \
+         OR excluded.{col}_version_time > messages.{col}_version_time \
+         OR (excluded.{col}_version_time = messages.{col}_version_time \
+             AND excluded.{col}_version_id > messages.{col}_version_id)))"
+    )
+}
+
+fn versioned(value: &str, col: &str) -> String {
+    let n = newer(col);
+    format!(
+        "{value} = CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END, \
+         {col}_version_time = CASE WHEN {n} THEN excluded.{col}_version_time \
+             ELSE messages.{col}_version_time END, \
+         {col}_version_id = CASE WHEN {n} THEN excluded.{col}_version_id \
+             ELSE messages.{col}_version_id END"
+    )
+}
+
+fn least(col: &str) -> String {
+    format!(
+        "{col} = CASE WHEN excluded.{col} IS NOT NULL AND (messages.{col} IS NULL \
+         OR excluded.{col} < messages.{col}) THEN excluded.{col} ELSE messages.{col} END"
+    )
+}
+
+fn greatest(col: &str) -> String {
+    format!(
+        "{col} = CASE WHEN excluded.{col} IS NOT NULL AND (messages.{col} IS NULL \
+         OR excluded.{col} > messages.{col}) THEN excluded.{col} ELSE messages.{col} END"
+    )
+}
+
+/// The one statement every message fact goes through.
+fn merge_message_sql() -> String {
+    // The message's own parties win over what an event said before it arrived.
+    let party = |col: &str| {
+        format!(
+            "{col} = CASE WHEN excluded.arrived = 1 THEN excluded.{col} ELSE messages.{col} END"
+        )
+    };
+    format!(
+        "INSERT INTO messages (sdk_app_id, id, msg_key, from_account, to_account, arrived, \
+             msg_time, elements, elements_version_time, elements_version_id, cloud_custom_data, \
+             ccd_version_time, ccd_version_id, recalled_at, edited_at, read_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (sdk_app_id, id) DO UPDATE SET \
+             {}, {}, {}, \
+             arrived = CASE WHEN excluded.arrived = 1 THEN 1 ELSE messages.arrived END, \
+             {}, {}, {}, {}, {}, {}",
+        party("msg_key"),
+        party("from_account"),
+        party("to_account"),
+        least("msg_time"),
+        versioned("elements", "elements"),
+        versioned("cloud_custom_data", "ccd"),
+        least("recalled_at"),
+        greatest("edited_at"),
+        least("read_at"),
+    )
+}
+
+const MERGE_READ_MARK: &str = "INSERT INTO read_marks (sdk_app_id, reader, peer, last_read_time) \
+     VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (sdk_app_id, reader, peer) DO UPDATE SET last_read_time = \
+         CASE WHEN excluded.last_read_time > read_marks.last_read_time \
+         THEN excluded.last_read_time ELSE read_marks.last_read_time END";
+
+const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, \
+         record_key, payload, error, failed_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING";
+
+/// A statement parameter, in the types both drivers take.
+enum Param<'a> {
+    Int(Option<i64>),
+    Text(Option<&'a str>),
+    Bytes(Option<&'a [u8]>),
+}
+
+/// Which statement an item runs, with its parameters.
+fn statement(item: &Item) -> (usize, Vec<Param<'_>>) {
+    use Param::{Bytes, Int, Text};
+    match item {
+        Item::Change(Change::Message(f)) => (0, message_params(f)),
+        Item::Change(Change::ReadMark {
+            sdk_app_id,
+            reader,
+            peer,
+            last_read_time,
+        }) => (
+            1,
+            vec![
+                Int(Some(*sdk_app_id)),
+                Text(Some(reader)),
+                Text(Some(peer)),
+                Int(Some(*last_read_time)),
+            ],
+        ),
+        Item::DeadLetter(d) => (
+            2,
+            vec![
+                Text(Some(&d.topic)),
+                Int(Some(i64::from(d.partition))),
+                Int(Some(d.offset)),
+                Bytes(d.key.as_deref()),
+                Bytes(Some(&d.payload)),
+                Text(Some(&d.error)),
+                Int(Some(unix_millis() as i64)),
+            ],
+        ),
+    }
+}
+
+fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
+    use Param::{Int, Text};
+    let (elements, e_time, e_id) = match &f.elements {
+        Some((e, v)) => (Some(e.as_str()), Some(v.time), Some(v.id.as_str())),
+        None => (None, None, None),
+    };
+    let (ccd, c_time, c_id) = match &f.cloud_custom_data {
+        Some((c, v)) => (c.as_deref(), Some(v.time), Some(v.id.as_str())),
+        None => (None, None, None),
+    };
+    vec![
+        Int(Some(f.sdk_app_id)),
+        Text(Some(&f.id)),
+        Text(Some(&f.msg_key)),
+        Text(Some(&f.from_account)),
+        Text(Some(&f.to_account)),
+        Int(Some(i64::from(f.arrived))),
+        Int(f.msg_time),
+        Text(elements),
+        Int(e_time),
+        Text(e_id),
+        Text(ccd),
+        Int(c_time),
+        Text(c_id),
+        Int(f.recalled_at),
+        Int(f.edited_at),
+        Int(f.read_at),
+    ]
+}
+
+fn statements() -> [String; 3] {
+    [
+        merge_message_sql(),
+        MERGE_READ_MARK.to_owned(),
+        INSERT_DEAD_LETTER.to_owned(),
+    ]
+}
+
+// --- SQLite -------------------------------------------------------------------------------
+
+struct Sqlite {
+    conn: rusqlite::Connection,
+    sql: [String; 3],
+}
+
+fn sqlite_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let data = matches!(
+        e.sqlite_error_code(),
+        Some(C::ConstraintViolation | C::TypeMismatch | C::TooBig)
+    );
+    StoreError {
+        data,
+        message: format!("sqlite: {e}"),
+    }
+}
+
+impl Sqlite {
+    fn open(path: &std::path::Path) -> Result<Sqlite, StoreError> {
+        let conn = rusqlite::Connection::open(path).map_err(sqlite_error)?;
+        // WAL for readers beside the writer; FULL so a committed batch survives a power cut
+        // before its Kafka offsets are committed after it.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite_error)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite_error)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(sqlite_error)?;
+        let mut s = Sqlite {
+            conn,
+            // SQLite numbers parameters `?N`.
+            sql: statements().map(|q| q.replace('$', "?")),
+        };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sqlite_error)?;
+        tx.execute_batch(MIGRATIONS_TABLE).map_err(sqlite_error)?;
+        let done: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM im_relay_migrations",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sqlite_error)?;
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
+            tx.execute_batch(&sql.replace("{bytes}", "BLOB"))
+                .map_err(sqlite_error)?;
+            tx.execute(
+                "INSERT INTO im_relay_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![version, name, unix_millis() as i64],
+            )
+            .map_err(sqlite_error)?;
+        }
+        tx.commit().map_err(sqlite_error)
+    }
+}
+
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS im_relay_migrations (
+    version BIGINT PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at BIGINT NOT NULL
+)";
+
+impl Store for Sqlite {
+    fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(sqlite_error)?;
+        for item in items {
+            let (which, params) = statement(item);
+            let mut stmt = tx.prepare_cached(&self.sql[which]).map_err(sqlite_error)?;
+            let values: Vec<rusqlite::types::Value> = params
+                .into_iter()
+                .map(|p| match p {
+                    Param::Int(v) => v.map_or(rusqlite::types::Value::Null, Into::into),
+                    Param::Text(v) => v.map_or(rusqlite::types::Value::Null, |t| {
+                        rusqlite::types::Value::Text(t.to_owned())
+                    }),
+                    Param::Bytes(v) => v.map_or(rusqlite::types::Value::Null, |b| {
+                        rusqlite::types::Value::Blob(b.to_vec())
+                    }),
+                })
+                .collect();
+            stmt.execute(rusqlite::params_from_iter(values))
+                .map_err(sqlite_error)?;
+        }
+        tx.commit().map_err(sqlite_error)
+    }
+}
+
+// --- PostgreSQL ---------------------------------------------------------------------------
+
+struct Postgres {
+    config: postgres::Config,
+    client: Option<postgres::Client>,
+    sql: [String; 3],
+}
+
+fn pg_error(e: postgres::Error) -> StoreError {
+    // Class 22 (data exception) and 23 (integrity): this item, not the server.
+    let data = e
+        .code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+    StoreError {
+        data,
+        message: format!("postgres: {e}"),
+    }
+}
+
+impl Postgres {
+    fn open(url: &str, password: Option<String>) -> Result<Postgres, StoreError> {
+        let mut config: postgres::Config = url.parse().map_err(pg_error)?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name("im-relay-sync");
+        let mut s = Postgres {
+            config,
+            client: None,
+            sql: statements(),
+        };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    /// The connection, made again after it was lost.
+    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+        if self.client.as_ref().is_none_or(postgres::Client::is_closed) {
+            self.client = Some(self.config.connect(postgres::NoTls).map_err(pg_error)?);
+        }
+        Ok(self.client.as_mut().expect("just connected"))
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let client = self.client()?;
+        let mut tx = client.transaction().map_err(pg_error)?;
+        // Two syncs starting together: one migrates, the other waits and finds it done.
+        tx.execute("SELECT pg_advisory_xact_lock(7302241)", &[])
+            .map_err(pg_error)?;
+        tx.batch_execute(MIGRATIONS_TABLE).map_err(pg_error)?;
+        let done: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0)::BIGINT FROM im_relay_migrations",
+                &[],
+            )
+            .map_err(pg_error)?
+            .get(0);
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
+            tx.batch_execute(&sql.replace("{bytes}", "BYTEA"))
+                .map_err(pg_error)?;
+            tx.execute(
+                "INSERT INTO im_relay_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                &[version, name, &(unix_millis() as i64)],
+            )
+            .map_err(pg_error)?;
+        }
+        tx.commit().map_err(pg_error)
+    }
+}
+
+impl Store for Postgres {
+    fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
+        let sql = self.sql.clone();
+        let client = self.client()?;
+        let mut tx = client.transaction().map_err(pg_error)?;
+        let prepared: Vec<postgres::Statement> = sql
+            .iter()
+            .map(|q| tx.prepare(q))
+            .collect::<Result<_, _>>()
+            .map_err(pg_error)?;
+        for item in items {
+            let (which, params) = statement(item);
+            let boxed: Vec<Box<dyn postgres::types::ToSql + Sync + '_>> = params
+                .into_iter()
+                .map(|p| -> Box<dyn postgres::types::ToSql + Sync + '_> {
+                    match p {
+                        Param::Int(v) => Box::new(v),
+                        Param::Text(v) => Box::new(v),
+                        Param::Bytes(v) => Box::new(v),
+                    }
+                })
+                .collect();
+            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                boxed.iter().map(|b| b.as_ref()).collect();
+            tx.execute(&prepared[which], &refs).map_err(pg_error)?;
+        }
+        tx.commit().map_err(pg_error)
+    }
+}

@@ -1,0 +1,195 @@
+//! A real PostgreSQL for the sync tests: Debian's server binaries, run in a temporary
+//! directory as an unprivileged user (PostgreSQL refuses to run as root). One shared server
+//! per test run (a database per test); a test that takes the server down starts its own.
+//! A missing PostgreSQL fails the test — `./scripts/test` installs it — it never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::common::{free_port, unique};
+
+pub struct Postgres {
+    pub port: u16,
+    data: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+/// Where Debian puts the server binaries (`initdb` and `postgres` are not on the PATH).
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("IM_RELAY_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
+             ./scripts/test installs Debian's `postgresql` package"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// `bin` as the unprivileged `nobody` when we are root (`setpriv` execs it directly, so the
+/// child is the server itself).
+fn as_postgres_user(bin: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+impl Postgres {
+    /// The server every sync test shares.
+    pub fn shared() -> &'static Postgres {
+        static PG: OnceLock<Postgres> = OnceLock::new();
+        PG.get_or_init(|| {
+            let pg = Postgres::start();
+            // Stopped when the test process ends, however it ends.
+            let me = std::process::id();
+            let pid = pg.child.as_ref().map_or(0, Child::id);
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -INT {pid}; \
+                     sleep 5; rm -rf '{}'",
+                    pg.data.parent().unwrap().display()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            pg
+        })
+    }
+
+    /// A server of its own, stopped and removed when dropped.
+    pub fn start() -> Postgres {
+        let bin = bin_dir();
+        let root = std::env::temp_dir().join(format!("im-relay-pg-{}", unique()));
+        let data = root.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "nobody:nogroup"])
+                .arg(&root)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the PostgreSQL directory");
+        }
+        let out = as_postgres_user(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Postgres {
+            port: free_port(),
+            data,
+            bin,
+            child: None,
+        };
+        pg.run();
+        pg
+    }
+
+    /// Starts (or starts again) the server on its data directory and port.
+    pub fn run(&mut self) {
+        let log = std::fs::File::create(self.data.parent().unwrap().join("server.log")).unwrap();
+        let child = as_postgres_user(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-k")
+            .arg(&self.data)
+            // Test data: durability is what sync's own commit order proves, not the disk's.
+            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("postgres starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
+            assert!(Instant::now() < deadline, "PostgreSQL did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL: the database is gone at once, mid-transaction.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Its backends die with it; wait until the port is free again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "PostgreSQL still answers");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A new, empty database; its URL.
+    pub fn database(&self) -> String {
+        let name = format!("t_{}", unique().replace('-', "_"));
+        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        self.url(&name)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(self.data.parent().unwrap());
+    }
+}
