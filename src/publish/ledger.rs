@@ -81,25 +81,26 @@ impl Ledger {
         self.pending.get_mut(&seq)?.entry.as_mut()
     }
 
-    /// The records to send now, oldest first. Per topic, nothing is sent past a record still
-    /// waiting for its retry: a record retried after a newer one of the same key was
-    /// delivered would arrive out of order.
-    pub fn due(&self, now: Instant) -> Vec<u64> {
-        let mut held = [false; 2];
+    /// The records to send now, oldest first. Per topic (`topic` names each target's),
+    /// nothing is sent past a record still waiting for its retry: a record retried after a
+    /// newer one of the same key was delivered would arrive out of order. Another topic goes
+    /// on: a missing per-kind topic must not hold the messages back.
+    pub fn due<'a>(&self, now: Instant, topic: impl Fn(Target) -> &'a str) -> Vec<u64> {
+        let mut held: Vec<&str> = Vec::new();
         let mut due = Vec::new();
         for &seq in &self.unsent {
             let Some(p) = self.pending.get(&seq) else {
                 continue;
             };
             let Some(entry) = &p.entry else { continue };
-            let t = usize::from(entry.target == Target::Quarantine);
-            if held[t] {
+            let t = topic(entry.target);
+            if held.contains(&t) {
                 continue;
             }
             if p.retry_at <= now {
                 due.push(seq);
             } else {
-                held[t] = true;
+                held.push(t);
             }
         }
         due
@@ -222,6 +223,15 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    /// Messages and recalls on one topic, edits on their own, quarantine on its own.
+    fn topic(t: Target) -> &'static str {
+        match t {
+            Target::Quarantine => "quarantine",
+            Target::Edits => "edits",
+            _ => "messages",
+        }
+    }
+
     fn entry(target: Target) -> Option<Record> {
         Some(Record {
             target,
@@ -240,7 +250,7 @@ mod tests {
             l.add(seq, entry(Target::Messages), now);
         }
         l.add(4, entry(Target::Quarantine), now);
-        assert_eq!(l.due(now), [1, 2, 3, 4]);
+        assert_eq!(l.due(now, topic), [1, 2, 3, 4]);
         for seq in 1..=4 {
             l.sent(seq);
         }
@@ -248,8 +258,31 @@ mod tests {
         l.add(5, entry(Target::Messages), now);
         l.add(6, entry(Target::Quarantine), now);
         // 5 must wait for 2; the quarantine topic goes on.
-        assert_eq!(l.due(now), [6]);
-        assert_eq!(l.due(now + Duration::from_secs(1)), [2, 5, 6]);
+        assert_eq!(l.due(now, topic), [6]);
+        assert_eq!(l.due(now + Duration::from_secs(1), topic), [2, 5, 6]);
+    }
+
+    #[test]
+    fn a_kind_on_its_own_topic_waits_alone() {
+        let now = Instant::now();
+        let mut l = Ledger::default();
+        l.add(1, entry(Target::Edits), now);
+        l.add(2, entry(Target::Recalls), now);
+        for seq in 1..=2 {
+            l.sent(seq);
+        }
+        // The edit topic is missing: its record waits; messages and recalls (one topic) flow.
+        l.retry(1, now);
+        l.add(3, entry(Target::Messages), now);
+        l.add(4, entry(Target::Edits), now);
+        l.add(5, entry(Target::Recalls), now);
+        assert_eq!(l.due(now, topic), [3, 5]);
+        // A recall waiting holds back a message on the same topic.
+        l.sent(3);
+        l.sent(5);
+        l.retry(5, now);
+        l.add(6, entry(Target::Messages), now);
+        assert_eq!(l.due(now, topic), Vec::<u64>::new());
     }
 
     #[test]
@@ -264,14 +297,18 @@ mod tests {
         assert_eq!(l.dead_letters_due(now), [(1, "refused".to_owned())]);
         l.retry(1, now); // the write failed: the disk is full
         assert_eq!(
-            l.due(now),
+            l.due(now, topic),
             [2],
             "2 is not held behind 1's dead-letter write"
         );
         assert!(l.dead_letters_due(now).is_empty());
         assert_eq!(l.dead_letters_due(later).len(), 1);
         l.resend_all(now);
-        assert_eq!(l.due(later), [2], "a new producer never gets 1 again");
+        assert_eq!(
+            l.due(later, topic),
+            [2],
+            "a new producer never gets 1 again"
+        );
         assert_eq!(l.with_producer(), 0);
         l.confirmed(1);
         assert!(l.dead_letters_due(later).is_empty());
@@ -303,7 +340,11 @@ mod tests {
         l.add(1, entry(Target::Messages), now);
         l.add(2, None, now);
         l.add(3, entry(Target::Messages), now);
-        assert_eq!(l.due(now), [1, 3], "the unreadable one is never sent");
+        assert_eq!(
+            l.due(now, topic),
+            [1, 3],
+            "the unreadable one is never sent"
+        );
         l.sent(1);
         l.sent(3);
         assert_eq!(l.with_producer(), 2);

@@ -14,7 +14,7 @@ pub mod ledger;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -121,7 +121,8 @@ pub struct Publisher<S: Sink = KafkaSink> {
     read_buf: VecDeque<(u64, Vec<u8>)>,
     read_failing: bool,
     /// What the metadata said about the last timeouts, and when it was asked.
-    explained: Option<(Instant, Option<Blocked>)>,
+    /// The last metadata answer per topic, and when it was asked.
+    explained: BTreeMap<String, (Instant, Option<Blocked>)>,
 }
 
 impl Publisher<KafkaSink> {
@@ -180,7 +181,7 @@ impl<S: Sink> Publisher<S> {
             rebuild_after: now,
             read_buf: VecDeque::new(),
             read_failing: false,
-            explained: None,
+            explained: BTreeMap::new(),
         }
     }
 
@@ -308,14 +309,15 @@ impl<S: Sink> Publisher<S> {
     /// the blocked reason tells the operator what to fix.
     fn explain(&mut self, seq: u64, now: Instant) -> Option<Blocked> {
         const EVERY: Duration = Duration::from_secs(5);
-        if let Some((at, reason)) = self.explained
-            && now.duration_since(at) < EVERY
-        {
-            return reason;
-        }
         let target = self.ledger.entry(seq)?.target;
-        let reason = self.sink.explain(self.cfg.kafka.topic_for(target));
-        self.explained = Some((now, reason));
+        let topic = self.cfg.kafka.topic_for(target);
+        if let Some((at, reason)) = self.explained.get(topic)
+            && now.duration_since(*at) < EVERY
+        {
+            return *reason;
+        }
+        let reason = self.sink.explain(topic);
+        self.explained.insert(topic.to_owned(), (now, reason));
         reason
     }
 
@@ -459,7 +461,8 @@ impl<S: Sink> Publisher<S> {
     /// Sends every record whose time has come, oldest first; stops at the first that is not
     /// taken.
     fn send_due(&mut self, now: Instant) {
-        for seq in self.ledger.due(now) {
+        let kafka = &self.cfg.kafka;
+        for seq in self.ledger.due(now, |t| kafka.topic_for(t)) {
             let Some(entry) = self.ledger.entry(seq) else {
                 continue;
             };

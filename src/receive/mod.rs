@@ -293,12 +293,13 @@ async fn relay(
     ElementsUntyped(records.iter().map(|r| r.untyped_elements).sum()).emit();
     let now = Instant::now();
     // A retried read receipt may add messages to what an earlier one covered: only the new
-    // ones are appended.
+    // ones are appended, each once (a receipt may name a message twice).
     let fresh: Vec<_> = {
         let mut dedup = lock(&receiver.dedup);
+        let mut seen = std::collections::HashSet::new();
         records
             .into_iter()
-            .filter(|r| !dedup.contains(&r.id, now))
+            .filter(|r| !dedup.contains(&r.id, now) && seen.insert(r.id.clone()))
             .collect()
     };
     if fresh.is_empty() {

@@ -70,7 +70,8 @@ pub struct MessageFacts {
     /// `CloudCustomData` as JSON text (a string literal, or `null`), byte for byte.
     pub cloud_custom_data: Option<(Option<String>, Version)>,
     pub recalled_at: Option<i64>,
-    pub edited_at: Option<i64>,
+    /// When the edit happened, with the edit's version: the latest edit's wins.
+    pub edited_at: Option<(i64, Version)>,
     pub read_at: Option<i64>,
 }
 
@@ -122,14 +123,15 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
         format!("not a record: {e}")
     })?;
     let kind = match w.schema.as_str() {
-        MESSAGE_SCHEMA => Kind::Message,
+        // v1 lacks only `source`: records written before the upgrade still apply.
+        MESSAGE_SCHEMA | "im-relay.c2c-message.v1" => Kind::Message,
         RECALL_SCHEMA => Kind::Recall,
         EDIT_SCHEMA => Kind::Edit,
         READ_REPORT_SCHEMA => Kind::ReadReport,
         READ_RECEIPT_SCHEMA => Kind::ReadReceipt,
         other => {
             let other: String = other.chars().take(64).collect();
-            return Err(format!("unknown schema `{other}`"));
+            return Err(format!("unknown schema {other:?}"));
         }
     };
     let sdk_app_id = i64::try_from(w.sdk_app_id).map_err(|_| "sdk_app_id out of range")?;
@@ -182,8 +184,9 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
                     id: w.id,
                 };
                 facts.elements = raw(w.elements).map(|e| (e, version.clone()));
-                facts.cloud_custom_data = raw(w.cloud_custom_data).map(|c| (Some(c), version));
-                facts.edited_at = at;
+                facts.cloud_custom_data =
+                    raw(w.cloud_custom_data).map(|c| (Some(c), version.clone()));
+                facts.edited_at = at.map(|at| (at, version));
             }
             Kind::Recall => facts.recalled_at = at,
             Kind::ReadReceipt => facts.read_at = at,

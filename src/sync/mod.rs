@@ -125,14 +125,20 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
     while !stop.load(Ordering::Relaxed) {
         let batch = poll_batch(&consumer, cfg.batch_max, stop)?;
         if !batch.messages.is_empty() {
-            if !apply(store.as_mut(), &batch, stop, health) {
+            let Some(applied) = apply(store.as_mut(), &batch, stop, health) else {
                 // Stopped while the database was down: nothing committed, all redelivered.
                 break;
-            }
-            for (kind, n) in &batch.kinds {
+            };
+            for kind in Kind::ALL {
+                let records = batch
+                    .kinds
+                    .iter()
+                    .zip(&applied)
+                    .filter(|(k, item)| **k == Some(kind) && matches!(item, Item::Change(_)))
+                    .count() as u64;
                 SyncApplied {
                     kind: kind.label(),
-                    records: *n,
+                    records,
                 }
                 .emit();
             }
@@ -153,7 +159,17 @@ struct Batch {
     origins: Vec<DeadLetter>,
     /// (topic, partition) → the highest offset in the batch.
     messages: BTreeMap<(String, i32), i64>,
-    kinds: Vec<(Kind, u64)>,
+    /// Each item's kind (`None`: a dead letter from the start).
+    kinds: Vec<Option<Kind>>,
+}
+
+/// A dead letter for `origin`; the error is stored as text, so a NUL (PostgreSQL's `text`
+/// refuses it) is written out.
+fn dead_letter(origin: &DeadLetter, error: &str) -> Item {
+    Item::DeadLetter(DeadLetter {
+        error: error.replace('\0', "\\0"),
+        ..origin.clone()
+    })
 }
 
 /// Up to `max` records, waiting at most 200 ms once the first is in.
@@ -162,7 +178,7 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
         items: Vec::new(),
         origins: Vec::new(),
         messages: BTreeMap::new(),
-        kinds: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
+        kinds: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_millis(200);
     while batch.items.len() < max && !stop.load(Ordering::Relaxed) {
@@ -176,7 +192,12 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
         let message = match result {
             Ok(m) => m,
             Err(e) => {
+                // librdkafka retries by itself; the batch in hand is not held back by it.
                 tracing::warn!(error = %e, "kafka consumer error");
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
@@ -189,18 +210,11 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
             payload: payload.to_vec(),
             error: String::new(),
         };
-        let item = match change::parse(payload) {
-            Ok((kind, change)) => {
-                if let Some(k) = batch.kinds.iter_mut().find(|(k, _)| *k == kind) {
-                    k.1 += 1;
-                }
-                Item::Change(change)
-            }
-            Err(error) => Item::DeadLetter(DeadLetter {
-                error,
-                ..origin.clone()
-            }),
+        let (kind, item) = match change::parse(payload) {
+            Ok((kind, change)) => (Some(kind), Item::Change(change)),
+            Err(error) => (None, dead_letter(&origin, &error)),
         };
+        batch.kinds.push(kind);
         batch.items.push(item);
         batch.origins.push(origin);
         let at = batch
@@ -217,8 +231,13 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
 
 /// Applies the batch in one transaction, retrying while the database is unreachable. A data
 /// error (an item the database refuses for good) sends that item to the dead-letter table and
-/// applies the rest. False when asked to stop before it was applied.
-fn apply(store: &mut dyn Store, batch: &Batch, stop: &AtomicBool, health: &SyncHealth) -> bool {
+/// applies the rest. The items as applied; `None` when asked to stop before.
+fn apply(
+    store: &mut dyn Store,
+    batch: &Batch,
+    stop: &AtomicBool,
+    health: &SyncHealth,
+) -> Option<Vec<Item>> {
     let mut items = batch.items.clone();
     let mut attempt = 0;
     loop {
@@ -237,20 +256,30 @@ fn apply(store: &mut dyn Store, batch: &Batch, stop: &AtomicBool, health: &SyncH
                         .emit();
                     }
                 }
-                return true;
+                return Some(items);
             }
             Err(e) => e,
         };
         if error.data {
-            // Find the items the database refuses, one transaction each.
+            // Find the items the database refuses, one transaction each; if that finds none
+            // (the refusal was not about one item), wait and try again like any failure.
+            let dead = |items: &[Item]| {
+                items
+                    .iter()
+                    .filter(|i| matches!(i, Item::DeadLetter(_)))
+                    .count()
+            };
+            let before = dead(&items);
             items = isolate(store, items, &batch.origins, &error);
-            continue;
+            if dead(&items) > before {
+                continue;
+            }
         }
         health.database_down.store(true, Ordering::Relaxed);
         SyncDatabaseFailed { error: &error }.emit();
         attempt += 1;
         if !nap(backoff(attempt), stop) {
-            return false;
+            return None;
         }
     }
 }

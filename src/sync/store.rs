@@ -85,6 +85,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         elements_version_id TEXT,
         ccd_version_time BIGINT,
         ccd_version_id TEXT,
+        edit_version_time BIGINT,
+        edit_version_id TEXT,
         PRIMARY KEY (sdk_app_id, id)
     );
     CREATE INDEX messages_by_conversation
@@ -108,19 +110,22 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     );",
 )];
 
-/// `new` replaces `old` when it says something and `old` is absent or earlier (by time,
-/// then id).
-fn newer(col: &str) -> String {
+/// `new` replaces `old` when it says something and `old` is absent or earlier: by time, then
+/// id, then (two different edits in the same millisecond share an id) the value itself.
+fn newer(value: &str, col: &str) -> String {
     format!(
         "(excluded.{col}_version_time IS NOT NULL AND (messages.{col}_version_time IS NULL \
          OR excluded.{col}_version_time > messages.{col}_version_time \
          OR (excluded.{col}_version_time = messages.{col}_version_time \
-             AND excluded.{col}_version_id > messages.{col}_version_id)))"
+             AND (excluded.{col}_version_id > messages.{col}_version_id \
+                  OR (excluded.{col}_version_id = messages.{col}_version_id \
+                      AND excluded.{value} > messages.{value})))))"
     )
 }
 
+/// `value` and its version, replaced together by a newer version.
 fn versioned(value: &str, col: &str) -> String {
-    let n = newer(col);
+    let n = newer(value, col);
     format!(
         "{value} = CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END, \
          {col}_version_time = CASE WHEN {n} THEN excluded.{col}_version_time \
@@ -130,17 +135,30 @@ fn versioned(value: &str, col: &str) -> String {
     )
 }
 
+/// `edited_at`: the latest edit's time. Copies of one edit (same version) may carry different
+/// arrival times when Tencent sent no `EventTime`: the earliest is kept, whatever the order.
+fn edited_at() -> String {
+    let same = "(excluded.edit_version_time = messages.edit_version_time \
+                 AND excluded.edit_version_id = messages.edit_version_id)";
+    let newer = "(excluded.edit_version_time IS NOT NULL AND (messages.edit_version_time IS NULL \
+         OR excluded.edit_version_time > messages.edit_version_time \
+         OR (excluded.edit_version_time = messages.edit_version_time \
+             AND excluded.edit_version_id > messages.edit_version_id)))";
+    format!(
+        "edited_at = CASE WHEN {newer} THEN excluded.edited_at \
+             WHEN {same} AND excluded.edited_at < messages.edited_at THEN excluded.edited_at \
+             ELSE messages.edited_at END, \
+         edit_version_time = CASE WHEN {newer} THEN excluded.edit_version_time \
+             ELSE messages.edit_version_time END, \
+         edit_version_id = CASE WHEN {newer} THEN excluded.edit_version_id \
+             ELSE messages.edit_version_id END"
+    )
+}
+
 fn least(col: &str) -> String {
     format!(
         "{col} = CASE WHEN excluded.{col} IS NOT NULL AND (messages.{col} IS NULL \
          OR excluded.{col} < messages.{col}) THEN excluded.{col} ELSE messages.{col} END"
-    )
-}
-
-fn greatest(col: &str) -> String {
-    format!(
-        "{col} = CASE WHEN excluded.{col} IS NOT NULL AND (messages.{col} IS NULL \
-         OR excluded.{col} > messages.{col}) THEN excluded.{col} ELSE messages.{col} END"
     )
 }
 
@@ -155,8 +173,10 @@ fn merge_message_sql() -> String {
     format!(
         "INSERT INTO messages (sdk_app_id, id, msg_key, from_account, to_account, arrived, \
              msg_time, elements, elements_version_time, elements_version_id, cloud_custom_data, \
-             ccd_version_time, ccd_version_id, recalled_at, edited_at, read_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             ccd_version_time, ccd_version_id, recalled_at, edited_at, edit_version_time, \
+             edit_version_id, read_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18) \
          ON CONFLICT (sdk_app_id, id) DO UPDATE SET \
              {}, {}, {}, \
              arrived = CASE WHEN excluded.arrived = 1 THEN 1 ELSE messages.arrived END, \
@@ -168,7 +188,7 @@ fn merge_message_sql() -> String {
         versioned("elements", "elements"),
         versioned("cloud_custom_data", "ccd"),
         least("recalled_at"),
-        greatest("edited_at"),
+        edited_at(),
         least("read_at"),
     )
 }
@@ -235,6 +255,10 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
         Some((c, v)) => (c.as_deref(), Some(v.time), Some(v.id.as_str())),
         None => (None, None, None),
     };
+    let (edited, ed_time, ed_id) = match &f.edited_at {
+        Some((at, v)) => (Some(*at), Some(v.time), Some(v.id.as_str())),
+        None => (None, None, None),
+    };
     vec![
         Int(Some(f.sdk_app_id)),
         Text(Some(&f.id)),
@@ -250,7 +274,9 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
         Int(c_time),
         Text(c_id),
         Int(f.recalled_at),
-        Int(f.edited_at),
+        Int(edited),
+        Int(ed_time),
+        Text(ed_id),
         Int(f.read_at),
     ]
 }
@@ -386,6 +412,14 @@ impl Postgres {
         }
         config.connect_timeout(Duration::from_secs(5));
         config.application_name("im-relay-sync");
+        // A half-open connection (a network partition) must fail, not hang: keepalives, a TCP
+        // timeout and a statement timeout turn it into an error the batch is retried on.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(30));
+        config.options("-c statement_timeout=60000");
         let mut s = Postgres {
             config,
             client: None,

@@ -14,11 +14,15 @@ use crate::domain::{Relayed, SdkAppId};
 use crate::normalize::{self, Context, KeyMode, Source};
 
 fn ctx() -> Context<'static> {
+    ctx_at(datetime!(2026-11-28 01:00:00.5 UTC))
+}
+
+fn ctx_at(received_at: time::OffsetDateTime) -> Context<'static> {
     Context {
         sdk_app_id: SdkAppId::from(1400000000),
         client_ip: None,
         opt_platform: None,
-        received_at: datetime!(2026-11-28 01:00:00.5 UTC),
+        received_at,
         key_mode: KeyMode::MsgKey,
         source: Source::Callback,
     }
@@ -54,8 +58,8 @@ pub fn conversation() -> Vec<Vec<u8>> {
         b
     };
     let calls = [
-        (Relayed::AfterSendMsg, send("a", "hello\u{0}nul")),
-        (Relayed::AfterSendMsg, send("b", "second")),
+        (Relayed::AfterSendMsg, send("a", "hello")),
+        (Relayed::AfterSendMsg, send("b", "sec\u{0}ond")),
         (
             Relayed::AfterModifyMsg,
             edit("a", Some(200), Some("a v2"), None),
@@ -64,9 +68,14 @@ pub fn conversation() -> Vec<Vec<u8>> {
             Relayed::AfterModifyMsg,
             edit("a", Some(300), None, Some("c3")),
         ),
+        // Two different edits in one millisecond share an id: the content breaks the tie.
         (
             Relayed::AfterModifyMsg,
             edit("a", Some(300), Some("a v3 tie"), None),
+        ),
+        (
+            Relayed::AfterModifyMsg,
+            edit("a", Some(300), Some("a v3 other"), None),
         ),
         (
             Relayed::AfterModifyMsg,
@@ -100,12 +109,24 @@ pub fn conversation() -> Vec<Vec<u8>> {
             json!({"Report_Account": "bob", "Peer_Account": "alice", "LastReadTime": 1_700_000_050}),
         ),
         (Relayed::AfterSendMsg, send("c", "original c")),
+        (Relayed::AfterSendMsg, send("d", "original d")),
     ];
-    calls
+    let mut values: Vec<Vec<u8>> = calls
         .into_iter()
         .flat_map(|(command, b)| normalize::normalize(&ctx(), command, &body(b)).unwrap())
         .map(|out| out.value)
-        .collect()
+        .collect();
+    // One edit without EventTime, relayed twice at different times (a retry past the dedup
+    // window): the earliest arrival is its time, whatever the order.
+    for at in [
+        datetime!(2026-11-28 01:00:07 UTC),
+        datetime!(2026-11-28 01:00:03 UTC),
+    ] {
+        let b = body(edit("d", None, Some("d edited"), None));
+        let out = normalize::normalize(&ctx_at(at), Relayed::AfterModifyMsg, &b).unwrap();
+        values.push(out[0].value.clone());
+    }
+    values
 }
 
 fn changes(values: &[Vec<u8>]) -> Vec<Item> {
@@ -167,12 +188,17 @@ fn the_in_order_stream_gives_the_conversation_s_true_state() {
     );
     assert!(a.contains(r#"Text("\"c3\"")"#), "{a}");
     assert!(a.contains("Integer(500)"), "{a}");
-    // The NUL of the original is JSON-escaped text, storable anywhere.
-    assert!(!text.contains("hello\\u{0}"), "{text}");
-    // b: recalled; c: edited before it was sent, the edit still wins; never-seen: a
-    // tombstone, not arrived.
+    // b: the NUL of its text is JSON-escaped text, storable anywhere; recalled. c: edited
+    // before it was sent, the edit still wins. never-seen: a tombstone, not arrived.
     let b = rows.iter().find(|r| r.contains("alice:bob:b\"")).unwrap();
+    assert!(b.contains(r#"sec\\u0000ond"#), "{b}");
     assert!(b.contains("Integer(400)"), "{b}");
+    // d: edited without EventTime, seen twice: the earlier arrival (01:00:03).
+    let d = rows.iter().find(|r| r.contains("alice:bob:d\"")).unwrap();
+    assert!(
+        d.contains("d edited") && d.contains("Integer(1795827603000)"),
+        "{d}"
+    );
     let c = rows.iter().find(|r| r.contains("alice:bob:c\"")).unwrap();
     assert!(c.contains("edited before sent"), "{c}");
     let never = rows.iter().find(|r| r.contains("never-seen")).unwrap();
@@ -188,7 +214,7 @@ proptest! {
     #[test]
     fn any_order_duplication_and_batching_ends_in_the_same_tables(
         order in Just((0..conversation().len()).collect::<Vec<_>>()).prop_shuffle(),
-        again in prop::collection::vec(0..14usize, 0..12),
+        again in prop::collection::vec(0..18usize, 0..12),
         cuts in prop::collection::vec(1..6usize, 1..8),
     ) {
         let values = conversation();
@@ -226,8 +252,15 @@ fn what_sync_cannot_apply_says_why() {
     let other = br#"{"schema":"someone-else.v1","id":"x","sdk_app_id":1}"#;
     assert_eq!(
         change::parse(other).unwrap_err(),
-        "unknown schema `someone-else.v1`"
+        r#"unknown schema "someone-else.v1""#
     );
+    // What a dead letter says is text PostgreSQL can store.
+    let nul = br#"{"schema":"\u0000x","id":"x","sdk_app_id":1}"#;
+    assert!(!change::parse(nul).unwrap_err().contains('\0'));
+    // Records written before `source` existed (v1) still apply.
+    let v1 = br#"{"schema":"im-relay.c2c-message.v1","id":"1:a:b:k","sdk_app_id":1,
+        "msg_key":"k","from_account":"a","to_account":"b","elements":[]}"#;
+    assert_eq!(change::parse(v1).unwrap().0, Kind::Message);
     // A NUL in an account: legal JSON, refused by PostgreSQL's text — kept aside.
     let out = normalize::normalize(
         &ctx(),

@@ -17,7 +17,11 @@ fn relay() -> Command {
 #[test]
 fn sync_asks_no_callback_token_and_refuses_a_password_on_the_command_line() {
     let out = relay()
-        .args(["sync", "--database", "postgres://sync:hunter2@db.example/im"])
+        .args([
+            "sync",
+            "--database",
+            "postgres://sync:hunter2@db.example/im",
+        ])
         .args(["--sync-batch-max", "0"])
         .output()
         .unwrap();

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::{free_port, unique};
 
+/// The superuser's password: the server asks for one (SCRAM), so the sync's password path is
+/// exercised for real.
+pub const PASSWORD: &str = "im-relay-test-password";
+
 pub struct Postgres {
     pub port: u16,
     data: PathBuf,
@@ -88,6 +92,8 @@ impl Postgres {
         let root = std::env::temp_dir().join(format!("im-relay-pg-{}", unique()));
         let data = root.join("data");
         std::fs::create_dir_all(&data).unwrap();
+        let pwfile = root.join("pwfile");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "nobody:nogroup"])
@@ -149,7 +155,9 @@ impl Postgres {
             .expect("postgres starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
+        while postgres::Client::connect(&with_password(&self.url("postgres")), postgres::NoTls)
+            .is_err()
+        {
             assert!(Instant::now() < deadline, "PostgreSQL did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -169,14 +177,16 @@ impl Postgres {
         }
     }
 
+    /// The URL of database `db`, without the password (as `sync` takes it).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// A new, empty database; its URL.
+    /// A new, empty database; its URL, without the password.
     pub fn database(&self) -> String {
         let name = format!("t_{}", unique().replace('-', "_"));
-        let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        let url = with_password(&self.url("postgres"));
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(&name)
     }
@@ -192,4 +202,9 @@ impl Drop for Postgres {
         }
         let _ = std::fs::remove_dir_all(self.data.parent().unwrap());
     }
+}
+
+/// `url` with the password in it, for the tests' own clients.
+pub fn with_password(url: &str) -> String {
+    url.replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1)
 }
