@@ -22,6 +22,8 @@ RUN mkdir -p src \
  && cargo build --locked --release --bin im-relay \
  && rm -rf src
 COPY src ./src
+# The records' JSON Schemas are compiled in (normalize::SCHEMAS).
+COPY schema ./schema
 # COPY keeps the context's mtimes, older than the stub build: touch so cargo rebuilds the crate.
 RUN touch src/main.rs src/lib.rs \
  && cargo build --locked --release --bin im-relay \
