@@ -19,7 +19,8 @@ use super::element::{self, Element};
 use super::fields::{Extra, FieldError, Obj, Problem};
 use super::{
     Context, NormalizeError, Output, Source, conversation, derive_msg_key, digest_of, headers,
-    id_error, message_id, message_key, received_at, required, rfc3339_ms, untyped,
+    id_error, message_id, message_key, received_at, required, required_msg_key, rfc3339_ms,
+    untyped, user,
 };
 use crate::domain::{MsgKey, Relayed, SdkAppId, UserId};
 use crate::record::Target;
@@ -123,10 +124,6 @@ struct ReadReceipt<'a> {
     info_extra: Extra<'a>,
 }
 
-fn user<'a>(b: Obj<'a>, field: &'static str) -> Result<UserId<'a>, FieldError> {
-    UserId::parse(required(field, b.str(field)?)?).map_err(id_error(field))
-}
-
 fn common<'a>(ctx: &Context<'_>, id: &'a str, schema: &'static str, cmd: Relayed) -> Common<'a> {
     Common {
         schema,
@@ -193,8 +190,7 @@ pub fn recall(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, No
     let b = Obj(body);
     let from = user(b, "From_Account")?;
     let to = user(b, "To_Account")?;
-    let msg_key =
-        MsgKey::parse(required("MsgKey", b.str("MsgKey")?)?).map_err(id_error("MsgKey"))?;
+    let msg_key = required_msg_key(b)?;
     let conversation = conversation(ctx.sdk_app_id, from, to);
     let message = message_id(&conversation, &msg_key);
     let id = format!("{message}#recall");
@@ -395,8 +391,7 @@ pub fn read_receipt(
         let i = Obj(info);
         let from = user(i, "From_Account")?;
         let to = user(i, "To_Account")?;
-        let msg_key =
-            MsgKey::parse(required("MsgKey", i.str("MsgKey")?)?).map_err(id_error("MsgKey"))?;
+        let msg_key = required_msg_key(i)?;
         let conversation = conversation(ctx.sdk_app_id, from, to);
         let message = message_id(&conversation, &msg_key);
         let id = format!("{message}#read_receipt");

@@ -168,6 +168,16 @@ fn required<T>(field: &'static str, v: Option<T>) -> Result<T, FieldError> {
     })
 }
 
+/// A required user id field (`From_Account`, `Report_Account`, …).
+fn user<'a>(b: Obj<'a>, field: &'static str) -> Result<UserId<'a>, FieldError> {
+    UserId::parse(required(field, b.str(field)?)?).map_err(id_error(field))
+}
+
+/// A required `MsgKey` (the lifecycle callbacks cannot derive one: it is their only join).
+fn required_msg_key(b: Obj<'_>) -> Result<MsgKey<'_>, FieldError> {
+    MsgKey::parse(required("MsgKey", b.str("MsgKey")?)?).map_err(id_error("MsgKey"))
+}
+
 fn id_error(field: &'static str) -> impl Fn(crate::domain::IdError) -> FieldError {
     move |e| FieldError {
         field,
@@ -194,10 +204,8 @@ pub fn normalize(
 /// One after-send callback body's record.
 fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
-    let from = UserId::parse(required("From_Account", b.str("From_Account")?)?)
-        .map_err(id_error("From_Account"))?;
-    let to = UserId::parse(required("To_Account", b.str("To_Account")?)?)
-        .map_err(id_error("To_Account"))?;
+    let from = user(b, "From_Account")?;
+    let to = user(b, "To_Account")?;
     let msg_body = required("MsgBody", b.array("MsgBody")?)?;
     let msg_seq = b.u32("MsgSeq")?;
     let msg_random = b.u32("MsgRandom")?;

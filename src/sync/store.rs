@@ -111,47 +111,52 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 )];
 
 /// `new` replaces `old` when it says something and `old` is absent or earlier: by time, then
-/// id, then (two different edits in the same millisecond share an id) the value itself.
-fn newer(value: &str, col: &str) -> String {
+/// id, then (two different edits in the same millisecond share an id) by `value` when given.
+fn newer(col: &str, value: Option<&str>) -> String {
+    let tie = value.map_or(String::new(), |v| {
+        format!(
+            " OR (excluded.{col}_version_id = messages.{col}_version_id \
+               AND excluded.{v} > messages.{v})"
+        )
+    });
     format!(
         "(excluded.{col}_version_time IS NOT NULL AND (messages.{col}_version_time IS NULL \
          OR excluded.{col}_version_time > messages.{col}_version_time \
          OR (excluded.{col}_version_time = messages.{col}_version_time \
-             AND (excluded.{col}_version_id > messages.{col}_version_id \
-                  OR (excluded.{col}_version_id = messages.{col}_version_id \
-                      AND excluded.{value} > messages.{value})))))"
+             AND (excluded.{col}_version_id > messages.{col}_version_id{tie}))))"
+    )
+}
+
+/// The version columns of `col`, replaced when `newer` holds.
+fn version(col: &str, newer: &str) -> String {
+    format!(
+        "{col}_version_time = CASE WHEN {newer} THEN excluded.{col}_version_time \
+             ELSE messages.{col}_version_time END, \
+         {col}_version_id = CASE WHEN {newer} THEN excluded.{col}_version_id \
+             ELSE messages.{col}_version_id END"
     )
 }
 
 /// `value` and its version, replaced together by a newer version.
 fn versioned(value: &str, col: &str) -> String {
-    let n = newer(value, col);
+    let n = newer(col, Some(value));
     format!(
-        "{value} = CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END, \
-         {col}_version_time = CASE WHEN {n} THEN excluded.{col}_version_time \
-             ELSE messages.{col}_version_time END, \
-         {col}_version_id = CASE WHEN {n} THEN excluded.{col}_version_id \
-             ELSE messages.{col}_version_id END"
+        "{value} = CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END, {}",
+        version(col, &n)
     )
 }
 
 /// `edited_at`: the latest edit's time. Copies of one edit (same version) may carry different
 /// arrival times when Tencent sent no `EventTime`: the earliest is kept, whatever the order.
 fn edited_at() -> String {
+    let n = newer("edit", None);
     let same = "(excluded.edit_version_time = messages.edit_version_time \
                  AND excluded.edit_version_id = messages.edit_version_id)";
-    let newer = "(excluded.edit_version_time IS NOT NULL AND (messages.edit_version_time IS NULL \
-         OR excluded.edit_version_time > messages.edit_version_time \
-         OR (excluded.edit_version_time = messages.edit_version_time \
-             AND excluded.edit_version_id > messages.edit_version_id)))";
     format!(
-        "edited_at = CASE WHEN {newer} THEN excluded.edited_at \
+        "edited_at = CASE WHEN {n} THEN excluded.edited_at \
              WHEN {same} AND excluded.edited_at < messages.edited_at THEN excluded.edited_at \
-             ELSE messages.edited_at END, \
-         edit_version_time = CASE WHEN {newer} THEN excluded.edit_version_time \
-             ELSE messages.edit_version_time END, \
-         edit_version_id = CASE WHEN {newer} THEN excluded.edit_version_id \
-             ELSE messages.edit_version_id END"
+             ELSE messages.edited_at END, {}",
+        version("edit", &n)
     )
 }
 
