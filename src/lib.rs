@@ -22,6 +22,7 @@
 //! `telemetry` the events (log line + metric), and `startup`, the only module that wires the
 //! stages together, owns listeners and the order of shutdown.
 
+pub mod backfill;
 #[cfg(feature = "load-tool")]
 pub mod bench;
 pub mod config;

@@ -21,6 +21,7 @@ fn cli() -> clap::Command {
         .arg_required_else_help(true)
         .subcommand(config::serve_command())
         .subcommand(config::sync_command())
+        .subcommand(backfill_command())
         .subcommand(
             clap::Command::new("spool")
                 .about("Inspect the durable spool, or give up one record in it")
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
     match matches.subcommand() {
         Some(("serve", flags)) => serve(flags),
         Some(("sync", flags)) => sync(flags),
+        Some(("backfill", flags)) => backfill(flags),
         Some(("sign", flags)) => sign(flags),
         #[cfg(feature = "load-tool")]
         Some(("bench", flags)) => im_relay::bench::cli::main(flags),
@@ -263,6 +265,139 @@ fn sync(flags: &clap::ArgMatches) -> ExitCode {
                 tracing::error!("sync stopped unexpectedly");
                 ExitCode::FAILURE
             }
+        }
+    })
+}
+
+fn backfill_command() -> clap::Command {
+    use clap::{Arg, ArgAction};
+    config::backfill_command()
+        .arg(
+            Arg::new("source")
+                .long("source")
+                .required(true)
+                .value_parser(["roam", "history"])
+                .help("roam: named conversations, minutes old, with recalls; history: every message, from Tencent's hourly files (ready ~1 h after the hour, kept 7 days)"),
+        )
+        .arg(
+            Arg::new("pair")
+                .long("pair")
+                .value_name("A:B")
+                .action(ArgAction::Append)
+                .help("a conversation to read (roam), split on the first `:`; repeatable"),
+        )
+        .arg(
+            Arg::new("pairs_from_topic")
+                .long("pairs-from-topic")
+                .action(ArgAction::SetTrue)
+                .help("read the conversations the topic saw from an hour before the window to an hour after it (roam)"),
+        )
+        .arg(
+            Arg::new("from")
+                .long("from")
+                .required(true)
+                .value_name("RFC3339")
+                .help("start of the window (inclusive), e.g. 2026-11-27T14:00:00Z"),
+        )
+        .arg(
+            Arg::new("to")
+                .long("to")
+                .required(true)
+                .value_name("RFC3339")
+                .help("end of the window (exclusive)"),
+        )
+        .arg(
+            Arg::new("dry_run")
+                .long("dry-run")
+                .action(ArgAction::SetTrue)
+                .help("print what would be published; publish nothing"),
+        )
+}
+
+/// The run's own flags as a job, or what is wrong with them.
+fn backfill_job(flags: &clap::ArgMatches) -> Result<im_relay::backfill::Job, String> {
+    use im_relay::backfill::{Job, Source};
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+    let at = |name: &str| {
+        let text = flags.get_one::<String>(name).cloned().unwrap_or_default();
+        OffsetDateTime::parse(&text, &Rfc3339).map_err(|_| {
+            format!("--{name} `{text}` is not an RFC 3339 time (2026-11-27T14:00:00Z)")
+        })
+    };
+    let (from, to) = (at("from")?, at("to")?);
+    if from >= to {
+        return Err("--from must be before --to".into());
+    }
+    let mut pairs = Vec::new();
+    for p in flags.get_many::<String>("pair").into_iter().flatten() {
+        match p.split_once(':') {
+            Some((a, b)) if !a.is_empty() && !b.is_empty() => {
+                pairs.push((a.to_owned(), b.to_owned()))
+            }
+            _ => return Err(format!("--pair `{p}` is not A:B")),
+        }
+    }
+    let from_topic = flags.get_flag("pairs_from_topic");
+    let source = match flags.get_one::<String>("source").map(String::as_str) {
+        Some("history") if !pairs.is_empty() || from_topic => {
+            return Err("--pair and --pairs-from-topic are for --source roam".into());
+        }
+        Some("history") => Source::History,
+        _ if pairs.is_empty() && !from_topic => {
+            return Err("--source roam needs --pair A:B or --pairs-from-topic".into());
+        }
+        _ => Source::Roam { pairs, from_topic },
+    };
+    Ok(Job {
+        source,
+        from,
+        to,
+        dry_run: flags.get_flag("dry_run"),
+        ready_after: time::Duration::HOUR,
+    })
+}
+
+/// `im-relay backfill`: exit 0 done, 1 an error, 2 bad settings or flags, 75 (EX_TEMPFAIL)
+/// some hour's file cannot be ready yet.
+fn backfill(flags: &clap::ArgMatches) -> ExitCode {
+    use std::io::IsTerminal;
+    let job = match backfill_job(flags) {
+        Ok(job) => job,
+        Err(problem) => {
+            eprintln!("{problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let loaded = config::BackfillConfig::load(Some(flags), &|k| std::env::var(k).ok());
+    run_async(loaded, |config| async move {
+        let terminal = std::io::stderr().is_terminal();
+        let outcome =
+            im_relay::backfill::run(&config.tencent, &config.kafka, &job, |done, of, row| {
+                if terminal {
+                    eprint!(
+                        "\r[{done}/{of}] {}: found {}, published {}          ",
+                        row.name, row.found, row.published
+                    );
+                }
+            })
+            .await;
+        if terminal {
+            eprintln!();
+        }
+        print!("{}", outcome.summary.table(job.dry_run));
+        match outcome.error {
+            Some(error) => {
+                eprintln!("backfill failed: {error}");
+                ExitCode::FAILURE
+            }
+            None if outcome.summary.total().not_ready => {
+                eprintln!(
+                    "some hours cannot be ready yet (Tencent writes an hour's file about an hour after it ends): run again later"
+                );
+                ExitCode::from(75)
+            }
+            None => ExitCode::SUCCESS,
         }
     })
 }

@@ -18,6 +18,10 @@ pub enum Group {
     Kafka,
     /// `im-relay sync`: its database, consumer group and admin listener.
     Sync,
+    /// The Tencent IM application: `serve` takes callbacks for it, `backfill` reads its history.
+    App,
+    /// Tencent's REST API (backfill and `serve`'s reconciliation).
+    Tencent,
 }
 
 pub(super) struct Setting {
@@ -66,7 +70,7 @@ const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting 
     }
 }
 
-use Group::{Kafka, Serve, Sync};
+use Group::{App, Kafka, Serve, Sync, Tencent};
 
 /// Every setting's key, spelled once: the table and the parsers name them through these.
 pub mod key {
@@ -121,14 +125,20 @@ pub mod key {
     pub const TLS_KEY: &str = "tls_key";
     pub const KAFKA_SASL_USERNAME: &str = "kafka_sasl_username";
     pub const KAFKA_SASL_PASSWORD: &str = "kafka_sasl_password";
+    pub const TENCENT_API_URL: &str = "tencent_api_url";
+    pub const TENCENT_ADMIN: &str = "tencent_admin";
+    pub const TENCENT_SECRET_KEY: &str = "tencent_secret_key";
+    pub const TENCENT_TIMEOUT_MS: &str = "tencent_timeout_ms";
+    pub const RECONCILE: &str = "reconcile";
+    pub const RECONCILE_DELAY_MS: &str = "reconcile_delay_ms";
 }
 
 pub(super) const SETTINGS: &[Setting] = &[
     s(
-        Serve,
+        App,
         key::SDK_APP_ID,
         None,
-        "Tencent IM SdkAppid(s) served, comma-separated (required)",
+        "Tencent IM SdkAppid(s) served, comma-separated (required; backfill takes one)",
     ),
     secret(
         Serve,
@@ -283,6 +293,41 @@ pub(super) const SETTINGS: &[Setting] = &[
         "records sent to Kafka, not yet confirmed, at most",
     ),
     s(
+        Serve,
+        key::RECONCILE,
+        Some("off"),
+        "off | history: publish what Tencent's hourly files hold and the topic does not",
+    ),
+    s(
+        Serve,
+        key::RECONCILE_DELAY_MS,
+        Some("7200000"),
+        "how long after an hour ends its reconciliation starts (Tencent's file is ready ~1 h after)",
+    ),
+    s(
+        Tencent,
+        key::TENCENT_API_URL,
+        None,
+        "base URL of Tencent IM's REST API for the app's region, e.g. https://adminapisgp.im.qcloud.com",
+    ),
+    s(
+        Tencent,
+        key::TENCENT_ADMIN,
+        Some("administrator"),
+        "an app administrator account (the REST API's identifier)",
+    ),
+    secret(
+        Tencent,
+        key::TENCENT_SECRET_KEY,
+        "the app's secret key, which signs UserSigs",
+    ),
+    s(
+        Tencent,
+        key::TENCENT_TIMEOUT_MS,
+        Some("10000"),
+        "time one REST call (or a file download's silence) may take",
+    ),
+    s(
         Kafka,
         key::KAFKA_BROKERS,
         Some("127.0.0.1:9092"),
@@ -427,11 +472,12 @@ pub fn serve_command() -> clap::Command {
     command(
         "serve",
         "Receive Tencent IM callbacks and publish them to Kafka",
-        &[Serve, Kafka],
+        &[Serve, App, Kafka, Tencent],
     )
     .after_help(
         "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
-         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in _FILE \
+         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, IM_RELAY_TENCENT_SECRET_KEY, or the \
+         same names ending in _FILE \
          naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
          IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
     )
@@ -449,6 +495,21 @@ pub fn sync_command() -> clap::Command {
          IM_RELAY_SYNC_DATABASE_PASSWORD, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending \
          in _FILE naming a file that holds the value; a --database URL holding a password is \
          refused.",
+    )
+}
+
+/// The `backfill` command's settings flags (its run's own flags are added by `backfill`).
+pub fn backfill_command() -> clap::Command {
+    command(
+        "backfill",
+        "Publish what Tencent's history holds and the topic does not (after an outage)",
+        &[App, Tencent, Kafka],
+    )
+    .after_help(
+        "Secrets are read only from the environment or the config file: \
+         IM_RELAY_TENCENT_SECRET_KEY, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in \
+         _FILE naming a file that holds the value. Exit status: 0 done, 1 an error, 2 bad \
+         settings, 75 an hour's file cannot be ready yet (run again later).",
     )
 }
 

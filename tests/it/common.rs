@@ -204,7 +204,7 @@ pub fn read_until(
     got
 }
 
-fn write_markers(bootstrap: &str, topic: &str) {
+pub fn write_markers(bootstrap: &str, topic: &str) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()

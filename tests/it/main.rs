@@ -4,7 +4,9 @@
 //! records read back from Kafka.
 
 mod common;
+mod tencent;
 
+mod backfill;
 #[cfg(feature = "load-tool")]
 mod bench;
 mod body_limit;

@@ -1,0 +1,146 @@
+//! Settings for Tencent's REST API — `im-relay backfill`'s, and `serve`'s when it reconciles.
+//! The secret key signs every UserSig: env, `_FILE` or config file only, never a flag.
+
+use std::time::Duration;
+
+use clap::ArgMatches;
+
+use super::settings::{Group, key, load_raw};
+use super::{ConfigErrors, KafkaConfig, Parser, Secret};
+use crate::domain::SdkAppId;
+
+#[derive(Debug, Clone)]
+pub struct TencentConfig {
+    pub sdk_app_id: SdkAppId,
+    /// `https://adminapisgp.im.qcloud.com`, or any base URL (tests use a local fake).
+    pub api_url: String,
+    pub admin: String,
+    pub secret_key: Secret,
+    pub timeout: Duration,
+}
+
+/// `im-relay backfill`'s settings: one app, its REST API, Kafka.
+#[derive(Debug, Clone)]
+pub struct BackfillConfig {
+    pub tencent: TencentConfig,
+    pub kafka: KafkaConfig,
+}
+
+impl BackfillConfig {
+    pub fn load(
+        flags: Option<&ArgMatches>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<BackfillConfig, ConfigErrors> {
+        let (values, options, errors) =
+            load_raw(flags, env, &[Group::App, Group::Tencent, Group::Kafka]);
+        let mut p = Parser { values, errors };
+        let ids = p.sdk_app_ids();
+        if ids.len() > 1 {
+            p.fail(
+                key::SDK_APP_ID,
+                "backfill reads one app: name exactly one id",
+            );
+        }
+        let tencent = p.tencent(ids.first().copied().unwrap_or(SdkAppId::from(0)));
+        let kafka = p.kafka(options);
+        let config = BackfillConfig {
+            tencent: tencent.unwrap_or_else(|| TencentConfig {
+                sdk_app_id: SdkAppId::from(0),
+                api_url: String::new(),
+                admin: String::new(),
+                secret_key: Secret::new(""),
+                timeout: Duration::ZERO,
+            }),
+            kafka,
+        };
+        p.finish(config)
+    }
+}
+
+impl Parser {
+    /// The REST API's settings; `None` (with the problems recorded) when any is missing.
+    pub(super) fn tencent(&mut self, sdk_app_id: SdkAppId) -> Option<TencentConfig> {
+        let api_url = self
+            .opt(key::TENCENT_API_URL)
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_owned();
+        match reqwest::Url::parse(&api_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => self.fail(
+                key::TENCENT_API_URL,
+                "must be the REST API's base URL for the app's region, e.g. \
+                 https://adminapisgp.im.qcloud.com",
+            ),
+        }
+        let admin = self.opt(key::TENCENT_ADMIN).unwrap_or("").trim().to_owned();
+        if admin.is_empty() {
+            self.fail(key::TENCENT_ADMIN, "must be set");
+        }
+        let secret_key = self.secret(key::TENCENT_SECRET_KEY);
+        if secret_key.is_none() {
+            self.fail(
+                key::TENCENT_SECRET_KEY,
+                "must be set (the app's key from the IM console; env or _FILE, never a flag)",
+            );
+        }
+        let timeout = self.millis(key::TENCENT_TIMEOUT_MS);
+        if timeout.is_zero() {
+            self.fail(key::TENCENT_TIMEOUT_MS, "must be above 0");
+        }
+        Some(TencentConfig {
+            sdk_app_id,
+            api_url,
+            admin,
+            secret_key: secret_key?,
+            timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<BackfillConfig, ConfigErrors> {
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        BackfillConfig::load(None, &|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn backfill_needs_one_app_its_api_and_a_secret_key_but_no_token() {
+        let err = load(&[("IM_RELAY_SDK_APP_ID", "1,2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exactly one id"), "{err}");
+        assert!(err.contains("IM_RELAY_TENCENT_API_URL"), "{err}");
+        assert!(err.contains("IM_RELAY_TENCENT_SECRET_KEY"), "{err}");
+        assert!(!err.contains("IM_RELAY_TOKEN"), "{err}");
+        let c = load(&[
+            ("IM_RELAY_SDK_APP_ID", "1400000000"),
+            (
+                "IM_RELAY_TENCENT_API_URL",
+                "https://adminapisgp.im.qcloud.com/",
+            ),
+            ("IM_RELAY_TENCENT_SECRET_KEY", "s3cr3t-key"),
+        ])
+        .unwrap();
+        assert_eq!(c.tencent.api_url, "https://adminapisgp.im.qcloud.com");
+        assert_eq!(c.tencent.admin, "administrator");
+        assert_eq!(c.tencent.sdk_app_id, SdkAppId::from(1400000000));
+        assert!(!format!("{c:?}").contains("s3cr3t-key"));
+    }
+
+    #[test]
+    fn the_secret_key_is_never_a_flag() {
+        let cmd = super::super::backfill_command();
+        assert!(
+            cmd.get_arguments()
+                .all(|a| a.get_id().as_str() != key::TENCENT_SECRET_KEY)
+        );
+    }
+}

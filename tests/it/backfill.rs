@@ -1,0 +1,427 @@
+//! `im-relay backfill` end to end: part of a conversation reaches the topic through the relay,
+//! the rest is only in the fake Tencent's history; backfill publishes exactly the rest (and the
+//! missed recall) into the real broker, and a second run publishes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::common::*;
+use crate::tencent::{FakeTencent, File, SECRET_KEY};
+
+/// A message in the REST shape; `text` long enough fills roam pages faster.
+fn message(from: &str, to: &str, key: &str, time: i64, text: &str, flags: i64) -> Value {
+    json!({
+        "From_Account": from, "To_Account": to, "MsgSeq": 7, "MsgRandom": 11,
+        "MsgTimeStamp": time, "MsgFlagBits": flags, "IsPeerRead": 0, "MsgKey": key,
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+        "CloudCustomData": "",
+    })
+}
+
+/// The after-send callback Tencent would have sent for `m`.
+fn callback(m: &Value) -> String {
+    let mut body = m.as_object().unwrap().clone();
+    body.remove("MsgFlagBits");
+    body.remove("IsPeerRead");
+    let t = body.remove("MsgTimeStamp").unwrap();
+    body.insert("MsgTime".into(), t);
+    body.insert("CallbackCommand".into(), "C2C.CallbackAfterSendMsg".into());
+    Value::Object(body).to_string()
+}
+
+fn id_of(m: &Value) -> String {
+    let (a, b) = (
+        m["From_Account"].as_str().unwrap(),
+        m["To_Account"].as_str().unwrap(),
+    );
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    format!("{APP_ID}:{lo}:{hi}:{}", m["MsgKey"].as_str().unwrap())
+}
+
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .unwrap()
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+fn env(app: &TestApp, fake: &FakeTencent) -> Vec<(String, String)> {
+    [
+        ("IM_RELAY_SDK_APP_ID", APP_ID.to_string()),
+        ("IM_RELAY_TENCENT_API_URL", fake.url.clone()),
+        ("IM_RELAY_TENCENT_SECRET_KEY", SECRET_KEY.to_owned()),
+        ("IM_RELAY_KAFKA_BROKERS", app.bootstrap.clone()),
+        ("IM_RELAY_TOPIC", app.topic.clone()),
+        ("IM_RELAY_QUARANTINE_TOPIC", quarantine_topic(&app.topic)),
+        ("IM_RELAY_LOG", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn command(app: &TestApp, fake: &FakeTencent, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_im-relay"));
+    c.arg("backfill")
+        .args(args)
+        .env_clear()
+        .envs(env(app, fake))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs backfill to its end: exit code, stdout, stderr.
+async fn backfill(app: &TestApp, fake: &FakeTencent, args: &[&str]) -> (i32, String, String) {
+    // tansu may keep a partition's newest batch from readers until another write lands.
+    let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
+    tokio::task::spawn_blocking(move || write_markers(&bootstrap, &topic))
+        .await
+        .unwrap();
+    let mut c = command(app, fake, args);
+    let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+/// The summary's row named `name`: found, on topic, published, recalls, unparsable.
+fn row(stdout: &str, name: &str) -> [u64; 5] {
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name} in\n{stdout}"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    n.try_into()
+        .unwrap_or_else(|_| panic!("row {name}: {line}"))
+}
+
+/// Every record on the topic by id (duplicates from tansu's idempotent retries folded).
+async fn by_id(app: &TestApp, want: usize) -> BTreeMap<String, Received> {
+    let records = app.records(want).await;
+    records
+        .into_iter()
+        .filter_map(|r| Some((r.headers.get("ce_id")?.clone(), r)))
+        .collect()
+}
+
+/// Every record on the topic by id, however many: read until the topic has been quiet a while.
+async fn everything(app: &TestApp) -> BTreeMap<String, Received> {
+    let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
+    let records = tokio::task::spawn_blocking(move || {
+        read_until(&bootstrap, &topic, Duration::from_secs(8), |_| false)
+    })
+    .await
+    .unwrap();
+    records
+        .into_iter()
+        .filter_map(|r| Some((r.headers.get("ce_id")?.clone(), r)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    let fake = FakeTencent::start().await;
+    let u = unique();
+    let t0 = now() - 1800;
+    // Long texts: several ~13 KB pages per view.
+    let text = "x".repeat(3000);
+    let chat: Vec<Value> = (0..8)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 {
+                ("alice", "bob")
+            } else {
+                ("bob", "alice")
+            };
+            // 5 and 6 were recalled; only 6's recall callback reached the relay.
+            let flags = if i == 5 || i == 6 { 8 } else { 0 };
+            message(from, to, &format!("{u}-{i}"), t0 + i * 10, &text, flags)
+        })
+        .collect();
+    let other: Vec<Value> = (0..3)
+        .map(|i| message("carol", "dave", &format!("{u}-cd{i}"), t0 + i, "hi", 0))
+        .collect();
+    {
+        let mut s = fake.state();
+        s.messages = chat.iter().chain(&other).cloned().collect();
+        s.rate_limit_every = 4;
+    }
+    for i in [0, 1, 2, 6] {
+        let (status, _) = app
+            .post_command("C2C.CallbackAfterSendMsg", &callback(&chat[i]))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let recall = json!({"CallbackCommand": "C2C.CallbackAfterMsgWithDraw", "From_Account": "alice",
+        "To_Account": "bob", "MsgKey": format!("{u}-6"), "EventTime": (t0 + 100) * 1000});
+    assert_eq!(
+        app.post_command("C2C.CallbackAfterMsgWithDraw", &recall.to_string())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        app.post_command("C2C.CallbackAfterSendMsg", &callback(&other[0]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(by_id(&app, 6).await.len(), 6, "the relay's records are in");
+
+    let (from, to) = (rfc3339(t0 - 60), rfc3339(now() + 60));
+    let window = ["--from", from.as_str(), "--to", to.as_str()];
+    let dry = [
+        &["--source", "roam", "--pair", "alice:bob", "--dry-run"][..],
+        &window,
+    ]
+    .concat();
+    let (code, out, err) = backfill(&app, &fake, &dry).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let lines = out
+        .lines()
+        .filter(|l| l.starts_with("would publish "))
+        .count();
+    assert_eq!(lines, 5, "{out}");
+    assert_eq!(by_id(&app, 6).await.len(), 6, "a dry run publishes nothing");
+
+    let args = [&["--source", "roam", "--pair", "alice:bob"][..], &window].concat();
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 1, 0], "{out}");
+    let records = by_id(&app, 11).await;
+    assert_eq!(records.len(), 11, "{:?}", records.keys());
+    for m in &chat {
+        let r = &records[&id_of(m)];
+        assert_schema_valid(&r.value);
+        assert_eq!(r.value["msg_key"], m["MsgKey"]);
+    }
+    let backfilled: BTreeSet<&str> = records
+        .iter()
+        .filter(|(_, r)| r.headers.get("im_source").map(String::as_str) == Some("backfill"))
+        .map(|(id, r)| {
+            assert_eq!(r.value["source"], "backfill");
+            assert_schema_valid(&r.value);
+            id.as_str()
+        })
+        .collect();
+    let expected: BTreeSet<String> = [3, 4, 5, 7]
+        .map(|i| id_of(&chat[i]))
+        .into_iter()
+        .chain([format!("{}#recall", id_of(&chat[5]))])
+        .collect();
+    assert_eq!(backfilled, expected.iter().map(String::as_str).collect());
+    let missed_recall = &records[&format!("{}#recall", id_of(&chat[5]))];
+    assert_eq!(missed_recall.value["schema"], "im-relay.c2c-recall.v1");
+    assert_eq!(
+        missed_recall.key, chat[5]["MsgKey"],
+        "keyed like its message"
+    );
+
+    // The conversations the topic saw: carol:dave's two missing messages, alice:bob nothing.
+    let args = [&["--source", "roam", "--pairs-from-topic"][..], &window].concat();
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0], "{out}");
+    assert_eq!(row(&out, "carol:dave"), [3, 1, 2, 0, 0], "{out}");
+    assert_eq!(by_id(&app, 13).await.len(), 13);
+
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        row(&out, "total"),
+        [11, 11, 0, 0, 0],
+        "a second run publishes nothing: {out}"
+    );
+    let s = fake.state();
+    assert_eq!(s.bad_signatures, 0);
+    assert!(s.calls >= 8, "paged and retried: {} calls", s.calls);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    let fake = FakeTencent::start().await;
+    let u = unique();
+    let hour = |unix: i64| unix - unix.rem_euclid(3600);
+    let h1 = hour(now()) - 3 * 3600;
+    let h2 = h1 + 3600;
+    let first: Vec<Value> = (0..4)
+        .map(|i| message("erin", "frank", &format!("{u}-a{i}"), h1 + 60 * i, "a", 0))
+        .collect();
+    let second: Vec<Value> = (0..3)
+        .map(|i| message("frank", "erin", &format!("{u}-b{i}"), h2 + 60 * i, "b", 0))
+        .collect();
+    let beijing = |unix: i64| {
+        im_relay::backfill::beijing_hour(OffsetDateTime::from_unix_timestamp(unix).unwrap())
+    };
+    {
+        let mut s = fake.state();
+        // The object on one line; its first download corrupt.
+        let mut one = File::new(&json!({"MsgList": first}).to_string());
+        one.corrupt_first = true;
+        // One message a line, a line that is not JSON; its first link expired.
+        let lines: Vec<String> = second.iter().map(Value::to_string).collect();
+        let text = format!("{{\"MsgList\":[\n{},\n{{not json\n]}}\n", lines.join(",\n"));
+        let mut two = File::new(&text);
+        two.expired_first = true;
+        s.hours.insert(beijing(h1), vec![one]);
+        s.hours.insert(beijing(h2), vec![two]);
+    }
+    for m in [&first[0], &second[0]] {
+        assert_eq!(
+            app.post_command("C2C.CallbackAfterSendMsg", &callback(m))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(by_id(&app, 2).await.len(), 2);
+
+    let (from, to) = (rfc3339(h1), rfc3339(h2 + 3600));
+    let args = [
+        "--source",
+        "history",
+        "--from",
+        from.as_str(),
+        "--to",
+        to.as_str(),
+    ];
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(row(&out, "total"), [7, 2, 5, 0, 1], "{out}");
+    let records = by_id(&app, 7).await;
+    assert_eq!(records.len(), 7);
+    for m in first.iter().chain(&second) {
+        assert_schema_valid(&records[&id_of(m)].value);
+    }
+    let quarantined = app.quarantined(1).await;
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(
+        quarantined[0].headers["im_quarantine_reason"],
+        "backfill_unparsable"
+    );
+    assert_eq!(quarantined[0].raw, b"{not json");
+    {
+        let s = fake.state();
+        assert!(
+            s.listings[&beijing(h2)] >= 2,
+            "an expired link is fetched again"
+        );
+        assert!(
+            s.downloads[&format!("{}/0", beijing(h1))] >= 2,
+            "a bad MD5 is fetched again"
+        );
+    }
+
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(row(&out, "total"), [7, 7, 0, 0, 1], "{out}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.quarantined(2).await.len(), 1, "quarantined once");
+
+    // The current hour's file cannot exist yet: reported, its own exit code.
+    let (to, from) = (rfc3339(now()), rfc3339(h2));
+    let args = [
+        "--source",
+        "history",
+        "--from",
+        from.as_str(),
+        "--to",
+        to.as_str(),
+    ];
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(out.contains("not ready yet"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    let fake = FakeTencent::start().await;
+    let u = unique();
+    let t0 = now() - 600;
+    let pairs = 20;
+    let messages: Vec<Value> = (0..pairs)
+        .flat_map(|p| {
+            let u = u.clone();
+            (0..10).map(move |i| {
+                message(
+                    &format!("p{p}"),
+                    "hub",
+                    &format!("{u}-{p}-{i}"),
+                    t0 + i,
+                    "m",
+                    0,
+                )
+            })
+        })
+        .collect();
+    {
+        let mut s = fake.state();
+        s.messages = messages.clone();
+        s.page_delay = Duration::from_millis(150);
+    }
+    let (from, to) = (rfc3339(t0 - 60), rfc3339(now() + 60));
+    let mut args = vec![
+        "--source",
+        "roam",
+        "--from",
+        from.as_str(),
+        "--to",
+        to.as_str(),
+    ];
+    let names: Vec<String> = (0..pairs).map(|p| format!("p{p}:hub")).collect();
+    for n in &names {
+        args.extend(["--pair", n.as_str()]);
+    }
+    // The topic must exist with a record for the scan: one message relayed.
+    assert_eq!(
+        app.post_command("C2C.CallbackAfterSendMsg", &callback(&messages[0]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(by_id(&app, 1).await.len(), 1);
+    let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
+    tokio::task::spawn_blocking(move || write_markers(&bootstrap, &topic))
+        .await
+        .unwrap();
+    let mut child = command(&app, &fake, &args).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before it finished");
+    let first_run = everything(&app).await.len() - 1;
+    assert!(
+        first_run > 0 && first_run < messages.len() - 1,
+        "killed midway: {first_run}"
+    );
+
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let [found, on_topic, published, _, _] = row(&out, "total");
+    assert_eq!(found, messages.len() as u64);
+    assert_eq!(on_topic, 1 + first_run as u64, "{out}");
+    assert_eq!(published as usize, messages.len() - 1 - first_run, "{out}");
+    let records = by_id(&app, messages.len()).await;
+    let ids: BTreeSet<String> = messages.iter().map(id_of).collect();
+    assert_eq!(records.keys().cloned().collect::<BTreeSet<_>>(), ids);
+}
