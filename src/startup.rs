@@ -53,6 +53,7 @@ pub struct Application {
     events: mpsc::Sender<Event>,
     ready: Arc<AtomicBool>,
     metrics: PrometheusHandle,
+    spool: Arc<spool::Shared>,
 }
 
 /// What `Application::open` makes.
@@ -126,6 +127,7 @@ impl Application {
             events: p.events,
             ready,
             metrics,
+            spool: p.spool,
         })
     }
 
@@ -242,6 +244,17 @@ impl Application {
             );
         }
 
+        let reconcile_stop = Arc::new(tokio::sync::Notify::new());
+        let reconciler = match &config.reconcile {
+            Some(r) => Some(crate::backfill::periodic::spawn(
+                r.clone(),
+                config.kafka.clone(),
+                self.spool.clone(),
+                config.spool.dir.clone(),
+                reconcile_stop.clone(),
+            )?),
+            None => None,
+        };
         let upkeep = {
             let metrics = self.metrics.clone();
             let process = metrics_process::Collector::default();
@@ -304,6 +317,12 @@ impl Application {
             tracing::error!("spool or publisher did not stop in time");
         }
         upkeep.abort();
+        reconcile_stop.notify_one();
+        if let Some(r) = reconciler {
+            // A reconciliation in progress stops at its next await; what it published is on
+            // the topic, the hour is done again next time.
+            let _ = tokio::task::spawn_blocking(move || r.join()).await;
+        }
         if let Some(r) = reloader {
             r.abort();
         }

@@ -11,6 +11,7 @@
 //! only if no record with its id is on the topic.
 
 mod history;
+pub mod periodic;
 pub mod rest;
 pub mod topic;
 pub mod usersig;

@@ -496,10 +496,9 @@ impl<S: Sink> Publisher<S> {
             return;
         }
         self.last_gauges = now;
-        let oldest = self
-            .ledger
-            .oldest_received_ms()
-            .map(|at| Duration::from_millis(unix_millis().saturating_sub(at)));
+        let oldest_ms = self.ledger.oldest_received_ms();
+        self.shared.set_oldest_unpublished_ms(oldest_ms);
+        let oldest = oldest_ms.map(|at| Duration::from_millis(unix_millis().saturating_sub(at)));
         PublisherGauges {
             backlog_records: self.shared.backlog(),
             spool_bytes: self.shared.bytes(),

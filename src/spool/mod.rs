@@ -167,6 +167,8 @@ pub struct Shared {
     /// When the write or sync in progress began (ms since `epoch`, plus one); 0 when idle.
     busy_since: AtomicU64,
     epoch: Instant,
+    /// When the oldest record the publisher holds unconfirmed arrived (Unix ms); 0: none.
+    oldest_unpublished_ms: AtomicU64,
     /// Size of the dead-letter reserve.
     reserve_bytes: u64,
     /// Held for the spool's lifetime: one relay per spool directory.
@@ -187,6 +189,17 @@ impl Shared {
     pub fn backlog(&self) -> u64 {
         let appended = self.appended.load(Ordering::Relaxed);
         appended.saturating_sub(self.committed.load(Ordering::Relaxed))
+    }
+
+    /// When the oldest record not yet confirmed by Kafka arrived (Unix ms), as the publisher
+    /// last saw it; `None` when it holds none. What the topic lacks before then is still coming.
+    pub fn oldest_unpublished_ms(&self) -> Option<u64> {
+        Some(self.oldest_unpublished_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
+    }
+
+    pub(crate) fn set_oldest_unpublished_ms(&self, at: Option<u64>) {
+        self.oldest_unpublished_ms
+            .store(at.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Room for a record of `bytes`, and the disk took the last write.
@@ -380,6 +393,7 @@ fn recover(
         disk_error: AtomicBool::new(false),
         sync_failed: AtomicBool::new(false),
         busy_since: AtomicU64::new(0),
+        oldest_unpublished_ms: AtomicU64::new(0),
         epoch: Instant::now(),
         reserve_bytes,
         _lock: lock,

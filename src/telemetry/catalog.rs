@@ -117,6 +117,15 @@ pub const METRICS: &[Metric] = &[
         "Requests timed out (since the producer was built)."),
     // The build.
     m("im_relay_build_info", Gauge, &["version", "git_sha"], "Always 1: the running build."),
+    // Reconciliation (`reconcile = history`).
+    m("im_relay_reconcile_hours_total", Counter, &[],
+        "Hours compared with Tencent's hourly message files."),
+    m("im_relay_reconcile_missing_total", Counter, &[],
+        "Records Tencent's files held and the topic did not (callbacks that never reached the relay), published."),
+    m("im_relay_reconcile_failures_total", Counter, &[],
+        "Reconciliation attempts that failed (REST API, file, Kafka); retried after 5 minutes."),
+    m("im_relay_reconcile_last_success_timestamp_seconds", Gauge, &[],
+        "When an hour was last reconciled (Unix time)."),
     // `im-relay sync`.
     m("im_relay_sync_applied_total", Counter, &["kind"],
         "Records applied to the database (committed), by kind: message, recall, edit, read_report, read_receipt."),

@@ -425,3 +425,85 @@ async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
     let ids: BTreeSet<String> = messages.iter().map(id_of).collect();
     assert_eq!(records.keys().cloned().collect::<BTreeSet<_>>(), ids);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
+    let broker = Broker::start();
+    let fake = FakeTencent::start().await;
+    // Not across an hour's turn: the hour this test names must stay the previous one.
+    if now().rem_euclid(3600) > 3540 {
+        tokio::time::sleep(Duration::from_secs((3602 - now().rem_euclid(3600)) as u64)).await;
+    }
+    let u = unique();
+    let current = now() - now().rem_euclid(3600);
+    let previous = current - 3600;
+    let chat: Vec<Value> = (0..3)
+        .map(|i| {
+            message(
+                "gina",
+                "hal",
+                &format!("{u}-{i}"),
+                previous + 60 * i,
+                "r",
+                0,
+            )
+        })
+        .collect();
+    let beijing = |unix: i64| {
+        im_relay::backfill::beijing_hour(OffsetDateTime::from_unix_timestamp(unix).unwrap())
+    };
+    fake.state().hours.insert(
+        beijing(previous),
+        vec![File::new(&json!({"MsgList": chat}).to_string())],
+    );
+    // The previous hour falls due a few seconds after the start: time to relay one message.
+    let delay_ms = ((now() - current) * 1000 + 6000).to_string();
+    let app = spawn_process_app(
+        &broker,
+        &[
+            ("IM_RELAY_RECONCILE", "history"),
+            ("IM_RELAY_RECONCILE_DELAY_MS", delay_ms.as_str()),
+            ("IM_RELAY_TENCENT_API_URL", fake.url.as_str()),
+            ("IM_RELAY_TENCENT_SECRET_KEY", SECRET_KEY),
+        ],
+    )
+    .await;
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("im_relay_reconcile_missing_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        app.post_command("C2C.CallbackAfterSendMsg", &callback(&chat[0]))
+            .await
+            .0,
+        200
+    );
+    let records = by_id(&app, 3).await;
+    assert_eq!(records.len(), 3, "{:?}", records.keys());
+    let backfilled: Vec<&String> = records
+        .iter()
+        .filter(|(_, r)| r.value["source"] == "backfill")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(backfilled, [&id_of(&chat[1]), &id_of(&chat[2])]);
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("im_relay_reconcile_hours_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("im_relay_reconcile_missing_total 2"),
+        "{metrics}"
+    );
+    let state = app.spool_root().join("spool").join("reconcile-next-hour");
+    let next = std::fs::read_to_string(&state).expect("the next hour is recorded");
+    assert_eq!(
+        OffsetDateTime::parse(&next, &Rfc3339)
+            .unwrap()
+            .unix_timestamp(),
+        current
+    );
+    assert_eq!(fake.state().bad_signatures, 0);
+    app.stop().await;
+}

@@ -382,6 +382,11 @@ pub async fn spawn_process_app(broker: &Broker, extra: &[(&str, &str)]) -> TestA
 }
 
 impl TestApp {
+    /// The directory the app's spool lives in (for a process app: its `spool/` subdirectory).
+    pub fn spool_root(&self) -> &std::path::Path {
+        self._spool.path()
+    }
+
     /// POSTs `body` with `query` and returns (status, parsed JSON body).
     pub async fn post(&self, query: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let resp = self
