@@ -29,7 +29,7 @@ use time::{Duration, OffsetDateTime, UtcOffset};
 
 use crate::config::{KafkaConfig, TencentConfig, client_config};
 use crate::domain::{Relayed, SdkAppId};
-use crate::normalize::{self, Context, Output};
+use crate::normalize::{self, Context, Obj, Output};
 use crate::record::{Quarantined, Record, Target};
 use history::Item;
 use rest::{DownloadError, Rest};
@@ -84,6 +84,9 @@ pub struct Row {
     pub unparsable: u64,
     /// The hour's file cannot be ready yet: nothing was concluded about it.
     pub not_ready: bool,
+    /// A conversation the topic saw whose account Tencent no longer knows (deleted since):
+    /// skipped, its messages beyond reach.
+    pub unknown_account: bool,
 }
 
 #[derive(Debug, Default)]
@@ -104,6 +107,7 @@ impl Summary {
             t.recalls_published += r.recalls_published;
             t.unparsable += r.unparsable;
             t.not_ready |= r.not_ready;
+            t.unknown_account |= r.unknown_account;
         }
         t
     }
@@ -124,6 +128,13 @@ impl Summary {
                 out.push_str(&format!("{:<40} not ready yet\n", r.name));
                 continue;
             }
+            if r.unknown_account && r.name != "total" {
+                out.push_str(&format!(
+                    "{:<40} an account Tencent no longer knows: skipped\n",
+                    r.name
+                ));
+                continue;
+            }
             out.push_str(&format!(
                 "{:<40} {:>8} {:>9} {:>10} {:>9} {:>11}\n",
                 r.name, r.found, r.on_topic, r.published, r.recalls_published, r.unparsable
@@ -139,6 +150,8 @@ const TOPIC_MARGIN: Duration = Duration::hours(1);
 /// An hour with no files this soon after it ended may not be written yet *(unconfirmed: the
 /// page says only "about an hour, later for big hours")*.
 const EMPTY_SETTLE: Duration = Duration::hours(6);
+/// How long Tencent keeps an hour's file.
+pub const FILES_KEPT: Duration = Duration::days(7);
 /// Times a file is fetched again (fresh URLs) after an expired link or a bad checksum.
 const REFETCHES: u32 = 3;
 /// Roam messages asked for per call (Tencent's maximum is undocumented; a page is ~13 KB).
@@ -186,14 +199,16 @@ fn as_callback(message: &Map<String, Value>, command: Relayed) -> Map<String, Va
 }
 
 fn recalled(message: &Map<String, Value>) -> bool {
-    message
-        .get("MsgFlagBits")
-        .and_then(Value::as_i64)
+    Obj(message)
+        .u64("MsgFlagBits")
+        .ok()
+        .flatten()
         .is_some_and(|bits| bits & 8 != 0)
 }
 
 /// The records the relay would have made of a message: the message, and for a recalled one
-/// the recall a `C2C.CallbackAfterMsgWithDraw` would have brought (same id).
+/// the recall a `C2C.CallbackAfterMsgWithDraw` would have brought (same id). A message
+/// without `MsgKey` is refused: a key derived here might not match the callback's.
 fn records(
     app: SdkAppId,
     key_mode: normalize::KeyMode,
@@ -208,16 +223,21 @@ fn records(
         source: normalize::Source::Backfill,
     };
     let body = as_callback(message, Relayed::AfterSendMsg);
-    let time = body
-        .get("MsgTime")
-        .and_then(Value::as_i64)
+    // Read as the normalizer reads it: integers may come as numeric strings.
+    let time = Obj(&body)
+        .i64("MsgTime")
+        .map_err(|e| e.to_string())?
         .ok_or("no MsgTimeStamp")?;
+    match Obj(&body).str("MsgKey") {
+        Ok(Some(key)) if !key.is_empty() => {}
+        _ => return Err("no MsgKey".into()),
+    }
     let mut out =
         normalize::normalize(&ctx, Relayed::AfterSendMsg, &body).map_err(|e| e.to_string())?;
-    if recalled(message) && message.contains_key("MsgKey") {
+    if recalled(message) {
         let mut recall = Map::new();
         for field in ["From_Account", "To_Account", "MsgKey"] {
-            recall.insert(field.into(), message[field].clone());
+            recall.insert(field.into(), body.get(field).cloned().unwrap_or_default());
         }
         recall.insert(
             "CallbackCommand".into(),
@@ -389,27 +409,42 @@ async fn run_rows(
     };
     match &job.source {
         Source::Roam { pairs, .. } => {
-            let mut all: Vec<(String, String)> = Vec::new();
+            // Named pairs first: an unknown account there is a mistake to report; in a pair
+            // the topic saw, an account deleted since.
+            let mut all: Vec<(String, String, bool)> = Vec::new();
             let mut names = HashSet::new();
             let found = std::mem::take(&mut run.seen.pairs);
-            for (a, b) in pairs.iter().cloned().chain(found) {
+            let named = pairs.iter().cloned().map(|(a, b)| (a, b, true));
+            for (a, b, named) in named.chain(found.into_iter().map(|(a, b)| (a, b, false))) {
                 let sorted = if a <= b {
                     (a.clone(), b.clone())
                 } else {
                     (b.clone(), a.clone())
                 };
                 if names.insert(sorted) {
-                    all.push((a, b));
+                    all.push((a, b, named));
                 }
             }
-            for (i, (a, b)) in all.iter().enumerate() {
-                let row = run.roam(a, b).await?;
+            for (i, (a, b, named)) in all.iter().enumerate() {
+                let row = run.roam(a, b, !named).await?;
                 progress(i + 1, all.len(), &row);
                 summary.rows.push(row);
             }
         }
         Source::History => {
             let hours = hours(job.from, job.to);
+            let kept_since = OffsetDateTime::now_utc() - FILES_KEPT;
+            if let Some(first) = hours.first().filter(|h| **h + Duration::HOUR <= kept_since) {
+                return Err(Error(format!(
+                    "hour {} is older than the 7 days Tencent keeps hourly files: --from must \
+                     be after {} (older messages: --source roam, if the app's edition keeps \
+                     them longer)",
+                    beijing_hour(*first),
+                    kept_since
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default()
+                )));
+            }
             for (i, start) in hours.iter().enumerate() {
                 let row = run.hour(*start).await?;
                 progress(i + 1, hours.len(), &row);
@@ -499,19 +534,20 @@ impl Run<'_> {
         self.sink.send(record, &id).await
     }
 
-    /// One message from Tencent: counted if inside the window (once, though both views or two
-    /// files hold it), published if missing.
+    /// One message from Tencent: counted if inside `window` (Unix seconds; `None`: all of an
+    /// hour the window covers whole, whatever time its file gives a message), once though both
+    /// views or two files hold it, and published if missing.
     async fn message(
         &mut self,
         m: &Map<String, Value>,
         row: &mut Row,
         hour: Option<&str>,
+        window: Option<(i64, i64)>,
         counted: &mut HashSet<u128>,
     ) -> Result<(), Error> {
-        let (from, to) = (self.job.from.unix_timestamp(), self.job.to.unix_timestamp());
         match records(self.tencent.sdk_app_id, self.kafka.key, m) {
             Ok((time, outputs)) => {
-                if !(from..to).contains(&time) {
+                if window.is_some_and(|(from, to)| !(from..to).contains(&time)) {
                     return Ok(());
                 }
                 let first = counted.insert(topic::digest(&outputs[0].id));
@@ -532,12 +568,13 @@ impl Run<'_> {
 
     /// Both parties' views of one conversation over the window (they can differ: cleared
     /// history, deleted messages), newest first, page by page.
-    async fn roam(&mut self, a: &str, b: &str) -> Result<Row, Error> {
+    async fn roam(&mut self, a: &str, b: &str, skip_unknown: bool) -> Result<Row, Error> {
         let mut row = Row {
             name: format!("{a}:{b}"),
             ..Row::default()
         };
         let mut counted = HashSet::new();
+        let window = (self.job.from.unix_timestamp(), self.job.to.unix_timestamp());
         for (operator, peer) in [(a, b), (b, a)] {
             let mut request = json!({
                 "Operator_Account": operator,
@@ -548,24 +585,39 @@ impl Run<'_> {
             });
             let mut last = None;
             loop {
-                let page = self
+                // 90003/90008: an account missing or unknown.
+                let unknown: &[i64] = if skip_unknown { &[90003, 90008] } else { &[] };
+                let Some(page) = self
                     .rest
-                    .call("openim", "admin_getroammsg", &request)
-                    .await?;
+                    .call_unless("openim", "admin_getroammsg", &request, unknown)
+                    .await?
+                else {
+                    tracing::warn!(pair = %row.name, "an account of a conversation the topic saw is unknown to Tencent: skipped");
+                    row.unknown_account = true;
+                    return Ok(row);
+                };
                 let list = page["MsgList"].as_array().cloned().unwrap_or_default();
                 for m in &list {
                     if let Value::Object(m) = m {
-                        self.message(m, &mut row, None, &mut counted).await?;
+                        self.message(m, &mut row, None, Some(window), &mut counted)
+                            .await?;
                     }
                 }
-                if page["Complete"].as_i64().unwrap_or(1) != 0 || list.is_empty() {
-                    break;
+                let what = |problem: &str| {
+                    Error(format!("admin_getroammsg for {operator}:{peer}: {problem}"))
+                };
+                // Without `Complete` the end of the conversation is unknown: never assumed.
+                match Obj(page.as_object().unwrap_or(&Map::new())).i64("Complete") {
+                    Ok(Some(0)) if list.is_empty() => {
+                        return Err(what("an empty page that says there is more"));
+                    }
+                    Ok(Some(0)) => {}
+                    Ok(Some(_)) => break,
+                    _ => return Err(what("an answer without Complete")),
                 }
                 let next = (page["LastMsgTime"].clone(), page["LastMsgKey"].clone());
                 if last.as_ref() == Some(&next) || next.1.as_str().is_none() {
-                    return Err(Error(format!(
-                        "admin_getroammsg for {operator}:{peer}: paging did not advance"
-                    )));
+                    return Err(what("paging did not advance"));
                 }
                 request["MaxTime"] = next.0.clone();
                 request["LastMsgKey"] = next.1.clone();
@@ -590,6 +642,11 @@ impl Run<'_> {
             row.not_ready = true;
             return Ok(row);
         }
+        // An hour the window covers whole keeps all its file holds; an edge hour, the window's.
+        let whole = self.job.from <= start && end <= self.job.to;
+        let window =
+            (!whole).then(|| (self.job.from.unix_timestamp(), self.job.to.unix_timestamp()));
+        let mut counted = HashSet::new();
         let mut done: HashSet<String> = HashSet::new();
         let mut refetches = 0;
         'list: loop {
@@ -606,12 +663,13 @@ impl Run<'_> {
                 row.not_ready = true;
                 return Ok(row);
             }
-            for file in &files {
-                let gzip_md5 = file["GzipMD5"].as_str().unwrap_or("").to_ascii_lowercase();
+            for (i, file) in files.iter().enumerate() {
+                // Links change between listings; a file's place and checksum do not.
+                let gzip_md5 = format!("{i}:{}", file["GzipMD5"].as_str().unwrap_or(""));
                 if done.contains(&gzip_md5) {
                     continue;
                 }
-                match self.file(file, &name, &mut row).await {
+                match self.file(file, &name, window, &mut row, &mut counted).await {
                     Ok(()) => {
                         done.insert(gzip_md5);
                     }
@@ -621,6 +679,7 @@ impl Run<'_> {
                             return Err(Error(format!("hour {name}: {why}, {REFETCHES} times")));
                         }
                         tracing::warn!(hour = %name, problem = %why, "fetching the hour's file list again");
+                        tokio::time::sleep(std::time::Duration::from_secs(1 << refetches)).await;
                         continue 'list;
                     }
                     Err(FileError::Fatal(e)) => return Err(e),
@@ -632,7 +691,14 @@ impl Run<'_> {
         Ok(row)
     }
 
-    async fn file(&mut self, file: &Value, hour: &str, row: &mut Row) -> Result<(), FileError> {
+    async fn file(
+        &mut self,
+        file: &Value,
+        hour: &str,
+        window: Option<(i64, i64)>,
+        row: &mut Row,
+        counted: &mut HashSet<u128>,
+    ) -> Result<(), FileError> {
         let refetch = |s: &str| FileError::Refetch(s.to_owned());
         let fatal = |s: String| FileError::Fatal(Error(s));
         if let Some(expires) = file["ExpireTime"].as_str().and_then(beijing_time)
@@ -647,7 +713,7 @@ impl Run<'_> {
         let mut tmp = tempfile::tempfile().map_err(|e| fatal(format!("a temporary file: {e}")))?;
         let (size, md5) = match self.rest.download(url, &mut tmp, gzip_size).await {
             Ok(got) => got,
-            Err(DownloadError::Expired) => return Err(refetch("its file link has expired")),
+            Err(DownloadError::Again(why)) => return Err(FileError::Refetch(why)),
             Err(DownloadError::Failed(e)) => return Err(FileError::Fatal(e)),
         };
         let same = |want: &Value, got: &[u8; 16]| {
@@ -683,14 +749,13 @@ impl Run<'_> {
             BufReader::new(&tmp),
         )));
         let mut items = Vec::new();
-        let mut counted = HashSet::new();
         loop {
             let more = reader
                 .next_batch(&mut items, 1000)
                 .map_err(|e| fatal(format!("hour {hour}: {e}")))?;
             for item in items.drain(..) {
                 let handled = match item {
-                    Item::Message(m) => self.message(&m, row, Some(hour), &mut counted).await,
+                    Item::Message(m) => self.message(&m, row, Some(hour), window, counted).await,
                     Item::Unparsable(text) => {
                         self.quarantine(&text, "not a JSON message", hour, row)
                             .await
@@ -719,4 +784,60 @@ fn beijing_time(text: &str) -> Option<OffsetDateTime> {
     )
     .ok()?;
     Some(t.assume_offset(UtcOffset::from_hms(8, 0, 0).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records_of(message: Value) -> Result<(i64, Vec<Output>), String> {
+        let Value::Object(m) = message else {
+            unreachable!()
+        };
+        records(SdkAppId::from(1400000000), normalize::KeyMode::MsgKey, &m)
+    }
+
+    fn message(extra: Value) -> Value {
+        let mut m = json!({
+            "From_Account": "bob", "To_Account": "alice", "MsgSeq": 7, "MsgRandom": 9,
+            "MsgTimeStamp": 1764300000, "MsgKey": "7_9_1764300000", "MsgFlagBits": 0,
+            "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hi"}}],
+        });
+        m.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        m
+    }
+
+    #[test]
+    fn a_message_becomes_the_record_its_callback_would_have_made() {
+        let (time, out) = records_of(message(json!({}))).unwrap();
+        assert_eq!(time, 1764300000);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].id, "1400000000:alice:bob:7_9_1764300000");
+        let value: Value = serde_json::from_slice(&out[0].value).unwrap();
+        assert_eq!(value["source"], "backfill", "{value}");
+    }
+
+    #[test]
+    fn numbers_may_come_as_strings_as_the_normalizer_reads_them() {
+        let (time, out) = records_of(message(
+            json!({"MsgTimeStamp": "1764300000", "MsgFlagBits": "8"}),
+        ))
+        .unwrap();
+        assert_eq!(time, 1764300000);
+        assert_eq!(out.len(), 2, "the recall too");
+        assert_eq!(out[1].target, Target::Recalls);
+        assert_eq!(out[1].id, format!("{}#recall", out[0].id));
+    }
+
+    #[test]
+    fn a_message_without_msgkey_or_time_is_refused_not_guessed() {
+        let no_key = records_of(message(json!({"MsgKey": null}))).unwrap_err();
+        assert_eq!(no_key, "no MsgKey");
+        let no_time = records_of(message(json!({"MsgTimeStamp": null}))).unwrap_err();
+        assert_eq!(no_time, "no MsgTimeStamp");
+        let bad_time = records_of(message(json!({"MsgTimeStamp": "soon"}))).unwrap_err();
+        assert!(bad_time.contains("MsgTime"), "{bad_time}");
+    }
 }

@@ -28,11 +28,19 @@ fn hour_of(t: OffsetDateTime) -> OffsetDateTime {
     hours(t, t + Duration::SECOND)[0]
 }
 
-/// Whether the spool still holds a record that arrived before `hour_end` (plus a margin):
-/// the topic is not complete for that hour yet.
-pub fn spool_covers(oldest_unpublished_ms: Option<u64>, hour_end: OffsetDateTime) -> bool {
+/// Whether the spool may still hold a record that arrived before `hour_end` (plus a margin):
+/// the topic is not complete for that hour yet. A backlog the publisher has not read yet
+/// (just after a start) has no known age: it counts as covering.
+pub fn spool_covers(
+    oldest_unpublished_ms: Option<u64>,
+    backlog: u64,
+    hour_end: OffsetDateTime,
+) -> bool {
     let limit = (hour_end + ARRIVAL_MARGIN).unix_timestamp() * 1000;
-    oldest_unpublished_ms.is_some_and(|ms| (ms as i64) < limit)
+    match oldest_unpublished_ms {
+        Some(ms) => (ms as i64) < limit,
+        None => backlog > 0,
+    }
 }
 
 /// The hour to start from: the one after the last reconciled, not older than Tencent keeps;
@@ -99,13 +107,27 @@ async fn reconcile(cfg: &Reconcile, kafka: &KafkaConfig, spool: &Shared, state: 
     let nap = |d: std::time::Duration| tokio::time::sleep(d);
     loop {
         let now = OffsetDateTime::now_utc();
+        // A relay stopped (or failing) longer than Tencent keeps files: what is gone is gone.
+        let oldest = hour_of(now - OLDEST);
+        if next < oldest {
+            let error = super::Error(format!(
+                "hours up to {} are older than Tencent keeps files and were not reconciled",
+                super::beijing_hour(oldest)
+            ));
+            ReconcileFailed {
+                hour: next,
+                error: &error,
+            }
+            .emit();
+            next = oldest;
+        }
         let end = next + Duration::HOUR;
         if now < end + delay {
             let wait = (end + delay - now).clamp(Duration::SECOND, Duration::MINUTE);
             nap(wait.try_into().unwrap_or_default()).await;
             continue;
         }
-        if spool_covers(spool.oldest_unpublished_ms(), end) {
+        if spool_covers(spool.oldest_unpublished_ms(), spool.backlog(), end) {
             ReconcilePostponed { hour: next }.emit();
             nap(std::time::Duration::from_secs(60)).await;
             continue;
@@ -154,10 +176,12 @@ mod tests {
     fn an_hour_waits_for_the_spool_records_from_before_its_end() {
         let end = datetime!(2026-11-27 15:00 UTC);
         let ms = |t: OffsetDateTime| Some((t.unix_timestamp() * 1000) as u64);
-        assert!(spool_covers(ms(datetime!(2026-11-27 14:59 UTC)), end));
-        assert!(spool_covers(ms(datetime!(2026-11-27 15:04 UTC)), end));
-        assert!(!spool_covers(ms(datetime!(2026-11-27 15:06 UTC)), end));
-        assert!(!spool_covers(None, end));
+        assert!(spool_covers(ms(datetime!(2026-11-27 14:59 UTC)), 1, end));
+        assert!(spool_covers(ms(datetime!(2026-11-27 15:04 UTC)), 1, end));
+        assert!(!spool_covers(ms(datetime!(2026-11-27 15:06 UTC)), 1, end));
+        assert!(!spool_covers(None, 0, end));
+        // Not read yet: its age is unknown.
+        assert!(spool_covers(None, 3, end));
     }
 
     #[test]

@@ -34,10 +34,12 @@ pub struct Rest {
     next_slot: Mutex<HashMap<&'static str, Instant>>,
 }
 
-/// A download that failed because its URL is no longer good (ask for fresh ones).
+/// Why a download failed.
 #[derive(Debug)]
 pub enum DownloadError {
-    Expired,
+    /// Worth another try with a fresh link: the link expired, the network or the storage
+    /// failed.
+    Again(String),
     Failed(Error),
 }
 
@@ -84,7 +86,6 @@ impl Rest {
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .read_timeout(cfg.timeout)
-            .https_only(cfg.api_url.starts_with("https://"))
             .build()
             .map_err(|e| Error(format!("cannot make the HTTP client: {}", e.without_url())))?;
         Ok(Rest {
@@ -135,6 +136,18 @@ impl Rest {
         command: &'static str,
         body: &Value,
     ) -> Result<Value, Error> {
+        let answer = self.call_unless(service, command, body, &[]).await?;
+        Ok(answer.expect("no code is accepted"))
+    }
+
+    /// A call where Tencent answering one of `accepted` is an answer (`None`), not an error.
+    pub async fn call_unless(
+        &self,
+        service: &str,
+        command: &'static str,
+        body: &Value,
+        accepted: &[i64],
+    ) -> Result<Option<Value>, Error> {
         let mut renewed = false;
         let mut attempt = 0;
         loop {
@@ -152,7 +165,8 @@ impl Rest {
                     let code = answer["ErrorCode"].as_i64().unwrap_or(-1);
                     let info = answer["ErrorInfo"].as_str().unwrap_or("").to_owned();
                     match code {
-                        0 => return Ok(answer),
+                        0 => return Ok(Some(answer)),
+                        code if accepted.contains(&code) => return Ok(None),
                         // Too many calls; Tencent's internal error.
                         60007 | 60018 | 91000 => format!("error {code}: {info}"),
                         // Expired: a new UserSig, once.
@@ -222,24 +236,25 @@ impl Rest {
         max: u64,
     ) -> Result<(u64, [u8; 16]), DownloadError> {
         let failed = |e: String| DownloadError::Failed(Error(format!("downloading a file: {e}")));
+        let again = |e: String| DownloadError::Again(format!("downloading a file: {e}"));
         let mut response = self
             .http
             .get(url)
             .send()
             .await
-            .map_err(|e| failed(e.without_url().to_string()))?;
+            .map_err(|e| again(e.without_url().to_string()))?;
         let status = response.status();
         if matches!(status.as_u16(), 403 | 404 | 410) {
-            return Err(DownloadError::Expired);
+            return Err(DownloadError::Again("its file link has expired".into()));
         }
         if !status.is_success() {
-            return Err(failed(format!("HTTP {status}")));
+            return Err(again(format!("HTTP {status}")));
         }
         let (mut size, mut md5) = (0u64, Md5::new());
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| failed(e.without_url().to_string()))?
+            .map_err(|e| again(e.without_url().to_string()))?
         {
             size += chunk.len() as u64;
             if size > max {

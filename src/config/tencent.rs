@@ -65,8 +65,22 @@ impl Parser {
             .unwrap_or("")
             .trim_end_matches('/')
             .to_owned();
+        // The UserSig travels in the query: plain http only to this machine (tests, a local
+        // proxy that adds TLS).
+        let loopback = |u: &reqwest::Url| {
+            let host = u.host_str().unwrap_or("").trim_matches(['[', ']']);
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        };
         match reqwest::Url::parse(&api_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+            Ok(u) if u.scheme() == "http" && loopback(&u) => {}
+            Ok(u) if u.scheme() == "http" => self.fail(
+                key::TENCENT_API_URL,
+                "must be https (the UserSig travels in the query); plain http only to localhost",
+            ),
             _ => self.fail(
                 key::TENCENT_API_URL,
                 "must be the REST API's base URL for the app's region, e.g. \
@@ -130,6 +144,19 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.tencent.api_url, "https://adminapisgp.im.qcloud.com");
+        let with_url = |url| {
+            load(&[
+                ("IM_RELAY_SDK_APP_ID", "1400000000"),
+                ("IM_RELAY_TENCENT_API_URL", url),
+                ("IM_RELAY_TENCENT_SECRET_KEY", "s3cr3t-key"),
+            ])
+        };
+        assert!(with_url("http://127.0.0.1:8080").is_ok());
+        assert!(with_url("http://localhost:8080").is_ok());
+        let err = with_url("http://adminapisgp.im.qcloud.com")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be https"), "{err}");
         assert_eq!(c.tencent.admin, "administrator");
         assert_eq!(c.tencent.sdk_app_id, SdkAppId::from(1400000000));
         assert!(!format!("{c:?}").contains("s3cr3t-key"));

@@ -21,8 +21,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::domain::{MsgKey, Relayed, SdkAppId, UserId};
 use crate::record::Target;
 pub use element::{Element, Kind};
-use fields::Obj;
-pub use fields::{Extra, FieldError, Problem};
+pub use fields::{Extra, FieldError, Obj, Problem};
 
 /// Names the record's shape; bump the suffix on any breaking change. v2 added `source`.
 pub const SCHEMA: &str = "im-relay.c2c-message.v2";

@@ -193,11 +193,12 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     .concat();
     let (code, out, err) = backfill(&app, &fake, &dry).await;
     assert_eq!(code, 0, "{out}{err}");
-    let lines = out
+    let would: BTreeSet<String> = out
         .lines()
-        .filter(|l| l.starts_with("would publish "))
-        .count();
-    assert_eq!(lines, 5, "{out}");
+        .filter_map(|l| l.strip_prefix("would publish "))
+        .filter_map(|l| Some(l.split_once(" to ")?.0.to_owned()))
+        .collect();
+    assert_eq!(would.len(), 5, "{out}");
     assert_eq!(by_id(&app, 6).await.len(), 6, "a dry run publishes nothing");
 
     let args = [&["--source", "roam", "--pair", "alice:bob"][..], &window].concat();
@@ -226,6 +227,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         .chain([format!("{}#recall", id_of(&chat[5]))])
         .collect();
     assert_eq!(backfilled, expected.iter().map(String::as_str).collect());
+    assert_eq!(would, expected, "the dry run named what the run published");
     let missed_recall = &records[&format!("{}#recall", id_of(&chat[5]))];
     assert_eq!(missed_recall.value["schema"], "im-relay.c2c-recall.v1");
     assert_eq!(
@@ -248,6 +250,21 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         [11, 11, 0, 0, 0],
         "a second run publishes nothing: {out}"
     );
+
+    // An account deleted since the topic saw its conversation: skipped and said so; named
+    // with --pair, an error.
+    fake.state().unknown_accounts.insert("dave".into());
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("carol:dave") && out.contains("no longer knows"),
+        "{out}"
+    );
+    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0], "{out}");
+    let args = [&["--source", "roam", "--pair", "carol:dave"][..], &window].concat();
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("90003"), "{err}");
     let s = fake.state();
     assert_eq!(s.bad_signatures, 0);
     assert!(s.calls >= 8, "paged and retried: {} calls", s.calls);
@@ -262,9 +279,19 @@ async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
     let hour = |unix: i64| unix - unix.rem_euclid(3600);
     let h1 = hour(now()) - 3 * 3600;
     let h2 = h1 + 3600;
-    let first: Vec<Value> = (0..4)
+    let mut first: Vec<Value> = (0..4)
         .map(|i| message("erin", "frank", &format!("{u}-a{i}"), h1 + 60 * i, "a", 0))
         .collect();
+    // Filed under h1 though its time is a little before: an hour the window covers whole
+    // keeps all its file holds.
+    first.push(message(
+        "erin",
+        "frank",
+        &format!("{u}-early"),
+        h1 - 30,
+        "e",
+        0,
+    ));
     let second: Vec<Value> = (0..3)
         .map(|i| message("frank", "erin", &format!("{u}-b{i}"), h2 + 60 * i, "b", 0))
         .collect();
@@ -305,9 +332,9 @@ async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
     ];
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "total"), [7, 2, 5, 0, 1], "{out}");
-    let records = by_id(&app, 7).await;
-    assert_eq!(records.len(), 7);
+    assert_eq!(row(&out, "total"), [8, 2, 6, 0, 1], "{out}");
+    let records = by_id(&app, 8).await;
+    assert_eq!(records.len(), 8);
     for m in first.iter().chain(&second) {
         assert_schema_valid(&records[&id_of(m)].value);
     }
@@ -332,7 +359,7 @@ async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
 
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "total"), [7, 7, 0, 0, 1], "{out}");
+    assert_eq!(row(&out, "total"), [8, 8, 0, 0, 1], "{out}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(app.quarantined(2).await.len(), 1, "quarantined once");
 
@@ -469,8 +496,9 @@ async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
     )
     .await;
     let metrics = app.metrics().await;
+    let has = |metrics: &str, line: &str| metrics.lines().any(|l| l == line);
     assert!(
-        metrics.contains("im_relay_reconcile_missing_total 0"),
+        has(&metrics, "im_relay_reconcile_missing_total 0"),
         "{metrics}"
     );
     assert_eq!(
@@ -489,11 +517,15 @@ async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
     assert_eq!(backfilled, [&id_of(&chat[1]), &id_of(&chat[2])]);
     let metrics = app.metrics().await;
     assert!(
-        metrics.contains("im_relay_reconcile_hours_total 1"),
+        has(&metrics, "im_relay_reconcile_hours_total 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("im_relay_reconcile_missing_total 2"),
+        has(&metrics, "im_relay_reconcile_missing_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        has(&metrics, "im_relay_reconcile_failures_total 0"),
         "{metrics}"
     );
     let state = app.spool_root().join("spool").join("reconcile-next-hour");

@@ -58,6 +58,8 @@ pub struct FakeState {
     pub rate_limit_every: u64,
     /// Paused before answering each roam page.
     pub page_delay: Duration,
+    /// Accounts Tencent no longer knows (deleted): roam answers 90003.
+    pub unknown_accounts: std::collections::HashSet<String>,
     pub calls: u64,
     pub bad_signatures: u64,
     pub listings: HashMap<String, u64>,
@@ -164,6 +166,9 @@ fn roam(s: &FakeState, r: &Value) -> Value {
     else {
         return fail(90001, "Operator_Account and Peer_Account are required");
     };
+    if s.unknown_accounts.contains(op) || s.unknown_accounts.contains(peer) {
+        return fail(90003, "To_Account is not registered");
+    }
     let (min, max) = (
         r["MinTime"].as_i64().unwrap_or(0),
         r["MaxTime"].as_i64().unwrap_or(0),
