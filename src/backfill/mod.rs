@@ -150,6 +150,11 @@ const TOPIC_MARGIN: Duration = Duration::hours(1);
 /// An hour with no files this soon after it ended may not be written yet *(unconfirmed: the
 /// page says only "about an hour, later for big hours")*.
 const EMPTY_SETTLE: Duration = Duration::hours(6);
+/// A message sent this long before the window may be recalled inside it: roam reads it too,
+/// for its recall only (Tencent's recall limit is 2 minutes by default, longer if configured).
+const RECALL_LOOKBACK: Duration = Duration::hours(1);
+/// The largest hourly file (gzipped) downloaded; it is spooled to a temporary file.
+const MAX_FILE_BYTES: u64 = 8 << 30;
 /// How long Tencent keeps an hour's file.
 pub const FILES_KEPT: Duration = Duration::days(7);
 /// Times a file is fetched again (fresh URLs) after an expired link or a bad checksum.
@@ -192,8 +197,10 @@ fn as_callback(message: &Map<String, Value>, command: Relayed) -> Map<String, Va
             body.entry("MsgTime").or_insert(t);
         }
     }
-    body.remove("ClientIP");
-    body.remove("MsgFromPlatform");
+    // Not in a callback: the REST answer's own fields (the flag is read by `recalled`).
+    for field in ["ClientIP", "MsgFromPlatform", "MsgFlagBits", "IsPeerRead"] {
+        body.remove(field);
+    }
     body.insert("CallbackCommand".into(), command.as_str().into());
     body
 }
@@ -267,6 +274,8 @@ impl Sink {
             Some(
                 client_config(kafka)
                     .set("client.id", "im-relay-backfill")
+                    // The default context would log librdkafka's statistics at info.
+                    .set("statistics.interval.ms", "0")
                     .create()
                     .map_err(|e| Error(format!("cannot make the Kafka producer: {e}")))?,
             )
@@ -340,16 +349,14 @@ pub struct Outcome {
     pub error: Option<Error>,
 }
 
-/// The topics whose ids count as "on the topic": messages and recalls (and, for the hourly
-/// files, the quarantine topic, so an unparsable line is quarantined once).
-fn topics(kafka: &KafkaConfig, source: &Source) -> Vec<String> {
+/// The topics whose ids count as "on the topic": messages, recalls and the quarantine topic
+/// (what cannot be relayed is quarantined once).
+fn topics(kafka: &KafkaConfig) -> Vec<String> {
     let mut topics = vec![
         kafka.topic.clone(),
         kafka.topic_for(Target::Recalls).to_owned(),
+        kafka.quarantine_topic.clone(),
     ];
-    if matches!(source, Source::History) {
-        topics.push(kafka.quarantine_topic.clone());
-    }
     topics.sort();
     topics.dedup();
     topics
@@ -386,8 +393,8 @@ async fn run_rows(
         }
     );
     let scan = Scan {
-        topics: topics(kafka, &job.source),
-        since_ms: ms(job.from - TOPIC_MARGIN),
+        topics: topics(kafka),
+        since_ms: ms(job.from - TOPIC_MARGIN - RECALL_LOOKBACK),
         pairs_between_ms: from_topic
             .then(|| (ms(job.from - TOPIC_MARGIN), ms(job.to + TOPIC_MARGIN))),
         app: tencent.sdk_app_id,
@@ -433,18 +440,6 @@ async fn run_rows(
         }
         Source::History => {
             let hours = hours(job.from, job.to);
-            let kept_since = OffsetDateTime::now_utc() - FILES_KEPT;
-            if let Some(first) = hours.first().filter(|h| **h + Duration::HOUR <= kept_since) {
-                return Err(Error(format!(
-                    "hour {} is older than the 7 days Tencent keeps hourly files: --from must \
-                     be after {} (older messages: --source roam, if the app's edition keeps \
-                     them longer)",
-                    beijing_hour(*first),
-                    kept_since
-                        .format(&time::format_description::well_known::Rfc3339)
-                        .unwrap_or_default()
-                )));
-            }
             for (i, start) in hours.iter().enumerate() {
                 let row = run.hour(*start).await?;
                 progress(i + 1, hours.len(), &row);
@@ -500,30 +495,35 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// What cannot be relayed, from an hour's file or (`hour` `None`) a roam page.
     async fn quarantine(
         &mut self,
         text: &str,
         why: &str,
-        hour: &str,
+        hour: Option<&str>,
         row: &mut Row,
     ) -> Result<(), Error> {
         row.unparsable += 1;
         // An id, so a second run does not quarantine the same line again.
         let id = format!(
-            "backfill:{hour}:{}",
+            "backfill:{}:{}",
+            hour.unwrap_or("roam"),
             hex::encode(&sha2::Sha256::digest(text.as_bytes())[..16])
         );
         if !self.seen.add(&id) {
             return Ok(());
         }
-        let query = format!("MsgTime={hour}");
+        let (command, query) = match hour {
+            Some(hour) => ("get_history", format!("MsgTime={hour}")),
+            None => ("admin_getroammsg", String::new()),
+        };
         let mut record = Record::quarantined(
             text.as_bytes(),
             &Quarantined {
                 reason: "backfill_unparsable",
                 detail: Some(why),
                 sdk_app_id: self.tencent.sdk_app_id.to_string(),
-                command: "get_history",
+                command,
                 raw_query: &query,
                 received_at: OffsetDateTime::now_utc(),
             },
@@ -536,7 +536,9 @@ impl Run<'_> {
 
     /// One message from Tencent: counted if inside `window` (Unix seconds; `None`: all of an
     /// hour the window covers whole, whatever time its file gives a message), once though both
-    /// views or two files hold it, and published if missing.
+    /// views or two files hold it, and published if missing. Before the window (roam's recall
+    /// look-back), only its recall counts. What cannot be relayed is quarantined, as the relay
+    /// would have.
     async fn message(
         &mut self,
         m: &Map<String, Value>,
@@ -546,23 +548,24 @@ impl Run<'_> {
         counted: &mut HashSet<u128>,
     ) -> Result<(), Error> {
         match records(self.tencent.sdk_app_id, self.kafka.key, m) {
-            Ok((time, outputs)) => {
-                if window.is_some_and(|(from, to)| !(from..to).contains(&time)) {
-                    return Ok(());
+            Ok((time, mut outputs)) => {
+                if let Some((from, to)) = window {
+                    if time >= to {
+                        return Ok(());
+                    }
+                    if time < from {
+                        outputs.retain(|o| o.target == Target::Recalls);
+                        return self.offer(outputs, row, false).await;
+                    }
                 }
                 let first = counted.insert(topic::digest(&outputs[0].id));
                 row.found += u64::from(first);
                 self.offer(outputs, row, first).await
             }
-            Err(why) => match hour {
-                Some(hour) => {
-                    let text = Value::Object(m.clone()).to_string();
-                    self.quarantine(&text, &why, hour, row).await
-                }
-                None => Err(Error(format!(
-                    "admin_getroammsg returned a message that cannot be relayed: {why}"
-                ))),
-            },
+            Err(why) => {
+                let text = Value::Object(m.clone()).to_string();
+                self.quarantine(&text, &why, hour, row).await
+            }
         }
     }
 
@@ -580,7 +583,7 @@ impl Run<'_> {
                 "Operator_Account": operator,
                 "Peer_Account": peer,
                 "MaxCnt": ROAM_PAGE,
-                "MinTime": self.job.from.unix_timestamp(),
+                "MinTime": (self.job.from - RECALL_LOOKBACK).unix_timestamp(),
                 "MaxTime": self.job.to.unix_timestamp(),
             });
             let mut last = None;
@@ -638,6 +641,13 @@ impl Run<'_> {
         };
         let end = start + Duration::HOUR;
         let now = OffsetDateTime::now_utc();
+        if end + FILES_KEPT <= now {
+            // Its file is gone: an empty listing must not read as a quiet hour.
+            return Err(Error(format!(
+                "hour {name} (UTC+8) is older than the 7 days Tencent keeps hourly files \
+                 (older messages: --source roam, if the app's edition keeps them longer)"
+            )));
+        }
         if now < end + self.job.ready_after {
             row.not_ready = true;
             return Ok(row);
@@ -663,9 +673,16 @@ impl Run<'_> {
                 row.not_ready = true;
                 return Ok(row);
             }
-            for (i, file) in files.iter().enumerate() {
-                // Links change between listings; a file's place and checksum do not.
-                let gzip_md5 = format!("{i}:{}", file["GzipMD5"].as_str().unwrap_or(""));
+            for file in &files {
+                // Links change between listings; a file's checksums do not.
+                let (Some(gzip_md5), Some(file_md5)) =
+                    (file["GzipMD5"].as_str(), file["FileMD5"].as_str())
+                else {
+                    return Err(Error(format!(
+                        "hour {name}: a file listed without GzipMD5 or FileMD5"
+                    )));
+                };
+                let gzip_md5 = format!("{gzip_md5}:{file_md5}").to_ascii_lowercase();
                 if done.contains(&gzip_md5) {
                     continue;
                 }
@@ -709,7 +726,18 @@ impl Run<'_> {
         let url = file["URL"]
             .as_str()
             .ok_or_else(|| fatal(format!("hour {hour}: a file without URL")))?;
-        let gzip_size = file["GzipSize"].as_u64().unwrap_or(u64::MAX);
+        // Sizes and checksums are required: without them nothing proves the file whole.
+        let (Some(gzip_size), Some(_)) = (file["GzipSize"].as_u64(), file["FileSize"].as_u64())
+        else {
+            return Err(fatal(format!(
+                "hour {hour}: a file listed without GzipSize or FileSize"
+            )));
+        };
+        if gzip_size > MAX_FILE_BYTES {
+            return Err(fatal(format!(
+                "hour {hour}: a file of {gzip_size} bytes, above the {MAX_FILE_BYTES} taken"
+            )));
+        }
         let mut tmp = tempfile::tempfile().map_err(|e| fatal(format!("a temporary file: {e}")))?;
         let (size, md5) = match self.rest.download(url, &mut tmp, gzip_size).await {
             Ok(got) => got,
@@ -718,9 +746,9 @@ impl Run<'_> {
         };
         let same = |want: &Value, got: &[u8; 16]| {
             want.as_str()
-                .is_none_or(|w| w.eq_ignore_ascii_case(&hex::encode(got)))
+                .is_some_and(|w| w.eq_ignore_ascii_case(&hex::encode(got)))
         };
-        if file["GzipSize"].as_u64().is_some_and(|s| s != size) || !same(&file["GzipMD5"], &md5) {
+        if size != gzip_size || !same(&file["GzipMD5"], &md5) {
             return Err(refetch("a downloaded file's size or MD5 did not match"));
         }
         // Decompressed once to check the file's own size and MD5, then again to parse it.
@@ -739,9 +767,7 @@ impl Run<'_> {
             plain_md5.update(&buf[..n]);
         }
         let plain_md5: [u8; 16] = plain_md5.finalize().into();
-        if file["FileSize"].as_u64().is_some_and(|s| s != plain_size)
-            || !same(&file["FileMD5"], &plain_md5)
-        {
+        if file["FileSize"].as_u64() != Some(plain_size) || !same(&file["FileMD5"], &plain_md5) {
             return Err(refetch("a file's size or MD5 after gunzip did not match"));
         }
         tmp.rewind().map_err(|e| fatal(e.to_string()))?;
@@ -757,7 +783,7 @@ impl Run<'_> {
                 let handled = match item {
                     Item::Message(m) => self.message(&m, row, Some(hour), window, counted).await,
                     Item::Unparsable(text) => {
-                        self.quarantine(&text, "not a JSON message", hour, row)
+                        self.quarantine(&text, "not a JSON message", Some(hour), row)
                             .await
                     }
                 };
@@ -817,6 +843,38 @@ mod tests {
         assert_eq!(out[0].id, "1400000000:alice:bob:7_9_1764300000");
         let value: Value = serde_json::from_slice(&out[0].value).unwrap();
         assert_eq!(value["source"], "backfill", "{value}");
+    }
+
+    #[test]
+    fn a_backfilled_record_is_the_callbacks_but_for_source_and_arrival() {
+        let m =
+            message(json!({"IsPeerRead": 1, "ClientIP": "203.0.113.7", "MsgFromPlatform": "iOS"}));
+        let (_, backfilled) = records_of(m.clone()).unwrap();
+        let mut callback = m.as_object().unwrap().clone();
+        for field in ["IsPeerRead", "ClientIP", "MsgFromPlatform", "MsgFlagBits"] {
+            callback.remove(field);
+        }
+        let t = callback.remove("MsgTimeStamp").unwrap();
+        callback.insert("MsgTime".into(), t);
+        callback.insert("CallbackCommand".into(), "C2C.CallbackAfterSendMsg".into());
+        let ctx = Context {
+            sdk_app_id: SdkAppId::from(1400000000),
+            client_ip: Some("203.0.113.7"),
+            opt_platform: Some("iOS"),
+            received_at: OffsetDateTime::now_utc(),
+            key_mode: normalize::KeyMode::MsgKey,
+            source: normalize::Source::Callback,
+        };
+        let relayed = normalize::normalize(&ctx, Relayed::AfterSendMsg, &callback).unwrap();
+        let comparable = |o: &Output| {
+            let mut v: Value = serde_json::from_slice(&o.value).unwrap();
+            let v = v.as_object_mut().unwrap();
+            for field in ["source", "received_at"] {
+                v.remove(field);
+            }
+            (o.id.clone(), o.key.clone(), v.clone())
+        };
+        assert_eq!(comparable(&backfilled[0]), comparable(&relayed[0]));
     }
 
     #[test]

@@ -103,7 +103,15 @@ pub fn spawn(
 
 async fn reconcile(cfg: &Reconcile, kafka: &KafkaConfig, spool: &Shared, state: &Path) {
     let delay = Duration::try_from(cfg.delay).unwrap_or(Duration::HOUR);
-    let mut next = first_hour(load(state), OffsetDateTime::now_utc(), delay);
+    let saved = load(state);
+    let mut next = first_hour(saved, OffsetDateTime::now_utc(), delay);
+    if saved.is_none() {
+        tracing::warn!(
+            from = %super::beijing_hour(next),
+            "no record of a reconciled hour in the spool directory: reconciling from this hour \
+             (UTC+8) on; earlier hours of an outage need `im-relay backfill --source history`"
+        );
+    }
     let nap = |d: std::time::Duration| tokio::time::sleep(d);
     loop {
         let now = OffsetDateTime::now_utc();

@@ -228,7 +228,8 @@ impl Rest {
     }
 
     /// Streams `url` into `to` (at most `max` bytes), returning its size and MD5. The URL is
-    /// a signed link to Tencent's storage: never in an error either.
+    /// a signed link to Tencent's storage: never in an error either. The whole download has a
+    /// deadline: the call timeout plus a second per 256 KiB announced.
     pub async fn download(
         &self,
         url: &str,
@@ -237,9 +238,11 @@ impl Rest {
     ) -> Result<(u64, [u8; 16]), DownloadError> {
         let failed = |e: String| DownloadError::Failed(Error(format!("downloading a file: {e}")));
         let again = |e: String| DownloadError::Again(format!("downloading a file: {e}"));
+        let deadline = self.cfg.timeout + Duration::from_secs(max / (256 << 10));
         let mut response = self
             .http
             .get(url)
+            .timeout(deadline)
             .send()
             .await
             .map_err(|e| again(e.without_url().to_string()))?;

@@ -157,14 +157,16 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     let other: Vec<Value> = (0..3)
         .map(|i| message("carol", "dave", &format!("{u}-cd{i}"), t0 + i, "hi", 0))
         .collect();
+    // Sent (and relayed) before the window, recalled inside it: its recall callback was lost.
+    let early = message("alice", "bob", &format!("{u}-early"), t0 - 120, "e", 8);
     {
         let mut s = fake.state();
-        s.messages = chat.iter().chain(&other).cloned().collect();
+        s.messages = chat.iter().chain(&other).chain([&early]).cloned().collect();
         s.rate_limit_every = 4;
     }
-    for i in [0, 1, 2, 6] {
+    for m in [&chat[0], &chat[1], &chat[2], &chat[6], &early] {
         let (status, _) = app
-            .post_command("C2C.CallbackAfterSendMsg", &callback(&chat[i]))
+            .post_command("C2C.CallbackAfterSendMsg", &callback(m))
             .await;
         assert_eq!(status, 200);
     }
@@ -182,7 +184,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
             .0,
         200
     );
-    assert_eq!(by_id(&app, 6).await.len(), 6, "the relay's records are in");
+    assert_eq!(by_id(&app, 7).await.len(), 7, "the relay's records are in");
 
     let (from, to) = (rfc3339(t0 - 60), rfc3339(now() + 60));
     let window = ["--from", from.as_str(), "--to", to.as_str()];
@@ -198,15 +200,15 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         .filter_map(|l| l.strip_prefix("would publish "))
         .filter_map(|l| Some(l.split_once(" to ")?.0.to_owned()))
         .collect();
-    assert_eq!(would.len(), 5, "{out}");
-    assert_eq!(by_id(&app, 6).await.len(), 6, "a dry run publishes nothing");
+    assert_eq!(would.len(), 6, "{out}");
+    assert_eq!(by_id(&app, 7).await.len(), 7, "a dry run publishes nothing");
 
     let args = [&["--source", "roam", "--pair", "alice:bob"][..], &window].concat();
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 1, 0], "{out}");
-    let records = by_id(&app, 11).await;
-    assert_eq!(records.len(), 11, "{:?}", records.keys());
+    assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 2, 0], "{out}");
+    let records = by_id(&app, 13).await;
+    assert_eq!(records.len(), 13, "{:?}", records.keys());
     for m in &chat {
         let r = &records[&id_of(m)];
         assert_schema_valid(&r.value);
@@ -224,7 +226,10 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     let expected: BTreeSet<String> = [3, 4, 5, 7]
         .map(|i| id_of(&chat[i]))
         .into_iter()
-        .chain([format!("{}#recall", id_of(&chat[5]))])
+        .chain([
+            format!("{}#recall", id_of(&chat[5])),
+            format!("{}#recall", id_of(&early)),
+        ])
         .collect();
     assert_eq!(backfilled, expected.iter().map(String::as_str).collect());
     assert_eq!(would, expected, "the dry run named what the run published");
@@ -241,7 +246,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0], "{out}");
     assert_eq!(row(&out, "carol:dave"), [3, 1, 2, 0, 0], "{out}");
-    assert_eq!(by_id(&app, 13).await.len(), 13);
+    assert_eq!(by_id(&app, 15).await.len(), 15);
 
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
