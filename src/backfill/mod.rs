@@ -235,10 +235,7 @@ fn records(
         .i64("MsgTime")
         .map_err(|e| e.to_string())?
         .ok_or("no MsgTimeStamp")?;
-    match Obj(&body).str("MsgKey") {
-        Ok(Some(key)) if !key.is_empty() => {}
-        _ => return Err("no MsgKey".into()),
-    }
+    normalize::required_msg_key(Obj(&body)).map_err(|e| e.to_string())?;
     let mut out =
         normalize::normalize(&ctx, Relayed::AfterSendMsg, &body).map_err(|e| e.to_string())?;
     if recalled(message) {
@@ -578,6 +575,8 @@ impl Run<'_> {
         };
         let mut counted = HashSet::new();
         let window = (self.job.from.unix_timestamp(), self.job.to.unix_timestamp());
+        // 90003/90008: an account missing or unknown.
+        let unknown: &[i64] = if skip_unknown { &[90003, 90008] } else { &[] };
         for (operator, peer) in [(a, b), (b, a)] {
             let mut request = json!({
                 "Operator_Account": operator,
@@ -588,8 +587,6 @@ impl Run<'_> {
             });
             let mut last = None;
             loop {
-                // 90003/90008: an account missing or unknown.
-                let unknown: &[i64] = if skip_unknown { &[90003, 90008] } else { &[] };
                 let Some(page) = self
                     .rest
                     .call_unless("openim", "admin_getroammsg", &request, unknown)
@@ -674,21 +671,23 @@ impl Run<'_> {
                 return Ok(row);
             }
             for file in &files {
-                // Links change between listings; a file's checksums do not.
-                let (Some(gzip_md5), Some(file_md5)) =
-                    (file["GzipMD5"].as_str(), file["FileMD5"].as_str())
-                else {
+                // Sizes and checksums are required: without them nothing proves a file whole.
+                let Some(file) = Listed::of(file) else {
                     return Err(Error(format!(
-                        "hour {name}: a file listed without GzipMD5 or FileMD5"
+                        "hour {name}: a file listed without its URL, sizes or MD5s"
                     )));
                 };
-                let gzip_md5 = format!("{gzip_md5}:{file_md5}").to_ascii_lowercase();
-                if done.contains(&gzip_md5) {
+                // Links change between listings; a file's checksums do not.
+                let checksums = format!("{}:{}", file.gzip_md5, file.file_md5).to_ascii_lowercase();
+                if done.contains(&checksums) {
                     continue;
                 }
-                match self.file(file, &name, window, &mut row, &mut counted).await {
+                match self
+                    .file(&file, &name, window, &mut row, &mut counted)
+                    .await
+                {
                     Ok(()) => {
-                        done.insert(gzip_md5);
+                        done.insert(checksums);
                     }
                     Err(FileError::Refetch(why)) => {
                         refetches += 1;
@@ -710,7 +709,7 @@ impl Run<'_> {
 
     async fn file(
         &mut self,
-        file: &Value,
+        file: &Listed<'_>,
         hour: &str,
         window: Option<(i64, i64)>,
         row: &mut Row,
@@ -718,37 +717,26 @@ impl Run<'_> {
     ) -> Result<(), FileError> {
         let refetch = |s: &str| FileError::Refetch(s.to_owned());
         let fatal = |s: String| FileError::Fatal(Error(s));
-        if let Some(expires) = file["ExpireTime"].as_str().and_then(beijing_time)
-            && expires <= OffsetDateTime::now_utc()
+        if file
+            .expires
+            .is_some_and(|at| at <= OffsetDateTime::now_utc())
         {
             return Err(refetch("its file link has expired"));
         }
-        let url = file["URL"]
-            .as_str()
-            .ok_or_else(|| fatal(format!("hour {hour}: a file without URL")))?;
-        // Sizes and checksums are required: without them nothing proves the file whole.
-        let (Some(gzip_size), Some(_)) = (file["GzipSize"].as_u64(), file["FileSize"].as_u64())
-        else {
-            return Err(fatal(format!(
-                "hour {hour}: a file listed without GzipSize or FileSize"
-            )));
-        };
+        let gzip_size = file.gzip_size;
         if gzip_size > MAX_FILE_BYTES {
             return Err(fatal(format!(
                 "hour {hour}: a file of {gzip_size} bytes, above the {MAX_FILE_BYTES} taken"
             )));
         }
         let mut tmp = tempfile::tempfile().map_err(|e| fatal(format!("a temporary file: {e}")))?;
-        let (size, md5) = match self.rest.download(url, &mut tmp, gzip_size).await {
+        let (size, md5) = match self.rest.download(file.url, &mut tmp, gzip_size).await {
             Ok(got) => got,
             Err(DownloadError::Again(why)) => return Err(FileError::Refetch(why)),
             Err(DownloadError::Failed(e)) => return Err(FileError::Fatal(e)),
         };
-        let same = |want: &Value, got: &[u8; 16]| {
-            want.as_str()
-                .is_some_and(|w| w.eq_ignore_ascii_case(&hex::encode(got)))
-        };
-        if size != gzip_size || !same(&file["GzipMD5"], &md5) {
+        let same = |want: &str, got: &[u8; 16]| want.eq_ignore_ascii_case(&hex::encode(got));
+        if size != gzip_size || !same(file.gzip_md5, &md5) {
             return Err(refetch("a downloaded file's size or MD5 did not match"));
         }
         // Decompressed once to check the file's own size and MD5, then again to parse it.
@@ -767,7 +755,7 @@ impl Run<'_> {
             plain_md5.update(&buf[..n]);
         }
         let plain_md5: [u8; 16] = plain_md5.finalize().into();
-        if file["FileSize"].as_u64() != Some(plain_size) || !same(&file["FileMD5"], &plain_md5) {
+        if plain_size != file.file_size || !same(file.file_md5, &plain_md5) {
             return Err(refetch("a file's size or MD5 after gunzip did not match"));
         }
         tmp.rewind().map_err(|e| fatal(e.to_string()))?;
@@ -793,6 +781,29 @@ impl Run<'_> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// One file of a `get_history` listing.
+struct Listed<'a> {
+    url: &'a str,
+    gzip_size: u64,
+    gzip_md5: &'a str,
+    file_size: u64,
+    file_md5: &'a str,
+    expires: Option<OffsetDateTime>,
+}
+
+impl<'a> Listed<'a> {
+    fn of(file: &'a Value) -> Option<Listed<'a>> {
+        Some(Listed {
+            url: file["URL"].as_str()?,
+            gzip_size: file["GzipSize"].as_u64()?,
+            gzip_md5: file["GzipMD5"].as_str()?,
+            file_size: file["FileSize"].as_u64()?,
+            file_md5: file["FileMD5"].as_str()?,
+            expires: file["ExpireTime"].as_str().and_then(beijing_time),
+        })
     }
 }
 
@@ -892,7 +903,7 @@ mod tests {
     #[test]
     fn a_message_without_msgkey_or_time_is_refused_not_guessed() {
         let no_key = records_of(message(json!({"MsgKey": null}))).unwrap_err();
-        assert_eq!(no_key, "no MsgKey");
+        assert_eq!(no_key, "MsgKey is missing");
         let no_time = records_of(message(json!({"MsgTimeStamp": null}))).unwrap_err();
         assert_eq!(no_time, "no MsgTimeStamp");
         let bad_time = records_of(message(json!({"MsgTimeStamp": "soon"}))).unwrap_err();

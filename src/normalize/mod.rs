@@ -173,7 +173,7 @@ fn user<'a>(b: Obj<'a>, field: &'static str) -> Result<UserId<'a>, FieldError> {
 }
 
 /// A required `MsgKey` (the lifecycle callbacks cannot derive one: it is their only join).
-fn required_msg_key(b: Obj<'_>) -> Result<MsgKey<'_>, FieldError> {
+pub(crate) fn required_msg_key(b: Obj<'_>) -> Result<MsgKey<'_>, FieldError> {
     MsgKey::parse(required("MsgKey", b.str("MsgKey")?)?).map_err(id_error("MsgKey"))
 }
 
