@@ -11,11 +11,10 @@ use std::hint::black_box;
 
 use im_relay::config::Secret;
 use im_relay::domain::{Relayed, SdkAppId};
+use im_relay::json::{self, Json};
 use im_relay::normalize::{Context, KeyMode, Source, normalize};
-use im_relay::receive::json;
-use im_relay::record::Record;
+use im_relay::record::message_entry;
 use im_relay::validate::{Verifier, sign_of};
-use serde_json::Value;
 
 const BODY: &str = r#"{"CallbackCommand":"C2C.CallbackAfterSendMsg","From_Account":"0b9f3c9e-1a2b-4c5d-8e9f-0a1b2c3d4e5f","To_Account":"user_1042","MsgSeq":48374,"MsgRandom":2837546,"MsgTime":1557481126,"MsgKey":"48374_2837546_1557481126","MsgId":"144115233406643804-1727580296-4026038328","OnlineOnlyFlag":0,"SendMsgResult":0,"ErrorInfo":"send msg succeed","UnreadMsgNum":3,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"hello, this is a typical chat message 你好世界 👋"}},{"MsgType":"TIMCustomElem","MsgContent":{"Data":"{\"order\":12345,\"status\":\"paid\"}","Desc":"notification","Ext":"","Sound":""}}],"CloudCustomData":"{\"k\":1}","EventTime":1670574414123}"#;
 
@@ -41,7 +40,7 @@ fn hot_path(c: &mut Criterion) {
     g.bench_function("parse body", |b| {
         b.iter(|| json::parse(black_box(BODY.as_bytes())).unwrap())
     });
-    let Ok(Value::Object(body)) = json::parse(BODY.as_bytes()) else {
+    let Ok(Json::Object(body)) = json::parse(BODY.as_bytes()) else {
         unreachable!()
     };
     let ctx = Context {
@@ -58,7 +57,7 @@ fn hot_path(c: &mut Criterion) {
     g.bench_function("all: verify + parse + normalize + spool entry", |b| {
         b.iter(|| {
             let q = verifier.verify(Some(black_box(&query)), now).unwrap();
-            let Ok(Value::Object(body)) = json::parse(black_box(BODY.as_bytes())) else {
+            let Ok(Json::Object(body)) = json::parse(black_box(BODY.as_bytes())) else {
                 unreachable!()
             };
             let ctx = Context {
@@ -67,15 +66,14 @@ fn hot_path(c: &mut Criterion) {
             };
             let mut out = normalize(&ctx, Relayed::AfterSendMsg, &body).unwrap();
             let out = out.pop().unwrap();
-            Record::message(
+            message_entry(
                 out.target,
-                out.key,
-                out.headers,
-                out.value,
+                &out.key,
+                &out.headers,
+                &out.value,
                 received_at,
                 None,
             )
-            .encode()
         })
     });
     g.finish();

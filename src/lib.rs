@@ -28,6 +28,7 @@ pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod json;
 pub mod normalize;
 pub mod publish;
 pub mod receive;

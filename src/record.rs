@@ -150,22 +150,14 @@ impl Record {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let key_len = self.key.as_ref().map_or(0, Vec::len);
-        let mut out = Vec::with_capacity(32 + key_len + self.value.len() + 64 * self.headers.len());
-        out.push(VERSION);
-        out.push(self.target.byte());
-        out.extend_from_slice(&self.received_at_ms.to_le_bytes());
-        match &self.key {
-            Some(k) => put(&mut out, k),
-            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
-        }
-        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
-        for (name, value) in &self.headers {
-            put(&mut out, name.as_bytes());
-            put(&mut out, value);
-        }
-        put(&mut out, &self.value);
-        out
+        let headers = self.headers.iter().map(|(k, v)| (k.as_bytes(), &v[..]));
+        encode(
+            self.target,
+            self.received_at_ms,
+            self.key.as_deref(),
+            headers,
+            &self.value,
+        )
     }
 
     /// `None` for bytes that are not an entry (the spool's checksum makes that unlikely).
@@ -200,6 +192,60 @@ impl Record {
             received_at_ms,
         })
     }
+}
+
+/// A relayed record's spool entry straight from `normalize`'s output: the bytes
+/// `Record::message(…).encode()` makes, without building the record first (a dozen copies
+/// fewer per callback).
+pub fn message_entry(
+    target: Target,
+    key: &str,
+    headers: &[(&'static str, String)],
+    value: &[u8],
+    received_at: OffsetDateTime,
+    traceparent: Option<&str>,
+) -> Vec<u8> {
+    let traceparent = traceparent.map(|tp| ("traceparent", tp));
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain(traceparent)
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()));
+    encode(
+        target,
+        unix_ms(received_at),
+        Some(key.as_bytes()),
+        headers,
+        value,
+    )
+}
+
+fn encode<'h>(
+    target: Target,
+    received_at_ms: u64,
+    key: Option<&[u8]>,
+    headers: impl Iterator<Item = (&'h [u8], &'h [u8])> + Clone,
+    value: &[u8],
+) -> Vec<u8> {
+    let (count, header_bytes) = headers
+        .clone()
+        .fold((0, 0), |(n, b), (k, v)| (n + 1, b + 8 + k.len() + v.len()));
+    let key_len = key.map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(22 + key_len + header_bytes + 4 + value.len());
+    out.push(VERSION);
+    out.push(target.byte());
+    out.extend_from_slice(&received_at_ms.to_le_bytes());
+    match key {
+        Some(k) => put(&mut out, k),
+        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+    }
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    for (name, value) in headers {
+        put(&mut out, name);
+        put(&mut out, value);
+    }
+    put(&mut out, value);
+    out
 }
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -247,6 +293,28 @@ mod tests {
         assert_eq!(r.received_at_ms, 1_700_000_000_000);
         let untraced = Record::message(Target::Messages, "k".into(), vec![], vec![], at, None);
         assert_eq!(header(&untraced, "traceparent"), None);
+    }
+
+    #[test]
+    fn a_message_entry_is_the_encoded_record() {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        let headers = vec![("ce_id", "1:a:b:k".to_owned()), ("ce_type", "t".to_owned())];
+        for (target, traceparent) in [
+            (Target::Messages, Some("00-abc-def-01")),
+            (Target::ReadReceipts, None),
+        ] {
+            let entry = message_entry(target, "k", &headers, b"{\"a\":1}", at, traceparent);
+            let record = Record::message(
+                target,
+                "k".into(),
+                headers.clone(),
+                b"{\"a\":1}".to_vec(),
+                at,
+                traceparent.map(str::to_owned),
+            );
+            assert_eq!(entry, record.encode());
+            assert_eq!(Record::decode(&entry), Some(record));
+        }
     }
 
     #[test]

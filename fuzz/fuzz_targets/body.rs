@@ -5,12 +5,12 @@
 
 use im_relay::domain::{Relayed, SdkAppId};
 use im_relay::normalize::{Context, KeyMode, Source, normalize};
-use im_relay::receive::json;
+use im_relay::json::{self, Json};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(Value::Object(body)) = json::parse(data) else {
+    let Ok(Json::Object(body)) = json::parse(data) else {
         return;
     };
     let ctx = Context {

@@ -29,6 +29,7 @@ use time::{Duration, OffsetDateTime, UtcOffset};
 
 use crate::config::{KafkaConfig, TencentConfig, client_config};
 use crate::domain::{Relayed, SdkAppId};
+use crate::json::Object;
 use crate::normalize::{self, Context, Obj, Output};
 use crate::record::{Quarantined, Record, Target};
 use history::Item;
@@ -206,7 +207,7 @@ fn as_callback(message: &Map<String, Value>, command: Relayed) -> Map<String, Va
 }
 
 fn recalled(message: &Map<String, Value>) -> bool {
-    Obj(message)
+    Obj(&Object::from_map(message))
         .u64("MsgFlagBits")
         .ok()
         .flatten()
@@ -230,6 +231,7 @@ fn records(
         source: normalize::Source::Backfill,
     };
     let body = as_callback(message, Relayed::AfterSendMsg);
+    let body = Object::from_map(&body);
     // Read as the normalizer reads it: integers may come as numeric strings.
     let time = Obj(&body)
         .i64("MsgTime")
@@ -241,14 +243,15 @@ fn records(
     if recalled(message) {
         let mut recall = Map::new();
         for field in ["From_Account", "To_Account", "MsgKey"] {
-            recall.insert(field.into(), body.get(field).cloned().unwrap_or_default());
+            let value = body.get(field).map(serde_json::to_value);
+            recall.insert(field.into(), value.and_then(Result::ok).unwrap_or_default());
         }
         recall.insert(
             "CallbackCommand".into(),
             Relayed::AfterMsgWithDraw.as_str().into(),
         );
         out.extend(
-            normalize::normalize(&ctx, Relayed::AfterMsgWithDraw, &recall)
+            normalize::normalize(&ctx, Relayed::AfterMsgWithDraw, &Object::from_map(&recall))
                 .map_err(|e| e.to_string())?,
         );
     }
@@ -607,7 +610,9 @@ impl Run<'_> {
                     Error(format!("admin_getroammsg for {operator}:{peer}: {problem}"))
                 };
                 // Without `Complete` the end of the conversation is unknown: never assumed.
-                match Obj(page.as_object().unwrap_or(&Map::new())).i64("Complete") {
+                let empty = Map::new();
+                let fields = Object::from_map(page.as_object().unwrap_or(&empty));
+                match Obj(&fields).i64("Complete") {
                     Ok(Some(0)) if list.is_empty() => {
                         return Err(what("an empty page that says there is more"));
                     }
@@ -876,6 +881,7 @@ mod tests {
             key_mode: normalize::KeyMode::MsgKey,
             source: normalize::Source::Callback,
         };
+        let callback = Object::from_map(&callback);
         let relayed = normalize::normalize(&ctx, Relayed::AfterSendMsg, &callback).unwrap();
         let comparable = |o: &Output| {
             let mut v: Value = serde_json::from_slice(&o.value).unwrap();

@@ -3,10 +3,9 @@
 //! unknown `MsgType`, or a known one whose content has an unexpected shape — is kept raw as
 //! `{"type":"unknown",…}`: the message is never refused for the shape of one element.
 
-use serde::Serialize;
-use serde_json::Value;
-
 use super::fields::{Extra, FieldError, Obj, Problem};
+use crate::json::Json;
+use serde::Serialize;
 
 #[derive(Debug, Serialize)]
 pub struct Element<'a> {
@@ -87,11 +86,16 @@ pub enum Kind<'a> {
     },
     Unknown {
         msg_type: OptStr<'a>,
-        content: &'a Value,
+        content: &'a Json<'a>,
     },
 }
 
 impl Kind<'_> {
+    /// Every `label`.
+    pub const LABELS: [&'static str; 10] = [
+        "text", "location", "face", "custom", "sound", "image", "file", "video", "relay", "unknown",
+    ];
+
     /// Metric label, from a fixed set.
     pub fn label(&self) -> &'static str {
         match self {
@@ -140,16 +144,16 @@ pub struct RelayedMessage<'a> {
 const ELEMENT_FIELDS: &[&str] = &["MsgType", "MsgContent"];
 
 /// Types one element; never fails (see the module note).
-pub fn element(raw: &Value) -> Element<'_> {
-    let Value::Object(map) = raw else {
+pub fn element<'a>(raw: &'a Json<'a>) -> Element<'a> {
+    let Json::Object(map) = raw else {
         return unknown(None, raw, Extra::new());
     };
     let outer = Obj(map);
     let element_extra = outer.extra(ELEMENT_FIELDS);
-    let msg_type = map.get("MsgType").and_then(Value::as_str);
-    let content = map.get("MsgContent").unwrap_or(&Value::Null);
+    let msg_type = outer.str("MsgType").ok().flatten();
+    let content = map.get("MsgContent").unwrap_or(&Json::Null);
     let typed = match (msg_type, content) {
-        (Some(t), Value::Object(c)) => typed(t, Obj(c)),
+        (Some(t), Json::Object(c)) => typed(t, Obj(c)),
         _ => None,
     };
     match typed {
@@ -163,7 +167,11 @@ pub fn element(raw: &Value) -> Element<'_> {
     }
 }
 
-fn unknown<'a>(msg_type: OptStr<'a>, content: &'a Value, element_extra: Extra<'a>) -> Element<'a> {
+fn unknown<'a>(
+    msg_type: OptStr<'a>,
+    content: &'a Json<'a>,
+    element_extra: Extra<'a>,
+) -> Element<'a> {
     Element {
         kind: Kind::Unknown { msg_type, content },
         extra: Extra::new(),
@@ -174,8 +182,8 @@ fn unknown<'a>(msg_type: OptStr<'a>, content: &'a Value, element_extra: Extra<'a
 /// Types a `MsgBody`. Every element must be an object (`{"MsgType": …, "MsgContent": …}`):
 /// a bare number or string in the array is not a message element, and relaying it as an
 /// "unknown" one would hide a broken sender.
-pub fn elements(raw: &[Value]) -> Result<Vec<Element<'_>>, FieldError> {
-    if raw.iter().any(|e| !e.is_object()) {
+pub fn elements<'a>(raw: &'a [Json<'a>]) -> Result<Vec<Element<'a>>, FieldError> {
+    if raw.iter().any(|e| !matches!(e, Json::Object(_))) {
         return Err(FieldError {
             field: "MsgBody",
             problem: Problem::Invalid("must hold objects only".into()),
@@ -311,7 +319,7 @@ fn image_infos<'a>(c: Obj<'a>) -> Result<Vec<ImageInfo<'a>>, FieldError> {
     infos
         .iter()
         .map(|info| {
-            let Value::Object(m) = info else {
+            let Json::Object(m) = info else {
                 return Err(not_object(FIELD));
             };
             let i = Obj(m);
@@ -351,8 +359,8 @@ fn relay(c: Obj<'_>) -> Result<Kind<'_>, FieldError> {
     })
 }
 
-fn relayed_message(raw: &Value) -> Result<RelayedMessage<'_>, FieldError> {
-    let Value::Object(m) = raw else {
+fn relayed_message<'a>(raw: &'a Json<'a>) -> Result<RelayedMessage<'a>, FieldError> {
+    let Json::Object(m) = raw else {
         return Err(not_object("MsgList"));
     };
     let o = Obj(m);
@@ -368,7 +376,7 @@ fn relayed_message(raw: &Value) -> Result<RelayedMessage<'_>, FieldError> {
         msg_seq: o.u64("MsgSeq")?,
         msg_random: o.u64("MsgRandom")?,
         msg_time,
-        elements: elements(o.array("MsgBody")?.map_or(&[], Vec::as_slice))?,
+        elements: elements(o.array("MsgBody")?.unwrap_or_default())?,
         cloud_custom_data: o.str("CloudCustomData")?,
         extra: o.extra(&[
             "From_Account",

@@ -13,16 +13,16 @@
 //! the reader, the peer and `LastReadTime`.
 
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 use super::element::{self, Element};
 use super::fields::{Extra, FieldError, Obj, Problem};
 use super::{
     Context, NormalizeError, Output, Source, conversation, derive_msg_key, digest_of, headers,
     id_error, message_id, message_key, received_at, required, required_msg_key, rfc3339_ms,
-    untyped, user,
+    to_json, untyped, user,
 };
 use crate::domain::{MsgKey, Relayed, SdkAppId, UserId};
+use crate::json::{Json, Object};
 use crate::record::Target;
 
 pub const RECALL_SCHEMA: &str = "im-relay.c2c-recall.v1";
@@ -157,8 +157,7 @@ struct Made<'a> {
 
 impl Made<'_> {
     fn output(self, ctx: &Context<'_>, record: &impl Serialize) -> Output {
-        // Serializing borrowed strs, numbers and `Value`s cannot fail.
-        let value = serde_json::to_vec(record).unwrap_or_default();
+        let value = to_json(record);
         let time = self
             .event_time_ms
             .and_then(rfc3339_ms)
@@ -186,7 +185,7 @@ const RECALL_FIELDS: &[&str] = &[
 ];
 
 /// `C2C.CallbackAfterMsgWithDraw`: `MsgKey` is the only join to the message, so it is required.
-pub fn recall(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+pub fn recall(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
     let from = user(b, "From_Account")?;
     let to = user(b, "To_Account")?;
@@ -237,7 +236,7 @@ const EDIT_FIELDS: &[&str] = &[
 /// `C2C.CallbackAfterModifyMsg`. The message is named by `MsgKey`, or (an older shape) by
 /// `MsgSeq`/`MsgRandom`/`MsgTime` the way after-send derives its key; an edit naming neither
 /// cannot be joined to its message and is refused.
-pub fn edit(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+pub fn edit(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
     let from = user(b, "From_Account")?;
     let to = user(b, "To_Account")?;
@@ -268,8 +267,8 @@ pub fn edit(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, Norm
     let version = match event_time_ms {
         Some(t) => t.to_string(),
         None => digest_of(&[
-            body.get("MsgBody").unwrap_or(&Value::Null),
-            body.get("CloudCustomData").unwrap_or(&Value::Null),
+            body.get("MsgBody").unwrap_or(&Json::Null),
+            body.get("CloudCustomData").unwrap_or(&Json::Null),
         ]),
     };
     let id = format!("{message}#edit@{version}");
@@ -314,7 +313,7 @@ const READ_REPORT_FIELDS: &[&str] = &[
 ];
 
 /// `C2C.CallbackAfterMsgReport`: a watermark for a whole conversation, keyed by it.
-pub fn read_report(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+pub fn read_report(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
     let reader = user(b, "Report_Account")?;
     let peer = user(b, "Peer_Account")?;
@@ -363,10 +362,7 @@ const MSG_INFO_FIELDS: &[&str] = &["From_Account", "To_Account", "MsgKey", "MsgI
 
 /// `C2C.CallbackAfterMsgReadReceipt`: one record per message it covers, each keyed like that
 /// message. A message is read once, so each id is the message's id and `#read_receipt`.
-pub fn read_receipt(
-    ctx: &Context<'_>,
-    body: &Map<String, Value>,
-) -> Result<Vec<Output>, NormalizeError> {
+pub fn read_receipt(ctx: &Context<'_>, body: &Object<'_>) -> Result<Vec<Output>, NormalizeError> {
     let b = Obj(body);
     let infos = required("C2CMsgInfo", b.array("C2CMsgInfo")?)?;
     if infos.is_empty() {
@@ -382,7 +378,7 @@ pub fn read_receipt(
     let received_at = received_at(ctx);
     let mut out = Vec::with_capacity(infos.len());
     for info in infos {
-        let Value::Object(info) = info else {
+        let Json::Object(info) = info else {
             return Err(FieldError {
                 field: "C2CMsgInfo",
                 problem: Problem::Invalid("must hold objects only".into()),

@@ -13,12 +13,12 @@ mod lifecycle;
 pub use lifecycle::{EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA};
 
 use serde::Serialize;
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::domain::{MsgKey, Relayed, SdkAppId, UserId};
+use crate::json::{Json, Object};
 use crate::record::Target;
 pub use element::{Element, Kind};
 pub use fields::{Extra, FieldError, Obj, Problem};
@@ -189,7 +189,7 @@ fn id_error(field: &'static str) -> impl Fn(crate::domain::IdError) -> FieldErro
 pub fn normalize(
     ctx: &Context<'_>,
     command: Relayed,
-    body: &Map<String, Value>,
+    body: &Object<'_>,
 ) -> Result<Vec<Output>, NormalizeError> {
     match command {
         Relayed::AfterSendMsg => after_send(ctx, body).map(|o| vec![o]),
@@ -200,8 +200,18 @@ pub fn normalize(
     }
 }
 
+/// `normalize` for a body built as a `serde_json` map (tests build them with `json!`).
+#[cfg(test)]
+pub(crate) fn normalize_map(
+    ctx: &Context<'_>,
+    command: Relayed,
+    body: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<Output>, NormalizeError> {
+    normalize(ctx, command, &Object::from_map(body))
+}
+
 /// One after-send callback body's record.
-fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+fn after_send(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, NormalizeError> {
     let b = Obj(body);
     let from = user(b, "From_Account")?;
     let to = user(b, "To_Account")?;
@@ -250,8 +260,7 @@ fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, No
         received_at: &received_at,
         extra: b.extra(TOP_LEVEL_FIELDS),
     };
-    // Serializing borrowed strs, numbers and `Value`s cannot fail.
-    let value = serde_json::to_vec(&record).unwrap_or_default();
+    let value = to_json(&record);
 
     let key = message_key(ctx.key_mode, &msg_key, &conversation);
     // CloudEvents `time` is when the occurrence happened: the send time when we have it.
@@ -276,6 +285,16 @@ fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, No
         untyped_elements,
         stats: Some(stats),
     })
+}
+
+/// A record's JSON. Sized for a typical message at once (`to_vec` starts at 128 bytes and
+/// grows four times for one). Serializing borrowed strs, numbers and `Json`s cannot fail.
+fn to_json(record: &impl Serialize) -> Vec<u8> {
+    let mut value = Vec::with_capacity(1536);
+    match serde_json::to_writer(&mut value, record) {
+        Ok(()) => value,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// `SdkAppid:min(a,b):max(a,b)`: one conversation, whichever side speaks.
@@ -352,17 +371,17 @@ fn derive_msg_key(
     seq: Option<u32>,
     random: Option<u32>,
     time: Option<i64>,
-    body: &Map<String, Value>,
+    body: &Object<'_>,
 ) -> MsgKey<'static> {
     if let (Some(s), Some(r), Some(t)) = (seq, random, time) {
         return MsgKey::derived(format!("{s}_{r}_{t}"));
     }
-    MsgKey::derived(digest_of(&[&Value::Object(body.clone())]))
+    MsgKey::derived(digest_of(&[&Json::Object(body.clone())]))
 }
 
 /// `sha256_` and 32 hex digits of the canonical form of `values`, for ids that must agree
 /// between retries of the same callback whatever order its keys came in.
-fn digest_of(values: &[&Value]) -> String {
+fn digest_of(values: &[&Json<'_>]) -> String {
     let mut hasher = Sha256::new();
     for v in values {
         hash_canonical(&mut hasher, v);
@@ -372,21 +391,20 @@ fn digest_of(values: &[&Value]) -> String {
 }
 
 /// Feeds `v` to the hasher with object keys sorted, whatever order the map keeps them in.
-fn hash_canonical(h: &mut Sha256, v: &Value) {
+fn hash_canonical(h: &mut Sha256, v: &Json<'_>) {
     match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
+        // An object's members are kept sorted by key.
+        Json::Object(m) => {
             h.update(b"{");
-            for k in keys {
-                hash_canonical(h, &Value::String(k.clone()));
+            for (k, v) in m.iter() {
+                hash_canonical(h, &Json::String(k.into()));
                 h.update(b":");
-                hash_canonical(h, &m[k]);
+                hash_canonical(h, v);
                 h.update(b",");
             }
             h.update(b"}");
         }
-        Value::Array(a) => {
+        Json::Array(a) => {
             h.update(b"[");
             for item in a {
                 hash_canonical(h, item);

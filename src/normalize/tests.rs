@@ -29,6 +29,19 @@ fn body(text: &str) -> Map<String, Value> {
     }
 }
 
+/// The functions under test, over the `serde_json` bodies the tests build.
+fn normalize(
+    ctx: &Context<'_>,
+    command: Relayed,
+    body: &Map<String, Value>,
+) -> Result<Vec<Output>, NormalizeError> {
+    normalize_map(ctx, command, body)
+}
+
+fn after_send(ctx: &Context<'_>, body: &Map<String, Value>) -> Result<Output, NormalizeError> {
+    super::after_send(ctx, &Object::from_map(body))
+}
+
 fn run(text: &str) -> (Output, Value) {
     let out = after_send(&ctx(KeyMode::MsgKey), &body(text)).expect("normalizes");
     let record: Value = serde_json::from_slice(&out.value).expect("record is JSON");
@@ -326,7 +339,7 @@ mod properties {
             .any(|(n, v)| *n == name && v.is_valid(record))
     }
 
-    fn any_json() -> impl Strategy<Value = Value> {
+    pub(super) fn any_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
@@ -348,7 +361,7 @@ mod properties {
     }
 
     /// Tencent's own field names most of the time, so the typed paths are exercised.
-    fn field_name() -> impl Strategy<Value = String> {
+    pub(super) fn field_name() -> impl Strategy<Value = String> {
         prop_oneof![
             prop::sample::select(vec![
                 "From_Account",
@@ -381,7 +394,7 @@ mod properties {
         ]
     }
 
-    fn element() -> impl Strategy<Value = Value> {
+    pub(super) fn element() -> impl Strategy<Value = Value> {
         let content = prop::collection::btree_map(field_name(), any_json(), 0..4)
             .prop_map(|m| Value::Object(m.into_iter().collect()));
         (
@@ -651,6 +664,127 @@ mod lifecycle {
             b.insert("MsgBody".into(), json!([1, 2]));
             let err = normalize(&ctx(KeyMode::MsgKey), command, &b).unwrap_err();
             assert_eq!(err.to_string(), "MsgBody must hold objects only");
+        }
+    }
+}
+
+/// The borrowed reader (`crate::json`) against the one it replaced, a `serde_json::Value` tree:
+/// the same tree, the same text, the same records byte for byte — over the fixtures, every body
+/// of the fuzz corpus and generated payloads (escapes, big and odd numbers, repeated keys are
+/// where a hand-made reader silently differs).
+mod differential {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::json::{self, Json};
+
+    /// Asserts the two readings of `bytes` agree; says whether it was an object.
+    fn agree(bytes: &[u8]) -> bool {
+        let old = serde_json::from_slice::<Value>(bytes);
+        let new = json::parse(bytes);
+        let (new, old) = match (new, old) {
+            (Ok(new), Ok(old)) => (new, old),
+            (Err(_), Err(_)) => return false,
+            (Err(e), Ok(_)) => {
+                // The one refusal that is ours: serde_json keeps the last of repeated keys.
+                assert!(e.to_string().contains("duplicate key"), "{e}");
+                return false;
+            }
+            (Ok(_), Err(e)) => panic!("serde_json refused what we read: {e}"),
+        };
+        assert_eq!(new, Json::from_value(&old));
+        assert_eq!(
+            serde_json::to_vec(&new).unwrap(),
+            serde_json::to_vec(&old).unwrap()
+        );
+        let (Json::Object(new), Value::Object(old)) = (&new, &old) else {
+            return false;
+        };
+        for mode in [KeyMode::MsgKey, KeyMode::Conversation] {
+            for command in Relayed::ALL {
+                assert_eq!(
+                    super::super::normalize(&ctx(mode), command, new),
+                    normalize(&ctx(mode), command, old),
+                    "{command:?}"
+                );
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn the_fixtures_and_the_fuzz_corpus() {
+        let dirs = ["tests/fixtures", "fuzz/corpus/body"];
+        let mut objects = 0;
+        for dir in dirs {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+                objects += usize::from(agree(&bytes));
+            }
+        }
+        // About half the corpus (902 of 1,763 files) are objects: a reader refusing them all
+        // would agree vacuously.
+        assert!(objects > 850, "{objects}");
+    }
+
+    /// `text` with every `/` and non-ASCII character escaped (both appear only inside
+    /// strings, so the JSON means the same).
+    fn escaped(text: &str) -> String {
+        let mut out = String::with_capacity(text.len() * 2);
+        for c in text.chars() {
+            match c {
+                '/' => out.push_str("\\/"),
+                c if c.is_ascii() => out.push(c),
+                c => {
+                    for unit in c.encode_utf16(&mut [0; 2]) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    const ODD_NUMBERS: &[&str] = &[
+        "-0",
+        "1.0",
+        "1e2",
+        "1E+2",
+        "0.1",
+        "2.5e-308",
+        "123456789012345678901234567890",
+        "-9223372036854775809",
+        "18446744073709551615",
+        "18446744073709551616",
+        "4294967296",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn generated_payloads(
+            fields in prop::collection::btree_map(properties::field_name(), properties::any_json(), 0..10),
+            elements in prop::collection::vec(properties::element(), 0..4),
+            escape in any::<bool>(),
+            number in prop::option::of((properties::field_name(), prop::sample::select(ODD_NUMBERS))),
+            repeat in prop::option::of(properties::field_name()),
+        ) {
+            let mut body: Map<String, Value> = fields.into_iter().collect();
+            body.insert("MsgBody".into(), Value::Array(elements));
+            let mut text = serde_json::to_string(&body).unwrap();
+            let mut extra = String::new();
+            if let Some((name, n)) = number {
+                extra.push_str(&format!("{}:{n},", Value::from(name)));
+            }
+            if let Some(name) = repeat {
+                extra.push_str(&format!("{0}:1,{0}:2,", Value::from(name)));
+            }
+            text.insert_str(1, &extra);
+            if escape {
+                text = escaped(&text);
+            }
+            agree(text.as_bytes());
         }
     }
 }

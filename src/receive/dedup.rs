@@ -4,8 +4,12 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::time::{Duration, Instant};
+
+/// An id as a window knows it (`DedupWindow::key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key(u64);
 
 pub struct DedupWindow {
     max_records: usize,
@@ -39,18 +43,23 @@ impl DedupWindow {
         }
     }
 
-    /// True when `id` was accepted within the window.
-    pub fn contains(&mut self, id: &str, now: Instant) -> bool {
-        self.evict(now);
-        self.max_records > 0 && self.seen.contains_key(&self.hasher.hash_one(id))
+    /// What the window keeps of `id`: its 64-bit hash under this window's random key (a
+    /// sender cannot aim at a collision it cannot compute).
+    pub fn key(&self, id: &(impl Hash + ?Sized)) -> Key {
+        Key(self.hasher.hash_one(id))
     }
 
-    /// Remembers `id` as accepted (call only once it is safely stored).
-    pub fn insert(&mut self, id: &str, now: Instant) {
+    /// True when `key` was accepted within the window.
+    pub fn contains(&mut self, key: Key, now: Instant) -> bool {
+        self.evict(now);
+        self.max_records > 0 && self.seen.contains_key(&key.0)
+    }
+
+    /// Remembers `key` as accepted (call only once it is safely stored).
+    pub fn insert(&mut self, Key(h): Key, now: Instant) {
         if self.max_records == 0 {
             return;
         }
-        let h = self.hasher.hash_one(id);
         self.seen.insert(h, now);
         self.order.push_back((h, now));
         self.evict(now);
@@ -65,24 +74,26 @@ mod tests {
     fn remembers_within_count_and_age() {
         let t0 = Instant::now();
         let mut w = DedupWindow::new(3, Duration::from_secs(60));
-        assert!(!w.contains("a", t0));
-        w.insert("a", t0);
-        assert!(w.contains("a", t0));
-        for id in ["b", "c", "d"] {
-            w.insert(id, t0);
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(|id| w.key(id));
+        assert!(!w.contains(a, t0));
+        w.insert(a, t0);
+        assert!(w.contains(a, t0));
+        for k in [b, c, d] {
+            w.insert(k, t0);
         }
         // Count bound: "a" is the oldest of four.
-        assert!(!w.contains("a", t0));
-        assert!(w.contains("d", t0));
+        assert!(!w.contains(a, t0));
+        assert!(w.contains(d, t0));
         // Age bound.
-        assert!(!w.contains("d", t0 + Duration::from_secs(61)));
+        assert!(!w.contains(d, t0 + Duration::from_secs(61)));
         assert!(w.seen.is_empty() && w.order.is_empty());
     }
 
     #[test]
     fn zero_disables_it() {
         let mut w = DedupWindow::new(0, Duration::from_secs(60));
-        w.insert("a", Instant::now());
-        assert!(!w.contains("a", Instant::now()));
+        let a = w.key("a");
+        w.insert(a, Instant::now());
+        assert!(!w.contains(a, Instant::now()));
     }
 }

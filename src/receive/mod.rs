@@ -9,7 +9,6 @@
 
 mod connections;
 mod dedup;
-pub mod json;
 mod source;
 
 use std::collections::BTreeSet;
@@ -24,7 +23,6 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::Value;
 use time::OffsetDateTime;
 
 pub use connections::ConnectionLimit;
@@ -34,8 +32,9 @@ pub use source::SourcePolicy;
 use crate::config::Config;
 use crate::domain::{CallbackCommand, Relayed};
 use crate::error::{Ack, Reason, Rejection};
+use crate::json::{self, Json};
 use crate::normalize::{self, KeyMode, Source};
-use crate::record::{Quarantined, Record};
+use crate::record::{Quarantined, Record, message_entry};
 use crate::spool::{AppendError, Appender};
 use crate::telemetry::Event as _;
 use crate::telemetry::{
@@ -186,14 +185,15 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
         .headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned);
+        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
     // A replay of an identical signed request within the freshness window: answered, not
     // processed again (the signature covers only the time, so this is all it can prove).
-    let replay_key = query.request_time.map(|_| replay_key(raw_query, &bytes));
-    if let Some(key) = &replay_key
-        && lock(&receiver.replays).contains(key, Instant::now())
-    {
+    let replay = query.request_time.map(|_| {
+        let mut replays = lock(&receiver.replays);
+        let key = replays.key(&(raw_query, &bytes[..]));
+        (key, replays.contains(key, Instant::now()))
+    });
+    if let Some((_, true)) = replay {
         return Ok(Outcome::Replayed);
     }
     let outcome = relay(
@@ -205,20 +205,10 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
         traceparent,
     )
     .await?;
-    if let Some(key) = &replay_key {
+    if let Some((key, _)) = replay {
         lock(&receiver.replays).insert(key, Instant::now());
     }
     Ok(outcome)
-}
-
-/// Digest of the whole signed request: query (with `Sign` and `RequestTime`) and body.
-fn replay_key(raw_query: &str, body: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(raw_query.as_bytes());
-    h.update([0]);
-    h.update(body);
-    hex::encode(h.finalize())
 }
 
 /// From an authenticated body to a spooled record (or a quarantined body).
@@ -228,7 +218,7 @@ async fn relay(
     raw_query: &str,
     bytes: &Bytes,
     received_at: OffsetDateTime,
-    traceparent: Option<String>,
+    traceparent: Option<&str>,
 ) -> Result<Outcome, Rejection> {
     let quarantine = |rejection: Rejection| Quarantine {
         receiver,
@@ -239,7 +229,7 @@ async fn relay(
         rejection,
     };
     let body = match json::parse(bytes) {
-        Ok(Value::Object(map)) => map,
+        Ok(Json::Object(map)) => map,
         Ok(_) => {
             let r = Rejection::with_detail(Reason::InvalidJson, "not an object");
             return quarantine(r).keep().await;
@@ -254,7 +244,7 @@ async fn relay(
     // Tencent repeats the command in the body; a disagreement means someone edited one of them.
     match body.get("CallbackCommand") {
         None => {}
-        Some(Value::String(c)) if c == query.command.as_str() => {}
+        Some(Json::String(c)) if c.as_ref() == query.command.as_str() => {}
         Some(_) => return quarantine(Reason::CommandMismatch.into()).keep().await,
     }
     let command = match &query.command {
@@ -294,14 +284,16 @@ async fn relay(
     let now = Instant::now();
     // A retried read receipt may add messages to what an earlier one covered: only the new
     // ones are appended, each once (a receipt may name a message twice).
-    let fresh: Vec<_> = {
+    let mut fresh = Vec::with_capacity(records.len());
+    {
         let mut dedup = lock(&receiver.dedup);
-        let mut seen = std::collections::HashSet::new();
-        records
-            .into_iter()
-            .filter(|r| !dedup.contains(&r.id, now) && seen.insert(r.id.clone()))
-            .collect()
-    };
+        for r in records {
+            let key = dedup.key(&r.id);
+            if !dedup.contains(key, now) && !fresh.iter().any(|(k, _)| *k == key) {
+                fresh.push((key, r));
+            }
+        }
+    }
     if fresh.is_empty() {
         return Ok(Outcome::Duplicate);
     }
@@ -309,24 +301,23 @@ async fn relay(
     let mut ids = Vec::with_capacity(records);
     let mut stats = Vec::new();
     let mut entries = Vec::with_capacity(records);
-    for r in fresh {
-        let record = Record::message(
+    for (key, r) in fresh {
+        entries.push(message_entry(
             r.target,
-            r.key,
-            r.headers,
-            r.value,
+            &r.key,
+            &r.headers,
+            &r.value,
             received_at,
-            traceparent.clone(),
-        );
-        entries.push(record.encode());
-        ids.push(r.id);
+            traceparent,
+        ));
+        ids.push(key);
         stats.extend(r.stats);
     }
     append(receiver, entries).await?;
     {
         let mut dedup = lock(&receiver.dedup);
-        for id in &ids {
-            dedup.insert(id, now);
+        for key in ids {
+            dedup.insert(key, now);
         }
     }
     RecordsAccepted {

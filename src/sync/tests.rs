@@ -113,7 +113,7 @@ pub fn conversation() -> Vec<Vec<u8>> {
     ];
     let mut values: Vec<Vec<u8>> = calls
         .into_iter()
-        .flat_map(|(command, b)| normalize::normalize(&ctx(), command, &body(b)).unwrap())
+        .flat_map(|(command, b)| normalize::normalize_map(&ctx(), command, &body(b)).unwrap())
         .map(|out| out.value)
         .collect();
     // One edit without EventTime, relayed twice at different times (a retry past the dedup
@@ -123,7 +123,7 @@ pub fn conversation() -> Vec<Vec<u8>> {
         datetime!(2026-11-28 01:00:03 UTC),
     ] {
         let b = body(edit("d", None, Some("d edited"), None));
-        let out = normalize::normalize(&ctx_at(at), Relayed::AfterModifyMsg, &b).unwrap();
+        let out = normalize::normalize_map(&ctx_at(at), Relayed::AfterModifyMsg, &b).unwrap();
         values.push(out[0].value.clone());
     }
     values
@@ -262,7 +262,7 @@ fn what_sync_cannot_apply_says_why() {
         "msg_key":"k","from_account":"a","to_account":"b","elements":[]}"#;
     assert_eq!(change::parse(v1).unwrap().0, Kind::Message);
     // A NUL in an account: legal JSON, refused by PostgreSQL's text — kept aside.
-    let out = normalize::normalize(
+    let out = normalize::normalize_map(
         &ctx(),
         Relayed::AfterMsgWithDraw,
         &body(json!({"From_Account": "al\u{0}ice", "To_Account": "bob", "MsgKey": "k"})),
@@ -273,7 +273,7 @@ fn what_sync_cannot_apply_says_why() {
         "a text field holds a NUL character"
     );
     // The elements are kept byte for byte as the record spells them.
-    let send = normalize::normalize(
+    let send = normalize::normalize_map(
         &ctx(),
         Relayed::AfterSendMsg,
         &body(

@@ -6,11 +6,12 @@ use std::sync::{LazyLock, Mutex};
 
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 
-use super::{Event, activity};
-use crate::domain::unix_seconds;
+use super::{Event, Labelled, activity, cached};
+use crate::domain::{Relayed, unix_seconds};
 use crate::error::Reason;
+use crate::normalize::Kind;
 
 /// How a callback ended, for `im_relay_callbacks_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const LABELS: [&'static str; 5] = ["accepted", "ignored", "rejected", "duplicate", "replayed"];
+
     pub(super) fn label(self) -> &'static str {
         match self {
             Outcome::Accepted => "accepted",
@@ -37,6 +40,11 @@ impl Outcome {
         }
     }
 }
+
+/// The statuses `im_relay_http_requests_total` names; any other is `other`.
+const STATUSES: [&str; 10] = [
+    "200", "400", "401", "403", "404", "405", "408", "413", "503", "other",
+];
 
 /// A callback answered; `elapsed` is the time from the request's start to our answer (the
 /// ack latency Tencent sees, less the network).
@@ -49,7 +57,15 @@ pub struct CallbackFinished {
 impl Event for CallbackFinished {
     fn emit(&self) {
         let outcome = self.outcome.label();
-        counter!("im_relay_callbacks_total", "outcome" => outcome).increment(1);
+        cached!(
+            Labelled<Counter>,
+            Labelled::new(
+                &Outcome::LABELS,
+                |o| counter!("im_relay_callbacks_total", "outcome" => o)
+            )
+        )
+        .get(outcome)
+        .increment(1);
         let status = match self.status {
             200 => "200",
             400 => "400",
@@ -62,9 +78,23 @@ impl Event for CallbackFinished {
             503 => "503",
             _ => "other",
         };
-        counter!("im_relay_http_requests_total", "status" => status).increment(1);
-        histogram!("im_relay_request_duration_seconds", "outcome" => outcome)
-            .record(self.elapsed.as_secs_f64());
+        cached!(
+            Labelled<Counter>,
+            Labelled::new(
+                &STATUSES,
+                |s| counter!("im_relay_http_requests_total", "status" => s)
+            )
+        )
+        .get(status)
+        .increment(1);
+        cached!(
+            Labelled<Histogram>,
+            Labelled::new(&Outcome::LABELS, |o| {
+                histogram!("im_relay_request_duration_seconds", "outcome" => o)
+            })
+        )
+        .get(outcome)
+        .record(self.elapsed.as_secs_f64());
         tracing::trace!(outcome, "callback answered");
     }
 }
@@ -79,11 +109,19 @@ pub struct CallbackReceived {
 
 impl Event for CallbackReceived {
     fn emit(&self) {
-        counter!("im_relay_callbacks_received_total", "command" => self.command).increment(1);
+        cached!(
+            Labelled<Counter>,
+            Labelled::new(&Relayed::ALL.map(Relayed::label), |c| {
+                counter!("im_relay_callbacks_received_total", "command" => c)
+            })
+        )
+        .get(self.command)
+        .increment(1);
         if let Some(skew) = self.skew_seconds {
-            histogram!("im_relay_signature_skew_seconds").record(skew as f64);
+            cached!(Histogram, histogram!("im_relay_signature_skew_seconds")).record(skew as f64);
         }
-        histogram!("im_relay_request_body_bytes").record(self.body_bytes as f64);
+        cached!(Histogram, histogram!("im_relay_request_body_bytes"))
+            .record(self.body_bytes as f64);
     }
 }
 
@@ -102,22 +140,32 @@ pub(super) static ACTIVITY: LazyLock<Mutex<activity::Activity>> = LazyLock::new(
 
 impl Event for MessageAccepted<'_> {
     fn emit(&self) {
-        let tri = |b: Option<bool>, yes: &'static str, no: &'static str| match b {
-            Some(true) => yes,
-            Some(false) => no,
-            None => "unknown",
-        };
-        counter!(
-            "im_relay_messages_total",
-            "result" => tri(self.delivered, "delivered", "failed"),
-            "online_only" => tri(self.online_only, "true", "false"),
-        )
+        // Each flag as true, false or unknown: 0, 1, 2.
+        let tri = |b: Option<bool>| b.map_or(2, |b| usize::from(!b));
+        cached!(
+            [Counter; 9],
+            std::array::from_fn(|i| {
+                counter!(
+                    "im_relay_messages_total",
+                    "result" => ["delivered", "failed", "unknown"][i / 3],
+                    "online_only" => ["true", "false", "unknown"][i % 3],
+                )
+            })
+        )[tri(self.delivered) * 3 + tri(self.online_only)]
         .increment(1);
         for t in self.element_types {
-            counter!("im_relay_message_elements_total", "type" => *t).increment(1);
+            cached!(
+                Labelled<Counter>,
+                Labelled::new(
+                    &Kind::LABELS,
+                    |t| counter!("im_relay_message_elements_total", "type" => t)
+                )
+            )
+            .get(t)
+            .increment(1);
         }
         if let Some(age) = self.age_seconds {
-            histogram!("im_relay_message_age_seconds").record(age);
+            cached!(Histogram, histogram!("im_relay_message_age_seconds")).record(age);
         }
         if let Ok(mut a) = ACTIVITY.lock() {
             a.record(self.from, self.to, unix_seconds());
@@ -218,8 +266,14 @@ pub struct RecordsAccepted {
 
 impl Event for RecordsAccepted {
     fn emit(&self) {
-        counter!("im_relay_records_accepted_total", "command" => self.command)
-            .increment(self.records as u64);
+        cached!(
+            Labelled<Counter>,
+            Labelled::new(&Relayed::ALL.map(Relayed::label), |c| {
+                counter!("im_relay_records_accepted_total", "command" => c)
+            })
+        )
+        .get(self.command)
+        .increment(self.records as u64);
     }
 }
 

@@ -29,6 +29,44 @@ pub trait Event {
     fn emit(&self);
 }
 
+/// A metric handle resolved in the registry once, kept in a static: `cached!(Counter,
+/// counter!(…))`. Resolving it at each use (hashing the name and labels, a lock, a list of
+/// labels built) cost more than the update itself, a dozen times per callback. Our recorder
+/// is installed first, or a handle resolved before it would stay a no-op.
+macro_rules! cached {
+    ($handle:ty, $resolve:expr) => {{
+        static HANDLE: std::sync::LazyLock<$handle> = std::sync::LazyLock::new(|| {
+            $crate::telemetry::metrics_handle();
+            $resolve
+        });
+        &*HANDLE
+    }};
+}
+pub(crate) use cached;
+
+/// One metric's handles for a fixed set of label values, for `cached!`; a value outside the
+/// set is resolved at its use.
+pub(crate) struct Labelled<H> {
+    handles: Vec<(&'static str, H)>,
+    resolve: fn(&'static str) -> H,
+}
+
+impl<H: Clone> Labelled<H> {
+    pub(crate) fn new(values: &[&'static str], resolve: fn(&'static str) -> H) -> Self {
+        Labelled {
+            handles: values.iter().map(|v| (*v, resolve(v))).collect(),
+            resolve,
+        }
+    }
+
+    pub(crate) fn get(&self, value: &'static str) -> std::borrow::Cow<'_, H> {
+        match self.handles.iter().find(|(v, _)| *v == value) {
+            Some((_, h)) => std::borrow::Cow::Borrowed(h),
+            None => std::borrow::Cow::Owned((self.resolve)(value)),
+        }
+    }
+}
+
 /// Installs the log subscriber: JSON lines unless `IM_RELAY_LOG_FORMAT=pretty`; the level
 /// filter comes from `IM_RELAY_LOG` (or `RUST_LOG`), `info` by default.
 pub fn init_logging() {

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 
-use super::Event;
+use super::{Event, cached};
 
 /// librdkafka's own statistics (every `statistics.interval.ms`): levels as gauges, cumulative
 /// counts as counters.
@@ -47,8 +47,9 @@ pub struct RecordPublished {
 
 impl Event for RecordPublished {
     fn emit(&self) {
-        counter!("im_relay_records_published_total").increment(1);
-        histogram!("im_relay_record_delivery_seconds").record(self.latency.as_secs_f64());
+        cached!(Counter, counter!("im_relay_records_published_total")).increment(1);
+        cached!(Histogram, histogram!("im_relay_record_delivery_seconds"))
+            .record(self.latency.as_secs_f64());
     }
 }
 

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 
-use super::Event;
+use super::{Event, cached};
 
 /// Reading the spool failed; the publisher tries again next turn. Logged once per streak.
 pub struct SpoolReadFailed<'a> {
@@ -103,9 +103,11 @@ pub struct SpoolAppended {
 
 impl Event for SpoolAppended {
     fn emit(&self) {
-        counter!("im_relay_spool_appended_records_total").increment(self.records as u64);
-        counter!("im_relay_spool_appended_bytes_total").increment(self.bytes as u64);
-        counter!("im_relay_spool_writes_total").increment(1);
+        cached!(Counter, counter!("im_relay_spool_appended_records_total"))
+            .increment(self.records as u64);
+        cached!(Counter, counter!("im_relay_spool_appended_bytes_total"))
+            .increment(self.bytes as u64);
+        cached!(Counter, counter!("im_relay_spool_writes_total")).increment(1);
     }
 }
 
@@ -116,7 +118,11 @@ pub struct SpoolSynced {
 
 impl Event for SpoolSynced {
     fn emit(&self) {
-        counter!("im_relay_spool_syncs_total").increment(1);
-        histogram!("im_relay_spool_sync_duration_seconds").record(self.elapsed.as_secs_f64());
+        cached!(Counter, counter!("im_relay_spool_syncs_total")).increment(1);
+        cached!(
+            Histogram,
+            histogram!("im_relay_spool_sync_duration_seconds")
+        )
+        .record(self.elapsed.as_secs_f64());
     }
 }

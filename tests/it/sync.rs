@@ -11,6 +11,7 @@ use crate::common::*;
 use crate::lifecycle::{Life, life};
 use crate::pg::Postgres;
 use im_relay::domain::{Relayed, SdkAppId};
+use im_relay::json::Object;
 use im_relay::normalize::{self, Context, KeyMode, Source};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -124,7 +125,12 @@ fn nudge(bootstrap: &str, topic: &str) {
     let Value::Object(body) = body else {
         unreachable!()
     };
-    let out = normalize::normalize(&context(), Relayed::AfterMsgReport, &body).unwrap();
+    let out = normalize::normalize(
+        &context(),
+        Relayed::AfterMsgReport,
+        &Object::from_map(&body),
+    )
+    .unwrap();
     for p in 0..PARTITIONS {
         let _ = producer.send(
             BaseRecord::to(topic)
@@ -343,7 +349,8 @@ fn produce_messages(bootstrap: &str, topic: &str, n: usize) -> Vec<String> {
             let Value::Object(body) = body else {
                 unreachable!()
             };
-            for out in normalize::normalize(&context(), command, &body).unwrap() {
+            for out in normalize::normalize(&context(), command, &Object::from_map(&body)).unwrap()
+            {
                 producer
                     .send(BaseRecord::to(topic).key(&out.key).payload(&out.value))
                     .expect("queued");
