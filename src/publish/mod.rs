@@ -186,6 +186,7 @@ impl<S: Sink> Publisher<S> {
     }
 
     fn run(&mut self) {
+        const GATHER: Duration = Duration::from_millis(1);
         let Some(events) = self.events.take() else {
             return;
         };
@@ -198,6 +199,11 @@ impl<S: Sink> Publisher<S> {
                 .map_or(idle, |at| at.saturating_duration_since(now).min(idle));
             let mut stop = false;
             if let Ok(first) = events.recv_timeout(wait) {
+                // Woken from idle: a moment for the spool's next batches and the producer's
+                // next delivery reports to arrive, so that one turn takes them all. A wake-up
+                // per batch and per report cost more CPU than the work (BENCHMARKS.md); the
+                // producer lingers longer than this anyway.
+                std::thread::sleep(GATHER);
                 let now = Instant::now();
                 stop |= self.handle(first, now);
                 while let Ok(more) = events.try_recv() {

@@ -4,7 +4,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 /// An id as a window knows it (`DedupWindow::key`).
@@ -14,10 +14,32 @@ pub struct Key(u64);
 pub struct DedupWindow {
     max_records: usize,
     max_age: Duration,
-    /// 64-bit keyed hashes of ids: collisions are negligible at this size, memory is fixed.
-    seen: HashMap<u64, Instant>,
-    order: VecDeque<(u64, Instant)>,
+    /// 64-bit keyed hashes of ids (collisions are negligible at this size, memory is fixed),
+    /// with when each was accepted, in nanoseconds since `epoch`: 16 bytes an entry, not 24.
+    seen: HashMap<u64, u64, BuildHasherDefault<Prehashed>>,
+    order: VecDeque<(u64, u64)>,
+    epoch: Instant,
     hasher: RandomState,
+}
+
+/// The map's keys are hashes already: used as they are, not hashed again.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
 }
 
 impl DedupWindow {
@@ -25,15 +47,22 @@ impl DedupWindow {
         DedupWindow {
             max_records,
             max_age,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             order: VecDeque::new(),
+            epoch: Instant::now(),
             hasher: RandomState::new(),
         }
     }
 
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
     fn evict(&mut self, now: Instant) {
+        let now = self.stamp(now);
+        let max_age = self.max_age.as_nanos() as u64;
         while let Some(&(h, at)) = self.order.front() {
-            if self.order.len() <= self.max_records && now.duration_since(at) < self.max_age {
+            if self.order.len() <= self.max_records && now.saturating_sub(at) < max_age {
                 break;
             }
             self.order.pop_front();
@@ -60,8 +89,9 @@ impl DedupWindow {
         if self.max_records == 0 {
             return;
         }
-        self.seen.insert(h, now);
-        self.order.push_back((h, now));
+        let at = self.stamp(now);
+        self.seen.insert(h, at);
+        self.order.push_back((h, at));
         self.evict(now);
     }
 }

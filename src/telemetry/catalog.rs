@@ -115,6 +115,9 @@ pub const METRICS: &[Metric] = &[
         "Request errors (since the producer was built)."),
     m("im_relay_kafka_broker_request_timeouts_total", Counter, &["broker"],
         "Requests timed out (since the producer was built)."),
+    m("im_relay_kafka_broker_sent_bytes_total", Counter, &["broker"],
+        "Bytes sent to the broker, requests and their framing included (since the producer \
+         was built)."),
     // The build.
     m("im_relay_build_info", Gauge, &["version", "git_sha"], "Always 1: the running build."),
     // Reconciliation (`reconcile = history`).
