@@ -1,7 +1,7 @@
 //! The publisher against librdkafka's mock cluster: the faults a real broker here cannot
 //! produce (authorization failures, a fatal idempotent-producer state, refusals for good).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,15 @@ struct Harness {
 fn harness(
     before_start: impl FnOnce(&MockCluster<'static, DefaultProducerContext>, &KafkaSink),
 ) -> Harness {
+    let (mut h, publisher) = unstarted(before_start);
+    h.publisher = Some(publisher.spawn(Duration::from_secs(5)).unwrap());
+    h
+}
+
+/// A harness whose publisher is not running yet.
+fn unstarted(
+    before_start: impl FnOnce(&MockCluster<'static, DefaultProducerContext>, &KafkaSink),
+) -> (Harness, Publisher<KafkaSink>) {
     let mock = MockCluster::new(1).expect("mock cluster");
     mock.create_topic(TOPIC, 3, 1).unwrap();
     mock.create_topic(QUARANTINE, 1, 1).unwrap();
@@ -72,18 +81,17 @@ fn harness(
         sink,
         Some(rx),
         Instant::now(),
-    )
-    .spawn(Duration::from_secs(5))
-    .unwrap();
-    Harness {
+    );
+    let h = Harness {
         dir,
         mock,
         appender: opened.appender,
         shared: opened.shared,
         events: tx,
-        publisher: Some(publisher),
+        publisher: None,
         writer: Some(opened.writer),
-    }
+    };
+    (h, publisher)
 }
 
 fn entry(id: &str) -> Record {
@@ -160,6 +168,32 @@ impl Harness {
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// `Stop` can come in the same turn as the wake-up for the last records appended (the
+/// publisher gathers events for a moment): those records were acknowledged, and the publisher
+/// still reads and delivers them before it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_appended_just_before_stop_are_delivered_at_shutdown() {
+    let (h, publisher) = unstarted(|_, _| {});
+    let sent = ids("last", 50);
+    h.append(&sent).await;
+    h.events.send(Event::Stop).unwrap();
+    publisher
+        .spawn(Duration::from_secs(5))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(h.shared.backlog(), 0, "everything appended was committed");
+    let got = h.read(TOPIC, sent.len());
+    assert_eq!(
+        got.into_keys().collect::<Vec<_>>(),
+        sent.into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    h.stop();
 }
 
 #[tokio::test(flavor = "multi_thread")]

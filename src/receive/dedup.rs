@@ -3,7 +3,7 @@
 //! count and age; in memory only, so a restart forgets it (consumers still dedupe on `ce_id`).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,11 @@ pub struct DedupWindow {
     order: VecDeque<(u64, u64)>,
     epoch: Instant,
     hasher: RandomState,
+}
+
+/// Saturates past 584 years (a window configured absurdly long is simply unbounded in age).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The map's keys are hashes already: used as they are, not hashed again.
@@ -55,12 +60,12 @@ impl DedupWindow {
     }
 
     fn stamp(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_nanos() as u64
+        nanos(at.saturating_duration_since(self.epoch))
     }
 
     fn evict(&mut self, now: Instant) {
         let now = self.stamp(now);
-        let max_age = self.max_age.as_nanos() as u64;
+        let max_age = nanos(self.max_age);
         while let Some(&(h, at)) = self.order.front() {
             if self.order.len() <= self.max_records && now.saturating_sub(at) < max_age {
                 break;
@@ -76,6 +81,27 @@ impl DedupWindow {
     /// sender cannot aim at a collision it cannot compute).
     pub fn key(&self, id: &(impl Hash + ?Sized)) -> Key {
         Key(self.hasher.hash_one(id))
+    }
+
+    /// The items whose ids were not accepted within the window, with their keys, each id once
+    /// (a read receipt may name a message twice). A set past the first item, so a receipt
+    /// naming thousands of messages costs linear time under the window's lock.
+    pub fn unseen<T>(
+        &mut self,
+        items: Vec<T>,
+        id: impl Fn(&T) -> &str,
+        now: Instant,
+    ) -> Vec<(Key, T)> {
+        let mut named: HashSet<u64, BuildHasherDefault<Prehashed>> = HashSet::default();
+        let several = items.len() > 1;
+        let mut fresh = Vec::with_capacity(items.len());
+        for item in items {
+            let key = self.key(id(&item));
+            if !self.contains(key, now) && (!several || named.insert(key.0)) {
+                fresh.push((key, item));
+            }
+        }
+        fresh
     }
 
     /// True when `key` was accepted within the window.
@@ -99,6 +125,29 @@ impl DedupWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unseen_keeps_each_new_id_once() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(100, Duration::from_secs(60));
+        w.insert(w.key("old"), t0);
+        let items = vec!["a", "old", "b", "a", "c", "b"];
+        let fresh = w.unseen(items, |s| s, t0);
+        let ids: Vec<&str> = fresh.iter().map(|(_, s)| *s).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(fresh.iter().all(|(k, s)| *k == w.key(*s)));
+        assert_eq!(w.unseen(vec!["old"], |s| s, t0).len(), 0);
+        assert_eq!(w.unseen(vec!["new"], |s| s, t0).len(), 1);
+    }
+
+    #[test]
+    fn an_absurdly_long_window_keeps_entries() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(10, Duration::MAX);
+        let a = w.key("a");
+        w.insert(a, t0);
+        assert!(w.contains(a, t0 + Duration::from_secs(3600)));
+    }
 
     #[test]
     fn remembers_within_count_and_age() {

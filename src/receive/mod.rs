@@ -284,16 +284,7 @@ async fn relay(
     let now = Instant::now();
     // A retried read receipt may add messages to what an earlier one covered: only the new
     // ones are appended, each once (a receipt may name a message twice).
-    let mut fresh = Vec::with_capacity(records.len());
-    {
-        let mut dedup = lock(&receiver.dedup);
-        for r in records {
-            let key = dedup.key(&r.id);
-            if !dedup.contains(key, now) && !fresh.iter().any(|(k, _)| *k == key) {
-                fresh.push((key, r));
-            }
-        }
-    }
+    let fresh = lock(&receiver.dedup).unseen(records, |r| r.id.as_str(), now);
     if fresh.is_empty() {
         return Ok(Outcome::Duplicate);
     }

@@ -205,7 +205,6 @@ impl Reader {
         self.last_read
     }
 
-    /// Keeps record `seq` in the dead-letter directory (no topic would take it).
     /// Keeps record `seq` in the dead-letter directory (no topic would take it). On a full
     /// disk the reserve gives its space: the record would otherwise hold the commit, and with
     /// it every delivered segment behind it, and the disk would never empty again.

@@ -216,8 +216,18 @@ async fn shutdown_flushes_what_was_acknowledged() {
     app.stop().await;
     // The admin listener is gone with the app.
     assert!(reqwest::get(format!("{admin}/livez")).await.is_err());
+    // Distinct ids: tansu keeps an idempotent retry twice.
+    let distinct = |got: &[Received]| {
+        let ids: HashSet<&str> = got.iter().filter_map(|r| r.value["id"].as_str()).collect();
+        ids.len() >= 50
+    };
     let records = tokio::task::spawn_blocking(move || {
-        read_records(&bootstrap, &topic, 50, std::time::Duration::from_secs(30))
+        read_until(
+            &bootstrap,
+            &topic,
+            std::time::Duration::from_secs(30),
+            distinct,
+        )
     })
     .await
     .unwrap();
