@@ -63,6 +63,11 @@ impl Ledger {
         self.pending.len() - self.unsent.len() - self.unreadable.len() - self.dead.len()
     }
 
+    /// Read but not handed to the producer yet: waiting for room in its queue or a retry.
+    pub fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
+    }
+
     pub fn has_unreadable(&self) -> bool {
         !self.unreadable.is_empty()
     }

@@ -125,6 +125,9 @@ pub struct Publisher<S: Sink = KafkaSink> {
     explained: BTreeMap<String, (Instant, Option<Blocked>)>,
 }
 
+/// The longest the loop sleeps with nothing to do (gauges are refreshed on its turns).
+const IDLE: Duration = Duration::from_millis(100);
+
 impl Publisher<KafkaSink> {
     /// Creates the producer (so bad Kafka settings fail at startup) around an open spool.
     pub fn new(
@@ -192,11 +195,10 @@ impl<S: Sink> Publisher<S> {
         };
         loop {
             let now = Instant::now();
-            let idle = Duration::from_millis(100);
             let wait = self
                 .ledger
                 .next_retry()
-                .map_or(idle, |at| at.saturating_duration_since(now).min(idle));
+                .map_or(IDLE, |at| at.saturating_duration_since(now).min(IDLE));
             let mut stop = false;
             if let Ok(first) = events.recv_timeout(wait) {
                 // Woken: a moment for the spool's next batches and the producer's next
@@ -523,20 +525,27 @@ impl<S: Sink> Publisher<S> {
         let deadline = Instant::now() + timeout;
         let events = self.events.take();
         // The spool is read to its end too, not only what the ledger holds: the last records'
-        // wake-up can arrive in the same turn as `Stop`, and they were acknowledged.
+        // wake-up can arrive in the same turn as `Stop`, and they were acknowledged. Records
+        // waiting in the ledger (for room in the producer's queue, or a retry) are waited for.
         loop {
             let now = Instant::now();
             let read_before = self.reader.last_read();
+            self.write_dead_letters(now);
             self.send_due(now);
             self.fill(now);
             let read_more = self.reader.last_read() != read_before;
-            if now >= deadline || (!read_more && self.ledger.with_producer() == 0) {
-                break;
-            }
-            let Some(events) = &events else {
+            let settled =
+                !read_more && self.ledger.with_producer() == 0 && !self.ledger.has_unsent();
+            let now = Instant::now();
+            let Some(events) = events.as_ref().filter(|_| !settled && now < deadline) else {
                 break;
             };
-            if let Ok(first) = events.recv_timeout(Duration::from_millis(20)) {
+            let wait = self
+                .ledger
+                .next_retry()
+                .map_or(IDLE, |at| at.saturating_duration_since(now).min(IDLE))
+                .min(deadline - now);
+            if let Ok(first) = events.recv_timeout(wait) {
                 let now = Instant::now();
                 self.handle(first, now);
                 while let Ok(more) = events.try_recv() {

@@ -33,13 +33,14 @@ struct Harness {
 fn harness(
     before_start: impl FnOnce(&MockCluster<'static, DefaultProducerContext>, &KafkaSink),
 ) -> Harness {
-    let (mut h, publisher) = unstarted(before_start);
+    let (mut h, publisher) = unstarted(&[], before_start);
     h.publisher = Some(publisher.spawn(Duration::from_secs(5)).unwrap());
     h
 }
 
 /// A harness whose publisher is not running yet.
 fn unstarted(
+    extra_env: &[(&'static str, &str)],
     before_start: impl FnOnce(&MockCluster<'static, DefaultProducerContext>, &KafkaSink),
 ) -> (Harness, Publisher<KafkaSink>) {
     let mock = MockCluster::new(1).expect("mock cluster");
@@ -52,7 +53,9 @@ fn unstarted(
         ("IM_RELAY_QUARANTINE_TOPIC", QUARANTINE.to_owned()),
         ("IM_RELAY_KAFKA_LINGER_MS", "1".to_owned()),
     ]
-    .into();
+    .into_iter()
+    .chain(extra_env.iter().map(|&(k, v)| (k, v.to_owned())))
+    .collect();
     let kafka = KafkaConfig::load(None, &|k| env.get(k).cloned()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -175,8 +178,19 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 /// still reads and delivers them before it ends.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_appended_just_before_stop_are_delivered_at_shutdown() {
-    let (h, publisher) = unstarted(|_, _| {});
-    let sent = ids("last", 50);
+    stop_with_records_waiting(&[], 50).await;
+}
+
+/// A producer queue smaller than the in-flight window: records wait in the ledger for room
+/// (`QueueFull`) while nothing is with the producer, and shutdown still sends them.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_waiting_for_room_in_the_producer_are_delivered_at_shutdown() {
+    stop_with_records_waiting(&[("IM_RELAY_KAFKA_QUEUE_MAX_MESSAGES", "5")], 100).await;
+}
+
+async fn stop_with_records_waiting(env: &[(&'static str, &str)], n: usize) {
+    let (h, publisher) = unstarted(env, |_, _| {});
+    let sent = ids("last", n);
     h.append(&sent).await;
     h.events.send(Event::Stop).unwrap();
     publisher
