@@ -1,27 +1,40 @@
 //! The spool's on-disk frame: `magic u32 | len u32 | seq u64 | crc32c u32 | payload`, all
-//! little-endian; the checksum covers `len`, `seq` and the payload. The magic lets a scan find
-//! the next frame after a damaged one, so one flipped byte costs one record, not a segment.
+//! little-endian. The checksum covers `len`, `seq`, the segment's generation and the payload;
+//! the generation is the segment's first sequence number, which names its file. A segment may
+//! be written over a recycled one (`segments::Spare`): a frame left from the file's earlier use
+//! was checksummed under another generation and holds a lower sequence number, so it is never
+//! read as a frame of this use. The magic lets a scan find the next frame after a damaged one,
+//! so one flipped byte costs one record, not a segment. Frames written before generations
+//! existed (magic `IMR1`, checksum without it) are still read.
 
-pub const MAGIC: u32 = 0x3152_4d49; // "IMR1" read little-endian
+pub const MAGIC: u32 = 0x3252_4d49; // "IMR2" read little-endian
+const LEGACY_MAGIC: u32 = 0x3152_4d49; // "IMR1"
 pub const HEADER_BYTES: usize = 20;
 /// No frame is larger: a callback body is capped far below, and a length beyond this is damage.
 pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
 pub const MAX_FRAME_BYTES: usize = HEADER_BYTES + MAX_PAYLOAD_BYTES;
 
-pub fn checksum(len: u32, seq: u64, payload: &[u8]) -> u32 {
-    let mut head = [0u8; 12];
+fn checksum(magic: u32, len: u32, seq: u64, generation: u64, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 20];
     head[..4].copy_from_slice(&len.to_le_bytes());
-    head[4..].copy_from_slice(&seq.to_le_bytes());
-    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+    head[4..12].copy_from_slice(&seq.to_le_bytes());
+    head[12..].copy_from_slice(&generation.to_le_bytes());
+    let head = if magic == LEGACY_MAGIC {
+        &head[..12]
+    } else {
+        &head[..]
+    };
+    crc32c::crc32c_append(crc32c::crc32c(head), payload)
 }
 
-/// Appends one encoded frame to `out`.
-pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+/// Appends one encoded frame of the segment whose first sequence number is `generation`.
+pub fn encode(generation: u64, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    debug_assert!(seq >= generation);
     let len = u32::try_from(payload.len()).expect("payload bounded by MAX_PAYLOAD_BYTES");
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&checksum(len, seq, payload).to_le_bytes());
+    out.extend_from_slice(&checksum(MAGIC, len, seq, generation, payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -43,31 +56,74 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-pub fn decode(buf: &[u8]) -> Decoded<'_> {
+/// `(magic, len, seq)` of a header that claims to start a frame of segment `generation` here.
+fn header(buf: &[u8], generation: u64) -> Option<(u32, u32, u64)> {
+    let head = buf.get(..HEADER_BYTES)?;
+    let magic = u32_at(head, 0);
+    let len = u32_at(head, 4);
+    let seq = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    let ours = (magic == MAGIC || magic == LEGACY_MAGIC)
+        && len as usize <= MAX_PAYLOAD_BYTES
+        && seq >= generation;
+    ours.then_some((magic, len, seq))
+}
+
+/// What is at the start of `buf`, in the segment whose first sequence number is `generation`.
+pub fn decode(buf: &[u8], generation: u64) -> Decoded<'_> {
     if buf.len() < HEADER_BYTES {
-        return if MAGIC.to_le_bytes().starts_with(&buf[..buf.len().min(4)]) {
+        let prefix = &buf[..buf.len().min(4)];
+        let ours = |m: u32| m.to_le_bytes().starts_with(prefix);
+        return if ours(MAGIC) || ours(LEGACY_MAGIC) {
             Decoded::Incomplete
         } else {
             Decoded::Damaged
         };
     }
-    if u32_at(buf, 0) != MAGIC {
+    let Some((magic, len, seq)) = header(buf, generation) else {
         return Decoded::Damaged;
-    }
-    let len = u32_at(buf, 4);
-    if len as usize > MAX_PAYLOAD_BYTES {
-        return Decoded::Damaged;
-    }
-    let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    };
     let size = HEADER_BYTES + len as usize;
     if buf.len() < size {
         return Decoded::Incomplete;
     }
     let payload = &buf[HEADER_BYTES..size];
-    if checksum(len, seq, payload) != u32_at(buf, 16) {
+    if checksum(magic, len, seq, generation, payload) != u32_at(buf, 16) {
         return Decoded::Damaged;
     }
     Decoded::Frame { seq, payload, size }
+}
+
+/// What follows the last intact frame of a segment.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tail {
+    /// Nothing, or only what an earlier use of the file left (or a spare's zeros).
+    Clean,
+    /// A write cut short (never acknowledged): this many bytes of it.
+    Torn(usize),
+    /// A frame of this segment that does not check: at least one record lost.
+    Damaged,
+}
+
+/// Classifies `rest`, the bytes after the last intact frame of segment `generation`.
+pub fn tail(rest: &[u8], generation: u64) -> Tail {
+    if rest.is_empty() {
+        return Tail::Clean;
+    }
+    if decode(rest, generation) == Decoded::Incomplete {
+        return Tail::Torn(rest.len());
+    }
+    let claimed = |at: usize| header(&rest[at..], generation).map(|h| HEADER_BYTES + h.1 as usize);
+    // A frame begun over a recycled file's old bytes: the file does not end where it does.
+    if let Some(size) = claimed(0)
+        && size < rest.len()
+    {
+        return Tail::Torn(size);
+    }
+    if (0..rest.len()).any(|at| claimed(at).is_some()) {
+        Tail::Damaged
+    } else {
+        Tail::Clean
+    }
 }
 
 /// One pass over a whole segment's bytes (tests and the simulation look at every frame).
@@ -84,9 +140,11 @@ pub struct Scan {
 
 /// Reads every intact frame; after damage, searches forward for the next valid frame.
 #[cfg(test)]
-pub fn scan(buf: &[u8]) -> Scan {
+pub fn scan(buf: &[u8], generation: u64) -> Scan {
     let mut frames = Vec::new();
-    let (damaged, valid_end) = visit(buf, |seq, at, size| frames.push((seq, at, size)));
+    let (damaged, valid_end) = visit(buf, generation, |seq, at, size| {
+        frames.push((seq, at, size))
+    });
     Scan {
         frames,
         damaged,
@@ -97,11 +155,11 @@ pub fn scan(buf: &[u8]) -> Scan {
 /// The same pass, keeping nothing: `f(seq, offset, size)` for every intact frame. Returns
 /// (damaged stretches, end of the last intact frame). Recovery uses this, so its memory does
 /// not grow with the spool.
-pub fn visit(buf: &[u8], mut f: impl FnMut(u64, usize, usize)) -> (usize, usize) {
+pub fn visit(buf: &[u8], generation: u64, mut f: impl FnMut(u64, usize, usize)) -> (usize, usize) {
     let (mut damaged, mut valid_end) = (0, 0);
     let mut at = 0;
     while at < buf.len() {
-        if let Decoded::Frame { seq, size, .. } = decode(&buf[at..]) {
+        if let Decoded::Frame { seq, size, .. } = decode(&buf[at..], generation) {
             f(seq, at, size);
             at += size;
             valid_end = at;
@@ -109,7 +167,7 @@ pub fn visit(buf: &[u8], mut f: impl FnMut(u64, usize, usize)) -> (usize, usize)
         }
         // Damaged here (a torn tail is damage too: one record was lost there).
         damaged += 1;
-        match next_frame(buf, at + 1) {
+        match next_frame(buf, at + 1, generation) {
             Some(next) => at = next,
             None => break,
         }
@@ -118,23 +176,27 @@ pub fn visit(buf: &[u8], mut f: impl FnMut(u64, usize, usize)) -> (usize, usize)
 }
 
 /// Offset of the first intact frame at or after `from`.
-fn next_frame(buf: &[u8], from: usize) -> Option<usize> {
-    let magic = MAGIC.to_le_bytes();
+fn next_frame(buf: &[u8], from: usize, generation: u64) -> Option<usize> {
     (from..buf.len().saturating_sub(HEADER_BYTES - 1))
-        .filter(|&i| buf[i..].starts_with(&magic))
-        .find(|&i| matches!(decode(&buf[i..]), Decoded::Frame { .. }))
+        .filter(|&i| header(&buf[i..], generation).is_some())
+        .find(|&i| matches!(decode(&buf[i..], generation), Decoded::Frame { .. }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn segment(payloads: &[&[u8]]) -> Vec<u8> {
+    /// Segment `generation` holding `payloads` as records `generation`, `generation + 1`, …
+    fn segment_of(generation: u64, payloads: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for (i, p) in payloads.iter().enumerate() {
-            encode(i as u64 + 1, p, &mut out);
+            encode(generation, generation + i as u64, p, &mut out);
         }
         out
+    }
+
+    fn segment(payloads: &[&[u8]]) -> Vec<u8> {
+        segment_of(1, payloads)
     }
 
     fn seqs(s: &Scan) -> Vec<u64> {
@@ -144,11 +206,11 @@ mod tests {
     #[test]
     fn round_trip() {
         let buf = segment(&[b"one", b"", b"three"]);
-        let s = scan(&buf);
+        let s = scan(&buf, 1);
         assert_eq!(seqs(&s), [1, 2, 3]);
         assert_eq!(s.damaged, 0);
         assert_eq!(s.valid_end, buf.len());
-        match decode(&buf[s.frames[2].1..]) {
+        match decode(&buf[s.frames[2].1..], 1) {
             Decoded::Frame { payload, .. } => assert_eq!(payload, b"three"),
             other => panic!("{other:?}"),
         }
@@ -157,9 +219,9 @@ mod tests {
     #[test]
     fn a_tail_cut_anywhere_keeps_every_whole_frame() {
         let buf = segment(&[b"alpha", b"beta", b"gamma"]);
-        let whole = scan(&buf).frames;
+        let whole = scan(&buf, 1).frames;
         for cut in 0..buf.len() {
-            let s = scan(&buf[..cut]);
+            let s = scan(&buf[..cut], 1);
             let intact: Vec<_> = whole.iter().filter(|f| f.1 + f.2 <= cut).copied().collect();
             assert_eq!(s.frames, intact, "cut at {cut}");
             let end = intact.last().map_or(0, |f| f.1 + f.2);
@@ -171,11 +233,11 @@ mod tests {
     #[test]
     fn a_flipped_byte_costs_exactly_one_frame() {
         let buf = segment(&[b"alpha", b"beta", b"gamma"]);
-        let second = scan(&buf).frames[1];
+        let second = scan(&buf, 1).frames[1];
         for i in second.1..second.1 + second.2 {
             let mut bad = buf.clone();
             bad[i] ^= 0x40;
-            let s = scan(&bad);
+            let s = scan(&bad, 1);
             assert_eq!(seqs(&s), [1, 3], "byte {i}");
             assert_eq!(s.damaged, 1, "byte {i}");
             assert_eq!(s.valid_end, buf.len(), "byte {i}");
@@ -184,11 +246,115 @@ mod tests {
 
     #[test]
     fn garbage_is_never_a_frame() {
-        assert_eq!(decode(b"garbage garbage garbage"), Decoded::Damaged);
+        assert_eq!(decode(b"garbage garbage garbage", 1), Decoded::Damaged);
         let mut huge = Vec::new();
         huge.extend_from_slice(&MAGIC.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&[0; 12]);
-        assert_eq!(decode(&huge), Decoded::Damaged);
+        assert_eq!(decode(&huge, 1), Decoded::Damaged);
+    }
+
+    #[test]
+    fn a_frame_checks_only_in_its_own_generation() {
+        let mut buf = Vec::new();
+        encode(10, 12, b"payload", &mut buf);
+        assert!(matches!(decode(&buf, 10), Decoded::Frame { seq: 12, .. }));
+        // The same bytes in a file now used by a later segment: never a record there.
+        assert_eq!(decode(&buf, 11), Decoded::Damaged);
+        assert_eq!(decode(&buf, 13), Decoded::Damaged);
+    }
+
+    #[test]
+    fn frames_written_before_generations_are_still_read() {
+        let payload = b"from the previous version";
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&LEGACY_MAGIC.to_le_bytes());
+        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&7u64.to_le_bytes());
+        let mut head = Vec::new();
+        head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        head.extend_from_slice(&7u64.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
+        buf.extend_from_slice(&crc.to_le_bytes());
+        buf.extend_from_slice(payload);
+        match decode(&buf, 5) {
+            Decoded::Frame {
+                seq, payload: p, ..
+            } => assert_eq!((seq, p), (7, &payload[..])),
+            other => panic!("{other:?}"),
+        }
+        // Below the segment's first number it can only be left from an earlier use.
+        assert_eq!(decode(&buf, 8), Decoded::Damaged);
+    }
+
+    /// A recycled file: segment 100's frames written over what segment 1 left.
+    fn written_over(new: &[u8]) -> Vec<u8> {
+        let old: Vec<Vec<u8>> = (0..40).map(|i| vec![b'o'; 30 + i]).collect();
+        let old: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
+        let mut file = segment_of(1, &old);
+        file[..new.len()].copy_from_slice(new);
+        file
+    }
+
+    #[test]
+    fn what_an_earlier_use_left_is_neither_a_record_nor_damage() {
+        let new = segment_of(100, &[b"alpha", b"beta", b"gamma"]);
+        let file = written_over(&new);
+        let s = scan(&file, 100);
+        assert_eq!(seqs(&s), [100, 101, 102]);
+        assert_eq!(s.valid_end, new.len());
+        assert_eq!(tail(&file[s.valid_end..], 100), Tail::Clean);
+        // A pre-allocated spare holds zeros.
+        let mut zeros = new.clone();
+        zeros.resize(4096, 0);
+        assert_eq!(scan(&zeros, 100).frames.len(), 3);
+        assert_eq!(tail(&zeros[new.len()..], 100), Tail::Clean);
+    }
+
+    #[test]
+    fn a_write_cut_short_over_old_bytes_is_torn() {
+        let new = segment_of(100, &[b"alpha", b"beta", b"gamma"]);
+        for cut in new.len() - 5 + HEADER_BYTES..new.len() - 1 {
+            // `gamma`'s header reached the file, the end of its payload did not.
+            let gamma = new.len() - (HEADER_BYTES + 5);
+            let file = written_over(&new[..cut]);
+            let s = scan(&file, 100);
+            assert_eq!(seqs(&s), [100, 101], "cut at {cut}");
+            assert_eq!(
+                tail(&file[s.valid_end..], 100),
+                Tail::Torn(HEADER_BYTES + 5)
+            );
+            assert_eq!(s.valid_end, gamma);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_over_old_bytes_is_still_damage() {
+        let new = segment_of(100, &[b"alpha", b"beta", b"gamma"]);
+        let second = scan(&new, 100).frames[1];
+        let mut file = written_over(&new);
+        file[second.1 + HEADER_BYTES + 1] ^= 0x40;
+        let s = scan(&file, 100);
+        assert_eq!(seqs(&s), [100, 102]);
+        assert_eq!(
+            s.damaged, 2,
+            "the flipped frame, and the old bytes after the last"
+        );
+        assert_eq!(tail(&file[s.valid_end..], 100), Tail::Clean);
+        // The last frame flipped, old bytes after it: no different from a write cut short, so
+        // it counts as torn (the record is lost either way; only which count says so differs).
+        let mut file = written_over(&new);
+        file[new.len() - 2] ^= 0x40;
+        let s = scan(&file, 100);
+        assert_eq!(seqs(&s), [100, 101]);
+        assert_eq!(
+            tail(&file[s.valid_end..], 100),
+            Tail::Torn(HEADER_BYTES + 5)
+        );
+        // In a file that ends with it, it is damage, as before recycling.
+        let mut whole = new.clone();
+        whole[new.len() - 2] ^= 0x40;
+        let s = scan(&whole, 100);
+        assert_eq!(tail(&whole[s.valid_end..], 100), Tail::Damaged);
     }
 }

@@ -11,7 +11,11 @@
 //!   thread through a bounded queue, so appends rarely wait for the disk.
 //! - Positions are frame sequence numbers. The committed position (everything at or below it
 //!   is in Kafka) lives in the `committed` file, overwritten in place in one of two slots so
-//!   that advancing it never needs new disk space; segments wholly below it are deleted.
+//!   that advancing it never needs new disk space; segments wholly below it are deleted, or
+//!   one of them kept as a spare: the next segment is written over it (or over zeros a
+//!   background thread wrote ahead), so a sync writes data only, not a growing file's
+//!   allocation and size. Each frame's checksum holds its segment's first sequence number:
+//!   what a file held before is never read as a record of its new use.
 //! - A failed write is cut off again before anything else is written; a write or sync that
 //!   takes longer than the append deadline turns readiness red.
 //! - On open, every segment is scanned: damaged frames are skipped and counted, torn tails are
@@ -154,6 +158,9 @@ struct Tail {
 pub struct Shared {
     storage: Arc<dyn Storage>,
     max_bytes: u64,
+    segment_bytes: u64,
+    /// Spare files, ready to be written over (`segments::spare_name`).
+    spares: Mutex<Vec<String>>,
     fsync: Fsync,
     total_bytes: AtomicU64,
     appended: AtomicU64,
@@ -232,6 +239,10 @@ impl Shared {
         f(&mut self.tail.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn busy(&self, yes: bool) {
         let v = if yes {
             self.epoch.elapsed().as_millis() as u64 + 1
@@ -307,6 +318,7 @@ pub(crate) fn open_on(
     if let Fsync::Interval(_) = cfg.fsync {
         writer.syncer = Some(Syncer::spawn(shared.clone())?);
     }
+    writer.spare_maker = Some(SpareMaker::spawn(shared.clone())?);
     let (tx, rx) = mpsc::channel();
     let writer = std::thread::Builder::new()
         .name("spool-writer".into())
@@ -361,11 +373,12 @@ fn recover(
         );
     }
     // Never below an existing segment's name: a segment created just before a crash may be
-    // empty, and reusing a lower number would put records out of order across files.
-    let next_seq = (last_seq + 1).max(highest_name);
-    let active_name = segment_name(next_seq);
-    let file = storage.open(&active_name, true)?;
-    let active_end = file.len()?;
+    // empty, and reusing a lower number would put records out of order across files. Never
+    // at or below a spare's bound: its old frames must stay below every new number.
+    let _ = storage.remove(SPARE_FILLING);
+    let spares = list_spares(storage.as_ref())?;
+    let highest_spare = spares.iter().map(|(bound, _)| bound + 1).max().unwrap_or(0);
+    let next_seq = (last_seq + 1).max(highest_name).max(highest_spare);
     // The position file is written in place from now on: give it its two slots now, while
     // there is room, so that advancing it never needs a new block.
     let position = storage.open(COMMITTED_FILE, true)?;
@@ -374,20 +387,21 @@ fn recover(
         position.write_at(0, &[slot, slot].concat())?;
         position.sync()?;
     }
-    storage.sync_dir("")?;
     let dropped = read_dropped(storage.as_ref());
     let reserve_bytes = cfg.segment_bytes.min(RESERVE_MAX_BYTES);
     let reserve_held = make_reserve(storage.as_ref(), reserve_bytes);
     let shared = Arc::new(Shared {
         storage,
         max_bytes: cfg.max_bytes,
+        segment_bytes: cfg.segment_bytes,
+        spares: Mutex::new(spares.into_iter().map(|(_, name)| name).collect()),
         fsync: cfg.fsync,
         total_bytes: AtomicU64::new(recovery.bytes),
         appended: AtomicU64::new(last_seq),
         committed: AtomicU64::new(recovery.committed),
         tail: Mutex::new(Tail {
             active_first: next_seq,
-            active_end,
+            active_end: 0,
             appended: last_seq,
         }),
         disk_error: AtomicBool::new(false),
@@ -398,11 +412,19 @@ fn recover(
         reserve_bytes,
         _lock: lock,
     });
+    // The first segment is written over a spare too (made now if the last run left none).
+    top_up_spares(&shared);
+    let opened = open_segment(&shared, next_seq)?;
+    let (file, active_end, recycled) = (opened.file, opened.end, opened.recycled);
+    shared.set_tail(|t| t.active_end = active_end);
+    shared.storage.sync_dir("")?;
     let writer = Writer {
         shared: shared.clone(),
         segment_bytes: cfg.segment_bytes,
         file,
         offset: active_end,
+        recycled,
+        first: next_seq,
         next_seq,
         dirty: false,
         dir_synced: true,
@@ -410,6 +432,7 @@ fn recover(
         rotate_next: false,
         last_sync: Instant::now(),
         syncer: None,
+        spare_maker: None,
     };
     let reader = Reader {
         shared: shared.clone(),
@@ -438,6 +461,8 @@ pub(crate) mod plant {
         SkipDirSync,
         /// The publisher commits past a record Kafka has not confirmed.
         CommitPastUnconfirmed,
+        /// A spare's new segment name is not made durable before frames go in.
+        SkipSpareDirSync,
     }
 
     #[cfg(test)]

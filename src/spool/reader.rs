@@ -1,5 +1,6 @@
 //! The publisher's side: reading records back from the committed position, skipping damage
-//! without losing a neighbour, committing, deleting delivered segments, and dead letters.
+//! without losing a neighbour, committing, deleting (or keeping as a spare) delivered
+//! segments, and dead letters.
 
 use super::*;
 
@@ -83,7 +84,7 @@ impl Reader {
             let cut = cur.offset + (got as u64) < end;
             let mut at = 0;
             while n < max && at < self.buf.len() {
-                match frame::decode(&self.buf[at..]) {
+                match frame::decode(&self.buf[at..], cur.first) {
                     frame::Decoded::Frame { seq, .. } if seq > tail.appended => break,
                     frame::Decoded::Frame { seq, payload, size } => {
                         if seq > self.last_read {
@@ -190,8 +191,20 @@ impl Reader {
             if !delivered {
                 continue;
             }
-            let len = self.shared.storage.open(name, false)?.len()?;
-            self.shared.storage.remove(name)?;
+            let storage = self.shared.storage.as_ref();
+            let len = storage.open(name, false)?.len()?;
+            // One delivered segment of a useful size is kept for the writer to write over.
+            // Its name bounds the numbers in it (`spare_name`); a crash before the rename is
+            // durable finds it a segment again, whose records are sent twice, never lost.
+            let mut spares = self.shared.spares();
+            if spares.is_empty() && 2 * len >= self.shared.segment_bytes {
+                let spare = spare_name(last);
+                storage.rename(name, &spare)?;
+                spares.push(spare);
+            } else {
+                drop(spares);
+                storage.remove(name)?;
+            }
             self.shared.total_bytes.fetch_sub(len, Ordering::Relaxed);
             if self.current.as_ref().is_some_and(|c| c.first == *first) {
                 self.current = None;
@@ -232,7 +245,7 @@ impl Reader {
 /// this chunk cannot show whole — so damage near a chunk's end never costs the next record.
 pub(super) fn skip_damage(rest: &[u8], cut: bool, segment: u64) -> usize {
     let skip = (1..rest.len())
-        .find(|&i| match frame::decode(&rest[i..]) {
+        .find(|&i| match frame::decode(&rest[i..], segment) {
             frame::Decoded::Frame { .. } => true,
             frame::Decoded::Incomplete => cut,
             frame::Decoded::Damaged => false,

@@ -1,6 +1,6 @@
 //! The spool's files: segment names and listing, the committed position's two slots, the
-//! dropped list, the dead-letter directory and its space reserve, the scan recovery and
-//! `spool status` make, the operator's drop, the directory lock.
+//! dropped list, the dead-letter directory and its space reserve, spare segments, the scan
+//! recovery and `spool status` make, the operator's drop, the directory lock.
 
 use super::*;
 
@@ -11,11 +11,57 @@ pub(super) fn segment_name(first_seq: u64) -> String {
 /// `(first_seq, name)` of every segment, oldest first. Only names the writer gives
 /// (`<20 digits>.seg`) count; anything else in the directory is left alone.
 pub(super) fn list_segments(storage: &dyn Storage) -> io::Result<Vec<(u64, String)>> {
+    list_numbered(storage, ".seg")
+}
+
+/// A file the writer starts its next segment in instead of a new one: a delivered segment
+/// kept rather than deleted, or zeros written ahead. Writing over blocks a file already has
+/// spares each sync the block allocation and the size change (on ext4 each `fdatasync` of a
+/// growing file writes the inode too; BENCHMARKS.md has the figures). Named
+/// `<bound>.spare`: no frame in it has a sequence number above `bound`, and recovery never
+/// hands out such a number again, so an old frame can never stand for a new record.
+pub(super) fn spare_name(bound: u64) -> String {
+    format!("{bound:020}.spare")
+}
+
+/// `(bound, name)` of every spare.
+pub(super) fn list_spares(storage: &dyn Storage) -> io::Result<Vec<(u64, String)>> {
+    list_numbered(storage, ".spare")
+}
+
+/// Where zeros are written before they become a spare (removed at open if a crash left it).
+pub(super) const SPARE_FILLING: &str = "spare.filling";
+
+/// Writes `bytes` of zeros, durably, and names them a spare. What a crash leaves half done
+/// is `SPARE_FILLING`, which no one reads.
+pub(super) fn make_spare(storage: &dyn Storage, bytes: u64) -> io::Result<String> {
+    let made = (|| {
+        let file = storage.open(SPARE_FILLING, true)?;
+        file.set_len(0)?;
+        let zeros = vec![0; bytes.min(1 << 20) as usize];
+        let mut at = 0;
+        while at < bytes {
+            let n = (bytes - at).min(zeros.len() as u64);
+            file.write_at(at, &zeros[..n as usize])?;
+            at += n;
+        }
+        file.sync()?;
+        let name = spare_name(0);
+        storage.rename(SPARE_FILLING, &name)?;
+        Ok(name)
+    })();
+    if made.is_err() {
+        let _ = storage.remove(SPARE_FILLING);
+    }
+    made
+}
+
+fn list_numbered(storage: &dyn Storage, suffix: &str) -> io::Result<Vec<(u64, String)>> {
     let mut segs: Vec<(u64, String)> = storage
         .list()?
         .into_iter()
         .filter_map(|name| {
-            let digits = name.strip_suffix(".seg")?;
+            let digits = name.strip_suffix(suffix)?;
             let ok = digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit());
             Some((digits.parse().ok().filter(|_| ok)?, name))
         })
@@ -100,20 +146,20 @@ pub(super) fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<Segme
     for (first, name) in list_segments(storage)? {
         let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
         let mut last_seq = None;
-        let (damaged, valid_end) = frame::visit(&bytes, |seq, _, _| {
+        let (damaged, valid_end) = frame::visit(&bytes, first, |seq, _, _| {
             last_seq = last_seq.max(Some(seq));
             if seq > committed && !dropped.contains(&seq) {
                 r.pending += 1;
             }
         });
-        // A tail too short for the frame it starts is a write cut short, not damage.
-        let tail = &bytes[valid_end..];
-        let torn = !tail.is_empty() && frame::decode(tail) == frame::Decoded::Incomplete;
+        // `visit` counts whatever follows the last intact frame as damage; a write cut short
+        // is not, nor are the bytes a recycled file held before.
+        let tail = frame::tail(&bytes[valid_end..], first);
         r.segments += 1;
         r.bytes += bytes.len() as u64;
-        r.damaged += damaged - usize::from(torn);
-        if torn {
-            r.torn_bytes += tail.len() as u64;
+        r.damaged += damaged - usize::from(valid_end < bytes.len() && tail != frame::Tail::Damaged);
+        if let frame::Tail::Torn(torn) = tail {
+            r.torn_bytes += torn as u64;
         }
         scans.push(SegmentScan {
             name,
@@ -142,14 +188,14 @@ pub fn each_pending(dir: &Path, mut f: impl FnMut(u64, &[u8]) -> bool) -> io::Re
     };
     let committed = read_committed(&storage);
     let dropped = read_dropped(&storage);
-    for (_, name) in list_segments(&storage)? {
+    for (first, name) in list_segments(&storage)? {
         let bytes = read_whole(storage.open(&name, false)?.as_ref())?;
         let mut more = true;
-        frame::visit(&bytes, |seq, at, _| {
+        frame::visit(&bytes, first, |seq, at, _| {
             if more
                 && seq > committed
                 && !dropped.contains(&seq)
-                && let frame::Decoded::Frame { payload, .. } = frame::decode(&bytes[at..])
+                && let frame::Decoded::Frame { payload, .. } = frame::decode(&bytes[at..], first)
             {
                 more = f(seq, payload);
             }

@@ -16,6 +16,9 @@ pub trait Storage: Send + Sync {
     /// truncates.
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>>;
     fn remove(&self, name: &str) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing `to` if it exists (atomically, as `rename(2)`); the
+    /// new name is durable once the directory is synced.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Makes the directory entries below `sub` ("" for the spool directory itself) durable.
     fn sync_dir(&self, sub: &str) -> io::Result<()>;
     /// Creates the sub-directory `sub` if it is missing.
@@ -67,6 +70,10 @@ impl Storage for Disk {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         fs::remove_file(self.dir.join(name))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        fs::rename(self.dir.join(from), self.dir.join(to))
     }
 
     fn sync_dir(&self, sub: &str) -> io::Result<()> {

@@ -171,7 +171,7 @@ async fn a_flipped_byte_loses_only_its_record() {
     let cfg = config(dir.path());
     let (seqs, path) = ten_records(&cfg).await;
     let mut bytes = fs::read(&path).unwrap();
-    let fourth = frame::scan(&bytes).frames[3];
+    let fourth = frame::scan(&bytes, 1).frames[3];
     bytes[fourth.1 + frame::HEADER_BYTES + 2] ^= 0xff;
     fs::write(&path, &bytes).unwrap();
 
@@ -352,10 +352,15 @@ async fn leftovers_of_a_crash_never_lower_the_next_sequence_number() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let (seqs, _) = ten_records(&cfg).await;
-    // A segment created just before a crash (empty), one holding only garbage, and files
-    // that are not segments at all.
+    // A segment created just before a crash (empty), one holding bytes nothing in which
+    // claims to be one of its records (as a spare renamed just before a crash), one holding a
+    // frame of its own that does not check, and files that are not segments at all.
     fs::write(dir.path().join(segment_name(500)), b"").unwrap();
     fs::write(dir.path().join(segment_name(300)), vec![0x5a; 100]).unwrap();
+    let mut broken = Vec::new();
+    frame::encode(400, 400, b"a record of segment 400", &mut broken);
+    broken[frame::HEADER_BYTES + 3] ^= 0x20;
+    fs::write(dir.path().join(segment_name(400)), broken).unwrap();
     for stray in ["junk.seg", "12.seg", "00000000000000000007.seg.tmp"] {
         fs::write(dir.path().join(stray), b"stray").unwrap();
     }
@@ -429,7 +434,7 @@ async fn a_flipped_byte_in_the_active_segment_costs_one_record_and_never_stalls_
     // written, though whole frames follow it.
     let (_, path) = segments(dir.path()).pop().unwrap();
     let mut bytes = fs::read(&path).unwrap();
-    let fourth = frame::scan(&bytes).frames[3];
+    let fourth = frame::scan(&bytes, 1).frames[3];
     bytes[fourth.1 + 5] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
     let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
@@ -458,7 +463,7 @@ async fn damage_just_before_a_read_chunk_boundary_costs_only_its_own_record() {
     close(s);
     let (_, path) = segments(dir.path()).into_iter().next().unwrap();
     let mut bytes = fs::read(&path).unwrap();
-    let frames = frame::scan(&bytes).frames;
+    let frames = frame::scan(&bytes, 1).frames;
     // The frame that straddles the end of the first read, and the one before it.
     let straddling = frames
         .iter()
@@ -488,7 +493,7 @@ async fn a_torn_tail_in_an_older_segment_is_cut_not_counted_as_damage() {
     close(s);
     let (first, path) = segments(dir.path()).into_iter().next().unwrap();
     let bytes = fs::read(&path).unwrap();
-    let frames = frame::scan(&bytes).frames;
+    let frames = frame::scan(&bytes, 1).frames;
     let torn = frames.last().unwrap().0;
     OpenOptions::new()
         .write(true)
@@ -544,6 +549,9 @@ impl Storage for Faulty {
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         self.disk.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.disk.rename(from, to)
     }
     fn sync_dir(&self, sub: &str) -> io::Result<()> {
         self.disk.sync_dir(sub)
@@ -638,4 +646,117 @@ async fn a_failed_background_sync_is_surfaced_until_a_sync_succeeds() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     close(s);
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn the_first_segment_is_written_over_a_spare_made_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    let (_, path) = segments(dir.path()).pop().unwrap();
+    // Zeros written ahead: appends do not grow the file.
+    assert_eq!(fs::metadata(&path).unwrap().len(), cfg.segment_bytes);
+    let seqs = append_n(&s.appender, 0..10).await;
+    assert_eq!(fs::metadata(&path).unwrap().len(), cfg.segment_bytes);
+    close(s);
+    // A clean stop leaves the segment ending on its last frame.
+    let bytes = fs::read(&path).unwrap();
+    let scan = frame::scan(&bytes, seqs[0]);
+    assert_eq!(scan.frames.len(), 10);
+    assert_eq!(scan.valid_end, bytes.len());
+    let mut s = open_quiet(&cfg);
+    assert_eq!((s.recovery.damaged, s.recovery.torn_bytes), (0, 0));
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    assert_eq!(read, seqs);
+    close(s);
+}
+
+/// Delivered segments become spares and are written over; after a crash (no clean stop:
+/// the active segment still holds what its file held before), recovery finds exactly the
+/// records not yet delivered, no damage and no torn write, and the reader reads only them.
+/// Writer and reader driven directly (as the simulation does): no spare maker thread.
+#[test]
+fn what_a_recycled_segment_held_before_is_never_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        segment_bytes: 4096,
+        ..config(dir.path())
+    };
+    let disk = || -> Arc<dyn Storage> {
+        Arc::new(Disk {
+            dir: dir.path().to_path_buf(),
+        })
+    };
+    let (mut writer, mut reader, _, _) = recover(disk(), &cfg, None).unwrap();
+    let append = |writer: &mut Writer, payload: Vec<u8>| {
+        writer.write_batch(&[&[payload]], &mut Vec::new())[0]
+            .clone()
+            .unwrap()
+    };
+    let spares = || -> Vec<String> {
+        let names = file_names(dir.path());
+        names
+            .into_iter()
+            .filter(|n| n.ends_with(".spare"))
+            .collect()
+    };
+    // The spare made at open is the first segment: none left.
+    assert_eq!(spares(), Vec::<String>::new());
+    let mut last = 0;
+    for i in 0..60 {
+        last = append(
+            &mut writer,
+            format!("old-{i}-{}", "o".repeat(300)).into_bytes(),
+        );
+    }
+    assert_eq!(read_all(&mut reader).len(), 60);
+    reader
+        .commit(last, true, Instant::now(), |_, _| false)
+        .unwrap();
+    // One delivered segment kept, named by the highest number it can hold; the rest deleted.
+    let kept = spares();
+    assert_eq!(kept.len(), 1, "{:?}", file_names(dir.path()));
+    assert_ne!(kept[0], spare_name(0));
+    assert_eq!(segments(dir.path()).len(), 1, "only the active one");
+    // Fill the active segment and start the next one over the spare, with shorter records.
+    let mut new = Vec::new();
+    while !spares().is_empty() {
+        let i = new.len();
+        new.push((append(&mut writer, payload(i)), payload(i)));
+    }
+    for i in new.len()..new.len() + 3 {
+        new.push((append(&mut writer, payload(i)), payload(i)));
+    }
+    let (first, path) = segments(dir.path()).pop().unwrap();
+    let held = fs::read(&path).unwrap();
+    let written = frame::scan(&held, first).valid_end;
+    let old = &held[written..];
+    assert!(
+        old.windows(4).filter(|w| w == b"old-").count() > 2,
+        "old records follow"
+    );
+    // Crash: the writer never stops cleanly.
+    drop((writer, reader));
+    let (mut writer, mut reader, _, recovery) = recover(disk(), &cfg, None).unwrap();
+    assert_eq!(recovery.committed, last);
+    assert_eq!(recovery.pending, new.len() as u64, "{recovery:?}");
+    assert_eq!((recovery.damaged, recovery.torn_bytes), (0, 0));
+    assert_eq!(read_all(&mut reader), new);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        written as u64,
+        "cut to its frames"
+    );
+    let after = append(&mut writer, b"after".to_vec());
+    assert!(after > new.last().unwrap().0);
+    assert_eq!(read_all(&mut reader), vec![(after, b"after".to_vec())]);
 }

@@ -54,7 +54,11 @@ pub(super) struct Writer {
     pub(super) file: Box<dyn StorageFile>,
     /// End of the last whole frame written to the active segment.
     pub(super) offset: u64,
+    /// The active segment is written over a spare: what follows `offset` is old bytes.
+    pub(super) recycled: bool,
     pub(super) next_seq: u64,
+    /// First sequence number of the active segment: its frames' generation.
+    pub(super) first: u64,
     /// Written since the last sync (`Interval`, `Never`).
     pub(super) dirty: bool,
     /// The active segment's directory entry is durable (`Always`: checked before an ack).
@@ -67,6 +71,8 @@ pub(super) struct Writer {
     pub(super) rotate_next: bool,
     pub(super) last_sync: Instant,
     pub(super) syncer: Option<Syncer>,
+    /// Tops up the spares after each rotation; none in the simulation.
+    pub(super) spare_maker: Option<SpareMaker>,
 }
 
 /// Appends gathered into one write.
@@ -106,10 +112,19 @@ impl Writer {
             }
             self.sync_if_due();
         }
-        // Every handle is gone: make what was written durable before leaving.
+        // Every handle is gone: make what was written durable before leaving (and let go of
+        // the shared state, with the directory lock, on every thread).
         if let Some(syncer) = self.syncer.take() {
             drop(syncer.queue);
             let _ = syncer.thread.join();
+        }
+        if let Some(maker) = self.spare_maker.take() {
+            drop(maker.want);
+            let _ = maker.thread.join();
+        }
+        if self.recycled && self.file.set_len(self.offset).is_ok() {
+            // The next start reads this segment to its end: no old bytes to scan past.
+            self.dirty = true;
         }
         if self.dirty {
             let synced = self.sync_now();
@@ -125,8 +140,9 @@ impl Writer {
         buf: &mut Vec<u8>,
     ) -> Vec<Result<u64, AppendError>> {
         buf.clear();
-        let total = self.shared.bytes();
-        let mut seq = self.next_seq;
+        // Room first: the segment is chosen before the frames are made, since each frame's
+        // checksum holds its segment's first number.
+        let mut room = self.shared.max_bytes.saturating_sub(self.shared.bytes());
         let mut results: Vec<Result<u64, AppendError>> = groups
             .iter()
             .map(|group| {
@@ -140,22 +156,31 @@ impl Writer {
                     .iter()
                     .map(|p| (frame::HEADER_BYTES + p.len()) as u64)
                     .sum();
-                if total + buf.len() as u64 + size > self.shared.max_bytes {
+                if size > room {
                     return Err(AppendError::Full);
                 }
-                let first = seq;
-                for payload in group.iter() {
-                    frame::encode(seq, payload, buf);
-                    seq += 1;
-                }
-                Ok(first)
+                room -= size;
+                Ok(size)
             })
             .collect();
-        if buf.is_empty() {
+        let bytes: u64 = results.iter().flatten().sum();
+        if bytes == 0 {
             return results;
         }
         self.shared.busy(true);
-        let written = self.write_durably(buf);
+        let mut seq = self.next_seq;
+        let written = self.make_room(bytes).and_then(|()| {
+            for (group, result) in groups.iter().zip(results.iter_mut()) {
+                if let Ok(first) = result {
+                    *first = seq;
+                    for payload in group.iter() {
+                        frame::encode(self.first, seq, payload, buf);
+                        seq += 1;
+                    }
+                }
+            }
+            self.write_durably(buf)
+        });
         self.shared.busy(false);
         match written {
             Ok(()) => {
@@ -184,7 +209,13 @@ impl Writer {
                 // file, which may never come after a rotation, and a power cut could bring a
                 // frame back beside an acknowledged one of the same number (the simulation
                 // found that loss).
-                self.next_seq = seq;
+                let records: usize = groups
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(g, _)| g.len())
+                    .sum();
+                self.next_seq += records as u64;
                 self.cut_pending = self.file.set_len(self.offset).is_err();
                 self.rotate_next = self.offset > 0;
                 self.shared.disk_error.store(true, Ordering::Relaxed);
@@ -197,20 +228,31 @@ impl Writer {
         results
     }
 
-    /// Puts `buf` in the active segment (a new one if due) and, with `Always`, makes it and
-    /// the segment's directory entry durable.
-    pub(super) fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
+    /// Before a write of `bytes`: the cut of a failed write, and a new segment if this one is
+    /// full or a failed write asked for one.
+    fn make_room(&mut self, bytes: u64) -> io::Result<()> {
         if self.cut_pending {
             self.file.set_len(self.offset)?;
             self.cut_pending = false;
         }
-        let full = self.offset > 0 && self.offset + buf.len() as u64 > self.segment_bytes;
-        if full || (self.rotate_next && self.offset > 0) {
+        let full = self.offset > 0 && self.offset + bytes > self.segment_bytes;
+        // After a failed write: a new segment, so the full one can be freed once delivered —
+        // and, when the disk is full, a spare, which takes no new space (the simulation found
+        // a full disk held by spares while the writer kept failing on an empty new file).
+        let spare = !self.recycled && !self.shared.spares().is_empty();
+        if full || (self.rotate_next && (self.offset > 0 || spare)) {
             self.start_segment()?;
         }
         self.rotate_next = false;
+        Ok(())
+    }
+
+    /// Puts `buf` in the active segment and, with `Always`, makes it and the segment's
+    /// directory entry durable.
+    pub(super) fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
         let always = self.shared.fsync == Fsync::Always;
-        if always && !self.dir_synced && !plant::active(plant::Plant::SkipDirSync) {
+        let skip = plant::active(plant::Plant::SkipDirSync) && !self.recycled;
+        if (always || self.recycled) && !self.dir_synced && !skip {
             self.shared.storage.sync_dir("")?;
             self.dir_synced = true;
         }
@@ -226,22 +268,31 @@ impl Writer {
     }
 
     pub(super) fn start_segment(&mut self) -> io::Result<()> {
+        if self.recycled {
+            // The reader reads a finished segment to its end: not into what the file held.
+            self.file.set_len(self.offset)?;
+        }
         // `Always`: already synced. `Never`: not promised. `Interval`: in the background,
         // with the directory entry of the segment that follows.
         if self.dirty && self.syncer.is_some() {
             self.sync_in_background()?;
         }
-        let file = self
-            .shared
-            .storage
-            .open(&segment_name(self.next_seq), true)?;
-        // Empty unless a failed rotation created it already (whatever is in it was cut or
-        // is whole frames of this run).
-        let end = file.len()?;
-        self.file = file;
+        let opened = open_segment(&self.shared, self.next_seq)?;
+        if let Some(maker) = &self.spare_maker {
+            let _ = maker.want.send(());
+        }
+        let end = opened.end;
+        self.file = opened.file;
         self.offset = end;
-        // `Never` promises nothing across a power cut, so it never syncs the directory.
-        self.dir_synced = self.shared.fsync == Fsync::Never;
+        self.recycled = opened.recycled;
+        self.first = self.next_seq;
+        // `Never` promises nothing across a power cut, so it never syncs a new file's
+        // directory entry; a spare's new name is synced in every mode.
+        self.dir_synced = if opened.recycled {
+            opened.dir_synced
+        } else {
+            self.shared.fsync == Fsync::Never
+        };
         let first = self.next_seq;
         self.shared.set_tail(|t| {
             t.active_first = first;
@@ -298,4 +349,108 @@ pub(super) fn sync_file(file: &dyn StorageFile) -> io::Result<()> {
     }
     .emit();
     Ok(())
+}
+
+/// A segment opened for the writer.
+pub(super) struct ActiveFile {
+    pub(super) file: Box<dyn StorageFile>,
+    /// Where the next frame goes.
+    pub(super) end: u64,
+    /// Written over a spare: old bytes follow `end`.
+    pub(super) recycled: bool,
+    /// A spare's new name is durable already.
+    pub(super) dir_synced: bool,
+}
+
+/// Opens segment `first` for writing: over a spare if there is one, else a new file; a segment
+/// of that name with bytes in it (a failed rotation's whole frames) is kept and appended to.
+pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile> {
+    let storage = shared.storage.as_ref();
+    let name = segment_name(first);
+    let existing = match storage.open(&name, false) {
+        Ok(file) => Some(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(file) = existing {
+        let end = file.len()?;
+        if end > 0 {
+            return Ok(ActiveFile {
+                file,
+                end,
+                recycled: false,
+                dir_synced: false,
+            });
+        }
+    }
+    let spare = shared.spares().pop();
+    // Opened before the rename, so nothing can fail between it and the first write but the
+    // directory sync (and the writer retries that before writing). A spare that cannot be
+    // taken now stays in the pool: left out, it would hold disk space no one gives back.
+    let taken = spare.as_ref().and_then(|spare| {
+        let file = storage.open(spare, false).ok()?;
+        storage.rename(spare, &name).ok()?;
+        Some(file)
+    });
+    if taken.is_none()
+        && let Some(spare) = spare
+    {
+        shared.spares().push(spare);
+    }
+    if let Some(file) = taken {
+        // The new name is durable before a frame goes in, whatever the fsync mode: a power
+        // cut must not bring back the spare's name (and with it a bound below these frames'
+        // numbers), or recovery could hand out this segment's name again and its old frames
+        // would check as new ones (the simulation found that).
+        let dir_synced =
+            plant::active(plant::Plant::SkipSpareDirSync) || storage.sync_dir("").is_ok();
+        return Ok(ActiveFile {
+            file,
+            end: 0,
+            recycled: true,
+            dir_synced,
+        });
+    }
+    let file = storage.open(&name, true)?;
+    let end = file.len()?;
+    Ok(ActiveFile {
+        file,
+        end,
+        recycled: false,
+        dir_synced: false,
+    })
+}
+
+/// Writes a spare of zeros if none is left and the spool has room for one within its bound
+/// (so segments and spares together stay within it when the spare is made).
+pub(super) fn top_up_spares(shared: &Shared) {
+    let room = shared.bytes() + shared.segment_bytes <= shared.max_bytes;
+    if !room || !shared.spares().is_empty() {
+        return;
+    }
+    match make_spare(shared.storage.as_ref(), shared.segment_bytes) {
+        Ok(name) => shared.spares().push(name),
+        Err(error) => tracing::warn!(%error, "spool: could not write a spare segment"),
+    }
+}
+
+/// The thread that tops up the spares whenever the writer took one; it ends with the writer.
+pub(super) struct SpareMaker {
+    want: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SpareMaker {
+    pub(super) fn spawn(shared: Arc<Shared>) -> io::Result<SpareMaker> {
+        let (want, asked) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("spool-spare".into())
+            .spawn(move || {
+                while asked.recv().is_ok() {
+                    while asked.try_recv().is_ok() {}
+                    top_up_spares(&shared);
+                }
+            })?;
+        Ok(SpareMaker { want, thread })
+    }
 }
