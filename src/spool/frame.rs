@@ -1,14 +1,19 @@
 //! The spool's on-disk frame: `magic u32 | len u32 | seq u64 | crc32c u32 | payload`, all
-//! little-endian. The checksum covers `len`, `seq`, the segment's generation and the payload;
-//! the generation is the segment's first sequence number, which names its file. A segment may
-//! be written over a recycled one (`segments::Spare`): a frame left from the file's earlier use
-//! was checksummed under another generation and holds a lower sequence number, so it is never
-//! read as a frame of this use. The magic lets a scan find the next frame after a damaged one,
-//! so one flipped byte costs one record, not a segment. Frames written before generations
-//! existed (magic `IMR1`, checksum without it) are still read.
+//! little-endian; the checksum covers `len`, `seq` and the payload — and, in `IMR2` frames, the
+//! segment's generation: its first sequence number, which names its file. A segment may be
+//! written over a recycled one (`segments::spare_name`): a frame left from the file's earlier
+//! use holds a number below the segment's first and is never read as a frame of this use (an
+//! `IMR2` one would not even check). The magic lets a scan find the next frame after a damaged
+//! one, so one flipped byte costs one record, not a segment.
+//!
+//! This version reads both and writes `IMR1`: the previous version cannot read `IMR2` and would
+//! cut such frames off at its start, so a rollback would lose what waits in the spool. The
+//! next version, which every later rollback reaches first, can write `IMR2`.
 
 pub const MAGIC: u32 = 0x3252_4d49; // "IMR2" read little-endian
 const LEGACY_MAGIC: u32 = 0x3152_4d49; // "IMR1"
+/// What `encode` writes (see above).
+const WRITTEN_MAGIC: u32 = LEGACY_MAGIC;
 pub const HEADER_BYTES: usize = 20;
 /// No frame is larger: a callback body is capped far below, and a length beyond this is damage.
 pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
@@ -29,12 +34,16 @@ fn checksum(magic: u32, len: u32, seq: u64, generation: u64, payload: &[u8]) -> 
 
 /// Appends one encoded frame of the segment whose first sequence number is `generation`.
 pub fn encode(generation: u64, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    encode_as(WRITTEN_MAGIC, generation, seq, payload, out)
+}
+
+fn encode_as(magic: u32, generation: u64, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     debug_assert!(seq >= generation);
     let len = u32::try_from(payload.len()).expect("payload bounded by MAX_PAYLOAD_BYTES");
-    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&magic.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&checksum(MAGIC, len, seq, generation, payload).to_le_bytes());
+    out.extend_from_slice(&checksum(magic, len, seq, generation, payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -255,43 +264,45 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_checks_only_in_its_own_generation() {
+    fn a_frame_is_read_only_in_its_own_generation() {
+        for magic in [MAGIC, LEGACY_MAGIC] {
+            let mut buf = Vec::new();
+            encode_as(magic, 10, 12, b"payload", &mut buf);
+            assert!(matches!(decode(&buf, 10), Decoded::Frame { seq: 12, .. }));
+            // The same bytes in a file now used by a later segment: never a record there.
+            assert_eq!(decode(&buf, 13), Decoded::Damaged, "{magic:x}");
+        }
+        // `IMR2` does not even check under another generation at or below its number.
         let mut buf = Vec::new();
-        encode(10, 12, b"payload", &mut buf);
-        assert!(matches!(decode(&buf, 10), Decoded::Frame { seq: 12, .. }));
-        // The same bytes in a file now used by a later segment: never a record there.
+        encode_as(MAGIC, 10, 12, b"payload", &mut buf);
         assert_eq!(decode(&buf, 11), Decoded::Damaged);
-        assert_eq!(decode(&buf, 13), Decoded::Damaged);
     }
 
     #[test]
-    fn frames_written_before_generations_are_still_read() {
-        let payload = b"from the previous version";
+    fn this_version_writes_what_the_previous_one_reads() {
+        // The previous version's decoder: magic IMR1, checksum over len | seq | payload.
         let mut buf = Vec::new();
-        buf.extend_from_slice(&LEGACY_MAGIC.to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&7u64.to_le_bytes());
-        let mut head = Vec::new();
-        head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        head.extend_from_slice(&7u64.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
-        buf.extend_from_slice(&crc.to_le_bytes());
-        buf.extend_from_slice(payload);
+        encode(5, 7, b"for a rollback", &mut buf);
+        assert_eq!(u32_at(&buf, 0), 0x3152_4d49);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[4..16]), b"for a rollback");
+        assert_eq!(u32_at(&buf, 16), crc);
         match decode(&buf, 5) {
-            Decoded::Frame {
-                seq, payload: p, ..
-            } => assert_eq!((seq, p), (7, &payload[..])),
+            Decoded::Frame { seq, payload, .. } => {
+                assert_eq!((seq, payload), (7, &b"for a rollback"[..]))
+            }
             other => panic!("{other:?}"),
         }
-        // Below the segment's first number it can only be left from an earlier use.
-        assert_eq!(decode(&buf, 8), Decoded::Damaged);
     }
 
     /// A recycled file: segment 100's frames written over what segment 1 left.
     fn written_over(new: &[u8]) -> Vec<u8> {
         let old: Vec<Vec<u8>> = (0..40).map(|i| vec![b'o'; 30 + i]).collect();
-        let old: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
-        let mut file = segment_of(1, &old);
+        let mut file = Vec::new();
+        for (i, p) in old.iter().enumerate() {
+            // Old frames of both kinds.
+            let magic = if i % 2 == 0 { MAGIC } else { LEGACY_MAGIC };
+            encode_as(magic, 1, 1 + i as u64, p, &mut file);
+        }
         file[..new.len()].copy_from_slice(new);
         file
     }

@@ -12,10 +12,11 @@
 //! - Positions are frame sequence numbers. The committed position (everything at or below it
 //!   is in Kafka) lives in the `committed` file, overwritten in place in one of two slots so
 //!   that advancing it never needs new disk space; segments wholly below it are deleted, or
-//!   one of them kept as a spare: the next segment is written over it (or over zeros a
-//!   background thread wrote ahead), so a sync writes data only, not a growing file's
-//!   allocation and size. Each frame's checksum holds its segment's first sequence number:
-//!   what a file held before is never read as a record of its new use.
+//!   one of them kept as a spare: the next segment is written over it (a fresh spool's first
+//!   over zeros written at open), so a sync writes data only, not a growing file's
+//!   allocation and size. A frame below its segment's first sequence number is never read,
+//!   and a spare's name bounds the numbers in it: what a file held before is never read as a
+//!   record of its new use (`frame` has the format, and why it still writes `IMR1`).
 //! - A failed write is cut off again before anything else is written; a write or sync that
 //!   takes longer than the append deadline turns readiness red.
 //! - On open, every segment is scanned: damaged frames are skipped and counted, torn tails are
@@ -318,7 +319,6 @@ pub(crate) fn open_on(
     if let Fsync::Interval(_) = cfg.fsync {
         writer.syncer = Some(Syncer::spawn(shared.clone())?);
     }
-    writer.spare_maker = Some(SpareMaker::spawn(shared.clone())?);
     let (tx, rx) = mpsc::channel();
     let writer = std::thread::Builder::new()
         .name("spool-writer".into())
@@ -432,7 +432,6 @@ fn recover(
         rotate_next: false,
         last_sync: Instant::now(),
         syncer: None,
-        spare_maker: None,
     };
     let reader = Reader {
         shared: shared.clone(),

@@ -71,8 +71,6 @@ pub(super) struct Writer {
     pub(super) rotate_next: bool,
     pub(super) last_sync: Instant,
     pub(super) syncer: Option<Syncer>,
-    /// Tops up the spares after each rotation; none in the simulation.
-    pub(super) spare_maker: Option<SpareMaker>,
 }
 
 /// Appends gathered into one write.
@@ -112,15 +110,10 @@ impl Writer {
             }
             self.sync_if_due();
         }
-        // Every handle is gone: make what was written durable before leaving (and let go of
-        // the shared state, with the directory lock, on every thread).
+        // Every handle is gone: make what was written durable before leaving.
         if let Some(syncer) = self.syncer.take() {
             drop(syncer.queue);
             let _ = syncer.thread.join();
-        }
-        if let Some(maker) = self.spare_maker.take() {
-            drop(maker.want);
-            let _ = maker.thread.join();
         }
         if self.recycled && self.file.set_len(self.offset).is_ok() {
             // The next start reads this segment to its end: no old bytes to scan past.
@@ -217,7 +210,7 @@ impl Writer {
                     .sum();
                 self.next_seq += records as u64;
                 self.cut_pending = self.file.set_len(self.offset).is_err();
-                self.rotate_next = self.offset > 0;
+                self.rotate_next = true;
                 self.shared.disk_error.store(true, Ordering::Relaxed);
                 SpoolWriteFailed { error: &error }.emit();
                 for r in results.iter_mut().filter(|r| r.is_ok()) {
@@ -278,9 +271,6 @@ impl Writer {
             self.sync_in_background()?;
         }
         let opened = open_segment(&self.shared, self.next_seq)?;
-        if let Some(maker) = &self.spare_maker {
-            let _ = maker.want.send(());
-        }
         let end = opened.end;
         self.file = opened.file;
         self.offset = end;
@@ -422,7 +412,10 @@ pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile
 }
 
 /// Writes a spare of zeros if none is left and the spool has room for one within its bound
-/// (so segments and spares together stay within it when the spare is made).
+/// (so segments and spares together stay within it when the spare is made). Only at open: a
+/// fresh spool's first segment. Later spares are delivered segments: writing zeros while the
+/// relay runs put 64 MiB in the device queue ahead of the writer's syncs (p99 at 23k/s 87 ms
+/// against 47 without; BENCHMARKS.md).
 pub(super) fn top_up_spares(shared: &Shared) {
     let room = shared.bytes() + shared.segment_bytes <= shared.max_bytes;
     if !room || !shared.spares().is_empty() {
@@ -431,26 +424,5 @@ pub(super) fn top_up_spares(shared: &Shared) {
     match make_spare(shared.storage.as_ref(), shared.segment_bytes) {
         Ok(name) => shared.spares().push(name),
         Err(error) => tracing::warn!(%error, "spool: could not write a spare segment"),
-    }
-}
-
-/// The thread that tops up the spares whenever the writer took one; it ends with the writer.
-pub(super) struct SpareMaker {
-    want: mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl SpareMaker {
-    pub(super) fn spawn(shared: Arc<Shared>) -> io::Result<SpareMaker> {
-        let (want, asked) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("spool-spare".into())
-            .spawn(move || {
-                while asked.recv().is_ok() {
-                    while asked.try_recv().is_ok() {}
-                    top_up_spares(&shared);
-                }
-            })?;
-        Ok(SpareMaker { want, thread })
     }
 }
