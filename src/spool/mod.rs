@@ -47,7 +47,6 @@ use crate::telemetry::Event as _;
 use crate::telemetry::{
     SpoolAppended, SpoolDamage, SpoolSyncFailed, SpoolSynced, SpoolWriteFailed,
 };
-#[cfg(test)]
 use reader::READ_CHUNK;
 pub use reader::Reader;
 use segments::*;
@@ -442,6 +441,7 @@ fn recover(
         current: None,
         finished: None,
         buf: Vec::new(),
+        chunk: READ_CHUNK,
         last_read: recovery.committed,
         committed: recovery.committed,
         persisted: recovery.committed,

@@ -25,6 +25,8 @@ pub struct Reader {
     /// First sequence number of the last segment read to its end.
     pub(super) finished: Option<u64>,
     pub(super) buf: Vec<u8>,
+    /// Bytes to read next: `READ_CHUNK`, or a large frame's size.
+    pub(super) chunk: usize,
     /// Highest sequence number handed out so far.
     pub(super) last_read: u64,
     pub(super) committed: u64,
@@ -33,8 +35,10 @@ pub struct Reader {
     pub(super) last_persist: Option<Instant>,
 }
 
-/// Bytes read from a segment at a time; at least one whole frame.
-pub(super) const READ_CHUNK: usize = 2 * frame::MAX_FRAME_BYTES;
+/// Bytes read from a segment at a time. A frame larger than this is read whole in a pass of
+/// its own; a chunk of the largest frame's size, always, kept 8 MiB touched whenever the
+/// publisher fell behind.
+pub(super) const READ_CHUNK: usize = 256 << 10;
 
 impl Reader {
     /// Appends up to `max` records after the last one read to `out`, as `(seq, payload)`.
@@ -69,7 +73,7 @@ impl Reader {
                 self.current = None;
                 continue;
             }
-            let want = (end - cur.offset).min(READ_CHUNK as u64) as usize;
+            let want = (end - cur.offset).min(self.chunk as u64) as usize;
             self.buf.resize(want, 0);
             let got = cur.file.read_at(cur.offset, &mut self.buf)?;
             self.buf.truncate(got);
@@ -103,7 +107,16 @@ impl Reader {
                 }
             }
             if at == 0 {
+                // A frame longer than the chunk begins here: read it whole.
+                if cut && self.chunk < frame::MAX_FRAME_BYTES {
+                    self.chunk = frame::MAX_FRAME_BYTES;
+                    continue;
+                }
                 break;
+            }
+            if self.chunk > READ_CHUNK {
+                self.chunk = READ_CHUNK;
+                self.buf = Vec::new();
             }
             cur.offset += at as u64;
         }

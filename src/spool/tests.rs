@@ -760,3 +760,32 @@ fn what_a_recycled_segment_held_before_is_never_read_again() {
     assert!(after > new.last().unwrap().0);
     assert_eq!(read_all(&mut reader), vec![(after, b"after".to_vec())]);
 }
+
+#[tokio::test]
+async fn records_larger_than_a_read_are_read_whole_live_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let sizes = [
+        10,
+        READ_CHUNK + 1,
+        20,
+        frame::MAX_PAYLOAD_BYTES,
+        5,
+        3 * READ_CHUNK,
+    ];
+    let mut s = open_quiet(&cfg);
+    let mut written = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let payload = vec![b'a' + i as u8; size];
+        written.push((s.appender.append(payload.clone()).await.unwrap(), payload));
+    }
+    assert_eq!(read_all(&mut s.reader), written);
+    assert!(
+        s.reader.buf.capacity() <= READ_CHUNK,
+        "the large buffer is let go"
+    );
+    close(s);
+    let mut s = open_quiet(&cfg);
+    assert_eq!(read_all(&mut s.reader), written);
+    close(s);
+}
