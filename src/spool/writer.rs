@@ -232,8 +232,9 @@ impl Writer {
         // After a failed write: a new segment, so the full one can be freed once delivered —
         // and, when the disk is full, a spare, which takes no new space (the simulation found
         // a full disk held by spares while the writer kept failing on an empty new file).
-        let spare = !self.recycled && !self.shared.spares().is_empty();
-        if full || (self.rotate_next && (self.offset > 0 || spare)) {
+        let after_failure = self.rotate_next
+            && (self.offset > 0 || (!self.recycled && !self.shared.spares().is_empty()));
+        if full || after_failure {
             self.start_segment()?;
         }
         self.rotate_next = false;
@@ -241,10 +242,17 @@ impl Writer {
     }
 
     /// Puts `buf` in the active segment and, with `Always`, makes it and the segment's
-    /// directory entry durable.
+    /// directory entry durable. A spare's new name is made durable before a frame goes in,
+    /// whatever the fsync mode: a power cut must not bring back the spare's name (and with it
+    /// a bound below these frames' numbers), or recovery could hand out this segment's name
+    /// again and its old frames would pass as new ones (the simulation found that).
     pub(super) fn write_durably(&mut self, buf: &[u8]) -> io::Result<()> {
         let always = self.shared.fsync == Fsync::Always;
-        let skip = plant::active(plant::Plant::SkipDirSync) && !self.recycled;
+        let skip = plant::active(if self.recycled {
+            plant::Plant::SkipSpareDirSync
+        } else {
+            plant::Plant::SkipDirSync
+        });
         if (always || self.recycled) && !self.dir_synced && !skip {
             self.shared.storage.sync_dir("")?;
             self.dir_synced = true;
@@ -277,12 +285,8 @@ impl Writer {
         self.recycled = opened.recycled;
         self.first = self.next_seq;
         // `Never` promises nothing across a power cut, so it never syncs a new file's
-        // directory entry; a spare's new name is synced in every mode.
-        self.dir_synced = if opened.recycled {
-            opened.dir_synced
-        } else {
-            self.shared.fsync == Fsync::Never
-        };
+        // directory entry; a spare's new name is synced in every mode (`write_durably`).
+        self.dir_synced = !opened.recycled && self.shared.fsync == Fsync::Never;
         let first = self.next_seq;
         self.shared.set_tail(|t| {
             t.active_first = first;
@@ -348,8 +352,6 @@ pub(super) struct ActiveFile {
     pub(super) end: u64,
     /// Written over a spare: old bytes follow `end`.
     pub(super) recycled: bool,
-    /// A spare's new name is durable already.
-    pub(super) dir_synced: bool,
 }
 
 /// Opens segment `first` for writing: over a spare if there is one, else a new file; a segment
@@ -369,13 +371,12 @@ pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile
                 file,
                 end,
                 recycled: false,
-                dir_synced: false,
             });
         }
     }
     let spare = shared.spares().pop();
     // Opened before the rename, so nothing can fail between it and the first write but the
-    // directory sync (and the writer retries that before writing). A spare that cannot be
+    // directory sync (retried before every write until it succeeds). A spare that cannot be
     // taken now stays in the pool: left out, it would hold disk space no one gives back.
     let taken = spare.as_ref().and_then(|spare| {
         let file = storage.open(spare, false).ok()?;
@@ -388,17 +389,10 @@ pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile
         shared.spares().push(spare);
     }
     if let Some(file) = taken {
-        // The new name is durable before a frame goes in, whatever the fsync mode: a power
-        // cut must not bring back the spare's name (and with it a bound below these frames'
-        // numbers), or recovery could hand out this segment's name again and its old frames
-        // would check as new ones (the simulation found that).
-        let dir_synced =
-            plant::active(plant::Plant::SkipSpareDirSync) || storage.sync_dir("").is_ok();
         return Ok(ActiveFile {
             file,
             end: 0,
             recycled: true,
-            dir_synced,
         });
     }
     let file = storage.open(&name, true)?;
@@ -407,7 +401,6 @@ pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile
         file,
         end,
         recycled: false,
-        dir_synced: false,
     })
 }
 
