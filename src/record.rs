@@ -3,6 +3,8 @@
 //! and a quarantined body. Pure: `receive` builds records, the spool stores their bytes,
 //! `publish` sends them. A small length-prefixed binary layout, versioned by its first byte.
 
+use std::borrow::Cow;
+
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -80,14 +82,14 @@ impl Record {
     pub fn message(
         target: Target,
         key: String,
-        headers: Vec<(&'static str, String)>,
+        headers: Vec<(&'static str, Cow<'static, str>)>,
         value: Vec<u8>,
         received_at: OffsetDateTime,
         traceparent: Option<String>,
     ) -> Record {
         let mut headers: Vec<(String, Vec<u8>)> = headers
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+            .map(|(k, v)| (k.to_owned(), v.into_owned().into_bytes()))
             .collect();
         if let Some(tp) = traceparent {
             headers.push(("traceparent".to_owned(), tp.into_bytes()));
@@ -200,7 +202,7 @@ impl Record {
 pub fn message_entry(
     target: Target,
     key: &str,
-    headers: &[(&'static str, String)],
+    headers: &[(&'static str, Cow<'static, str>)],
     value: &[u8],
     received_at: OffsetDateTime,
     traceparent: Option<&str>,
@@ -208,7 +210,7 @@ pub fn message_entry(
     let traceparent = traceparent.map(|tp| ("traceparent", tp));
     let headers = headers
         .iter()
-        .map(|(k, v)| (*k, v.as_str()))
+        .map(|(k, v)| (*k, v.as_ref()))
         .chain(traceparent)
         .map(|(k, v)| (k.as_bytes(), v.as_bytes()));
     encode(
@@ -298,7 +300,10 @@ mod tests {
     #[test]
     fn a_message_entry_is_the_encoded_record() {
         let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
-        let headers = vec![("ce_id", "1:a:b:k".to_owned()), ("ce_type", "t".to_owned())];
+        let headers = vec![
+            ("ce_id", "1:a:b:k".to_owned().into()),
+            ("ce_type", "t".into()),
+        ];
         for (target, traceparent) in [
             (Target::Messages, Some("00-abc-def-01")),
             (Target::ReadReceipts, None),

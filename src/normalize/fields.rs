@@ -139,7 +139,10 @@ impl<'a> Obj<'a> {
 
     /// Every field not in `known`, verbatim.
     pub fn extra(&self, known: &[&str]) -> Extra<'a> {
-        self.0.iter().filter(|(k, _)| !known.contains(k)).collect()
+        self.0
+            .members()
+            .filter(|(k, _)| !known.contains(k))
+            .collect()
     }
 }
 
