@@ -38,6 +38,14 @@ impl From<u64> for SdkAppId {
     }
 }
 
+impl SdkAppId {
+    /// Appends the decimal id to `out` (what `Display` writes, without the formatting
+    /// machinery: three ids per record were a twentieth of `normalize`).
+    pub fn push_to(self, out: &mut String) {
+        out.push_str(itoa::Buffer::new().format(self.0));
+    }
+}
+
 impl fmt::Display for SdkAppId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)

@@ -141,7 +141,7 @@ impl<'a> Obj<'a> {
     pub fn extra(&self, known: &[&str]) -> Extra<'a> {
         self.0
             .members()
-            .filter(|(k, _)| !known.contains(k))
+            .filter(|(k, _)| !known.iter().any(|known| crate::json::same_key(k, known)))
             .collect()
     }
 }

@@ -308,13 +308,19 @@ fn to_json(record: &impl Serialize) -> Vec<u8> {
 /// `SdkAppid:min(a,b):max(a,b)`: one conversation, whichever side speaks.
 fn conversation(app: SdkAppId, a: UserId<'_>, b: UserId<'_>) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    format!("{app}:{}:{}", lo.as_str(), hi.as_str())
+    let mut out = String::with_capacity(22 + lo.as_str().len() + hi.as_str().len());
+    app.push_to(&mut out);
+    for id in [lo, hi] {
+        out.push(':');
+        out.push_str(id.as_str());
+    }
+    out
 }
 
 /// A message's record id (and the join key of its lifecycle events):
 /// `SdkAppid:min(From,To):max(From,To):MsgKey`.
 fn message_id(conversation: &str, key: &MsgKey<'_>) -> String {
-    format!("{conversation}:{}", key.as_str())
+    [conversation, key.as_str()].join(":")
 }
 
 /// A message and its own events share a key, so they share a partition.
@@ -346,11 +352,12 @@ fn headers(
     time: String,
     command: Relayed,
 ) -> Vec<(&'static str, Cow<'static, str>)> {
-    let app = ctx.sdk_app_id.to_string();
+    let mut app = String::with_capacity(20);
+    ctx.sdk_app_id.push_to(&mut app);
     let mut headers = vec![
         ("ce_specversion", Cow::Borrowed("1.0")),
         ("ce_id", Cow::Owned(id.to_owned())),
-        ("ce_source", Cow::Owned(format!("/tencent-im/{app}"))),
+        ("ce_source", Cow::Owned(["/tencent-im/", &app].concat())),
         ("ce_type", Cow::Borrowed(event_type)),
         ("ce_time", Cow::Owned(time)),
         ("content-type", Cow::Borrowed("application/json")),
