@@ -222,60 +222,58 @@ impl<'a> Reader<'a> {
         Some(n)
     }
 
-    fn enter(&mut self) -> Option<()> {
+    /// The members of an object or the items of an array, up to `close`, each read by `one`
+    /// after its separator.
+    #[inline(always)]
+    fn list(&mut self, close: u8, mut one: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.depth += 1;
-        (self.depth <= MAX_DEPTH).then_some(())
-    }
-
-    #[inline(never)]
-    fn object(&mut self) -> Option<Json<'a>> {
-        self.enter()?;
-        let base = self.members.len();
+        if self.depth > MAX_DEPTH {
+            return None;
+        }
         self.skip_whitespace();
-        if self.peek() == Some(b'}') {
+        if self.peek() == Some(close) {
             self.pos += 1;
         } else {
             loop {
-                if self.next_token()? != b'"' {
-                    return None;
-                }
-                let key = self.string()?;
-                if self.next_token()? != b':' {
-                    return None;
-                }
-                let value = self.value()?;
-                self.members.push((key, value));
+                one(self)?;
                 match self.next_token()? {
                     b',' => continue,
-                    b'}' => break,
+                    b if b == close => break,
                     _ => return None,
                 }
             }
         }
         self.depth -= 1;
+        Some(())
+    }
+
+    #[inline(never)]
+    fn object(&mut self) -> Option<Json<'a>> {
+        let base = self.members.len();
+        self.list(b'}', |r| {
+            if r.next_token()? != b'"' {
+                return None;
+            }
+            let key = r.string()?;
+            if r.next_token()? != b':' {
+                return None;
+            }
+            let value = r.value()?;
+            r.members.push((key, value));
+            Some(())
+        })?;
         let members: Vec<_> = self.members.drain(base..).collect();
         Object::from_members(members).ok().map(Json::Object)
     }
 
     #[inline(never)]
     fn array(&mut self) -> Option<Json<'a>> {
-        self.enter()?;
         let base = self.items.len();
-        self.skip_whitespace();
-        if self.peek() == Some(b']') {
-            self.pos += 1;
-        } else {
-            loop {
-                let item = self.value()?;
-                self.items.push(item);
-                match self.next_token()? {
-                    b',' => continue,
-                    b']' => break,
-                    _ => return None,
-                }
-            }
-        }
-        self.depth -= 1;
+        self.list(b']', |r| {
+            let item = r.value()?;
+            r.items.push(item);
+            Some(())
+        })?;
         Some(Json::Array(self.items.drain(base..).collect()))
     }
 }
