@@ -384,7 +384,10 @@ pub(super) const SETTINGS: &[Setting] = &[
     s(
         Kafka,
         key::KAFKA_LINGER_MS,
-        Some("5"),
+        // 20, not librdkafka's 5: a batch per partition four times fuller halves the broker's
+        // CPU per record and sends a third fewer bytes; it adds about 8 ms to a record's way to
+        // Kafka and nothing to its acknowledgement (BENCHMARKS.md, issue 14's fourth round).
+        Some("20"),
         "time the producer waits to fill a batch",
     ),
     s(
