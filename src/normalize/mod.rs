@@ -320,7 +320,11 @@ fn conversation(app: SdkAppId, a: UserId<'_>, b: UserId<'_>) -> String {
 /// A message's record id (and the join key of its lifecycle events):
 /// `SdkAppid:min(From,To):max(From,To):MsgKey`.
 fn message_id(conversation: &str, key: &MsgKey<'_>) -> String {
-    [conversation, key.as_str()].join(":")
+    let mut out = String::with_capacity(conversation.len() + 1 + key.as_str().len());
+    out.push_str(conversation);
+    out.push(':');
+    out.push_str(key.as_str());
+    out
 }
 
 /// A message and its own events share a key, so they share a partition.

@@ -214,7 +214,7 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
 /// From an authenticated body to a spooled record (or a quarantined body).
 async fn relay(
     receiver: &Receiver,
-    query: &CallbackQuery,
+    query: &CallbackQuery<'_>,
     raw_query: &str,
     bytes: &Bytes,
     received_at: OffsetDateTime,
@@ -351,7 +351,7 @@ async fn append(receiver: &Receiver, entries: Vec<Vec<u8>>) -> Result<u64, Rejec
 /// An authenticated callback we cannot relay, on its way to the quarantine topic.
 struct Quarantine<'a> {
     receiver: &'a Receiver,
-    query: &'a CallbackQuery,
+    query: &'a CallbackQuery<'a>,
     raw_query: &'a str,
     body: &'a Bytes,
     received_at: OffsetDateTime,
