@@ -260,10 +260,15 @@ impl Application {
             let process = metrics_process::Collector::default();
             telemetry::describe_process(&process);
             tokio::spawn(async move {
-                loop {
-                    telemetry::refresh_gauges(&process);
+                let mut every_second = tokio::time::interval(Duration::from_secs(1));
+                for n in 0u64.. {
+                    every_second.tick().await;
+                    if n % 5 == 0 {
+                        telemetry::refresh_gauges(&process);
+                    }
+                    // Histogram samples wait, one by one, until upkeep folds them in: at
+                    // 37,000 callbacks/s, five seconds of them were 15 MiB of the peak RSS.
                     metrics.run_upkeep();
-                    tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             })
         };
