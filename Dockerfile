@@ -38,8 +38,9 @@ RUN apt-get update \
  && chown 10001 /var/lib/im-relay/spool
 COPY --from=build /src/im-relay /usr/local/bin/im-relay
 USER 10001
-# No transparent huge pages for the allocator's arenas, also on hosts where THP is `always`
-# (the build leaves them out only where THP waits to be asked): ~13 MiB less RSS, same CPU.
+# No transparent huge pages for the process (mimalloc turns them off with prctl), also on
+# hosts where THP is `always`; the build only stops mimalloc asking for them: ~13 MiB less
+# RSS, same CPU (BENCHMARKS.md).
 ENV MIMALLOC_ALLOW_THP=0 \
     IM_RELAY_LISTEN=0.0.0.0:8080 \
     IM_RELAY_ADMIN_LISTEN=0.0.0.0:8081 \

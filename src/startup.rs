@@ -261,6 +261,8 @@ impl Application {
             telemetry::describe_process(&process);
             tokio::spawn(async move {
                 let mut every_second = tokio::time::interval(Duration::from_secs(1));
+                // After a stall, one late turn rather than a burst of them.
+                every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 for n in 0u64.. {
                     every_second.tick().await;
                     if n % 5 == 0 {

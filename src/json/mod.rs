@@ -573,6 +573,7 @@ mod tests {
     /// Field names are written unescaped: one that would need escaping is caught in debug
     /// builds, where every test runs.
     #[test]
+    #[cfg(debug_assertions)]
     #[should_panic(expected = "needs escaping")]
     fn a_field_name_that_needs_escaping_is_caught() {
         #[derive(Serialize)]

@@ -3,9 +3,9 @@
 //! and key on its own, and that loop was a fifth of a callback's hot path (BENCHMARKS.md, "Half
 //! the CPU", third round). Numbers are written by `serde_json` itself. What it does not write
 //! the same way (a map key that is not a string, a `RawValue`) it refuses, and the caller
-//! writes with `serde_json`. A field's name is written as it is: a compile-time name that
-//! never needs escaping (debug builds assert it). In tests, every record `normalize` writes is also written by
-//! `serde_json` and the two compared.
+//! writes with `serde_json`. A field's name is written as it is: a compile-time name of ours
+//! that needs no escaping (debug builds assert it). In tests, every record `normalize` writes
+//! is also written by `serde_json` and the two compared.
 
 use std::fmt::{self, Display};
 
@@ -142,8 +142,9 @@ impl<'w, 'o> Compound<'w, 'o> {
 
     /// A field's or a newtype variant's name is written without the look for what would need
     /// escaping (on the short names of a record, that look was 1,700 instructions of a
-    /// 45,000-instruction callback): it is a compile-time name of ours, a Rust identifier or a
-    /// `rename`, which never needs it. Debug builds, which every test runs, assert it.
+    /// 45,000-instruction callback): it is a compile-time name of ours, and every one we write
+    /// is plain ASCII. A `rename` could break that; debug builds, which every test runs,
+    /// assert it.
     fn field<T: Serialize + ?Sized>(&mut self, k: &'static str, v: &T) -> Result<(), Error> {
         debug_assert_eq!(plain_len(k.as_bytes()), k.len(), "{k:?} needs escaping");
         self.comma();
