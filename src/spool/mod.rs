@@ -3,12 +3,6 @@
 //! publisher reads it back from the last committed position. Knows frames, bytes and
 //! positions; not Tencent, not Kafka.
 //!
-//! - What the writer has just written (with `Always`, synced) it also hands to the reader in
-//!   memory, through a small bounded queue: a publisher that keeps up takes each record from
-//!   there instead of reading back what was just written. The segments stay the record of
-//!   truth: a record not in the queue (it was full, the process restarted, a failed write left
-//!   a gap in the numbers) is read back from them, from where the last one taken ends.
-//!
 //! - One writer thread owns the active segment. Concurrent appends queue on a channel and are
 //!   written together, with at most one sync per batch (group commit).
 //! - `Fsync::Always` syncs the data (and, once, the directory entry of a new segment) before
@@ -160,60 +154,6 @@ struct Tail {
     appended: u64,
 }
 
-/// A record the writer wrote, handed to the reader in memory: a caught-up publisher takes it
-/// from here instead of reading back what was just written (the segment stays the record of
-/// truth; what is not here is read from it).
-struct Handed {
-    seq: u64,
-    /// Its segment's first sequence number, and where its frame ends in it.
-    segment: u64,
-    end: u64,
-    payload: Vec<u8>,
-}
-
-/// The records handed over and not yet taken, in sequence order, bounded in bytes: once it is
-/// full, records are only read back (a publisher that fell behind is reading anyway).
-#[derive(Default)]
-struct Handoff {
-    records: VecDeque<Handed>,
-    bytes: usize,
-    max_bytes: usize,
-    /// A record did not fit since the reader last emptied it.
-    refusing: bool,
-}
-
-impl Handoff {
-    /// Takes `handed` if it fits. Once one does not, none does until the reader has emptied
-    /// it: what follows a refused record is read back with it anyway.
-    fn offer(&mut self, handed: Handed) {
-        if self.records.is_empty() {
-            self.refusing = false;
-        }
-        let size = Self::size(&handed);
-        if self.refusing || self.bytes + size > self.max_bytes {
-            self.refusing = true;
-            return;
-        }
-        self.bytes += size;
-        self.records.push_back(handed);
-    }
-
-    fn pop(&mut self) -> Option<Handed> {
-        let handed = self.records.pop_front()?;
-        self.bytes -= Self::size(&handed);
-        Some(handed)
-    }
-
-    /// Its frame's size: small records count what they hold besides the payload.
-    fn size(handed: &Handed) -> usize {
-        frame::HEADER_BYTES + handed.payload.len()
-    }
-}
-
-/// At most this much is held in the hand-off (and a quarter of a segment: the simulation's
-/// small segments fill it often, so the read-back after it is covered too).
-const HANDOFF_MAX_BYTES: usize = 1 << 20;
-
 /// State shared by the writer, the reader and whoever asks about the spool.
 pub struct Shared {
     storage: Arc<dyn Storage>,
@@ -226,7 +166,6 @@ pub struct Shared {
     appended: AtomicU64,
     committed: AtomicU64,
     tail: Mutex<Tail>,
-    handoff: Mutex<Handoff>,
     /// The last write failed: callbacks are refused until one succeeds.
     disk_error: AtomicBool,
     /// The last background sync failed (`Interval`): acknowledged records may not survive a
@@ -298,10 +237,6 @@ impl Shared {
 
     fn set_tail(&self, f: impl FnOnce(&mut Tail)) {
         f(&mut self.tail.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn handoff(&self) -> std::sync::MutexGuard<'_, Handoff> {
-        self.handoff.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn spares(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
@@ -468,10 +403,6 @@ fn recover(
             active_end: 0,
             appended: last_seq,
         }),
-        handoff: Mutex::new(Handoff {
-            max_bytes: HANDOFF_MAX_BYTES.min(cfg.segment_bytes as usize / 4),
-            ..Handoff::default()
-        }),
         disk_error: AtomicBool::new(false),
         sync_failed: AtomicBool::new(false),
         busy_since: AtomicU64::new(0),
@@ -508,9 +439,6 @@ fn recover(
         dropped,
         reserve_held,
         current: None,
-        resume: None,
-        taken: 0,
-        read_back: 0,
         finished: None,
         buf: Vec::new(),
         chunk: READ_CHUNK,
@@ -534,10 +462,6 @@ pub(crate) mod plant {
         CommitPastUnconfirmed,
         /// A spare's new segment name is not made durable before frames go in.
         SkipSpareDirSync,
-        /// The reader takes a handed-over record that is not the next one to read.
-        HandoffOutOfOrder,
-        /// The reader goes on reading a segment a byte past a handed-over record's frame.
-        HandoffEndOff,
     }
 
     #[cfg(test)]

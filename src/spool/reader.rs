@@ -22,13 +22,6 @@ pub struct Reader {
     /// The dead-letter reserve is in place.
     pub(super) reserve_held: bool,
     pub(super) current: Option<Current>,
-    /// Where a record taken from the hand-off ends (segment, offset), for when that segment is
-    /// opened to read on.
-    pub(super) resume: Option<(u64, u64)>,
-    /// Records taken from the hand-off, and read back from segments (the simulation checks
-    /// that it runs both ways).
-    pub(super) taken: u64,
-    pub(super) read_back: u64,
     /// First sequence number of the last segment read to its end.
     pub(super) finished: Option<u64>,
     pub(super) buf: Vec<u8>,
@@ -54,10 +47,6 @@ impl Reader {
     pub fn read(&mut self, max: usize, out: &mut VecDeque<(u64, Vec<u8>)>) -> io::Result<usize> {
         let mut n = 0;
         while n < max {
-            n += self.take_handed(max - n, out);
-            if n == max {
-                break;
-            }
             let tail = self.shared.tail();
             if self.last_read >= tail.appended {
                 break;
@@ -106,7 +95,6 @@ impl Reader {
                             if !self.dropped.contains(&seq) {
                                 out.push_back((seq, payload.to_vec()));
                                 n += 1;
-                                self.read_back += 1;
                             }
                             self.last_read = seq;
                         }
@@ -135,46 +123,6 @@ impl Reader {
         Ok(n)
     }
 
-    /// Takes records from the hand-off while each is the next one to read; drops those
-    /// already read back from the segment. A record taken here is the bytes the writer wrote:
-    /// damage to its frame on disk afterwards matters (and is counted) only when it is read
-    /// back, after a restart.
-    fn take_handed(&mut self, max: usize, out: &mut VecDeque<(u64, Vec<u8>)>) -> usize {
-        let mut handoff = self.shared.handoff();
-        let mut n = 0;
-        while n < max {
-            let Some(next) = handoff.records.front() else {
-                break;
-            };
-            let in_order =
-                next.seq == self.last_read + 1 || plant::active(plant::Plant::HandoffOutOfOrder);
-            if next.seq > self.last_read && !in_order {
-                break;
-            }
-            let Some(handed) = handoff.pop() else { break };
-            if handed.seq <= self.last_read {
-                continue;
-            }
-            match self.current.as_mut() {
-                Some(cur) if cur.first == handed.segment => {
-                    cur.offset = handed_end(&handed);
-                }
-                // Every record of the segment being read is at or below this one.
-                _ => {
-                    self.current = None;
-                    self.resume = Some((handed.segment, handed_end(&handed)));
-                }
-            }
-            self.last_read = handed.seq;
-            if !self.dropped.contains(&handed.seq) {
-                out.push_back((handed.seq, handed.payload));
-                n += 1;
-                self.taken += 1;
-            }
-        }
-        n
-    }
-
     /// Opens the oldest segment after the last finished one that may hold unread records.
     pub(super) fn open_next(&mut self) -> io::Result<bool> {
         let segs = list_segments(self.shared.storage.as_ref())?;
@@ -190,14 +138,10 @@ impl Reader {
                 continue;
             }
             let file = self.shared.storage.open(name, false)?;
-            let offset = match self.resume.take() {
-                Some((segment, end)) if segment == *first => end,
-                _ => 0,
-            };
             self.current = Some(Current {
                 first: *first,
                 file,
-                offset,
+                offset: 0,
             });
             return Ok(true);
         }
@@ -307,14 +251,6 @@ impl Reader {
                 make_reserve(self.shared.storage.as_ref(), self.shared.reserve_bytes);
         }
     }
-}
-
-/// Where `handed`'s frame ends in its segment.
-fn handed_end(handed: &Handed) -> u64 {
-    if plant::active(plant::Plant::HandoffEndOff) {
-        return handed.end + 1;
-    }
-    handed.end
 }
 
 /// Length of the damaged stretch at the start of `rest`: up to the next intact frame, or,

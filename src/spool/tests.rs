@@ -437,8 +437,6 @@ async fn a_flipped_byte_in_the_active_segment_costs_one_record_and_never_stalls_
     let fourth = frame::scan(&bytes, 1).frames[3];
     bytes[fourth.1 + 5] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
-    // Read back from the segment, not taken from the writer's hand-off.
-    s.shared.handoff().records.clear();
     let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
     let mut expected = seqs.clone();
     expected.remove(3);
@@ -520,14 +518,11 @@ struct Faulty {
     disk: Arc<Disk>,
     hang: Arc<AtomicBool>,
     fail_syncs: Arc<AtomicBool>,
-    /// Bytes read from the segments (not the position file).
-    segment_reads: Arc<AtomicU64>,
 }
 
 struct FaultyFile {
     inner: Box<dyn StorageFile>,
     faults: Faulty,
-    segment: bool,
 }
 
 impl Faulty {
@@ -538,7 +533,6 @@ impl Faulty {
             }),
             hang: Arc::default(),
             fail_syncs: Arc::default(),
-            segment_reads: Arc::default(),
         }
     }
 }
@@ -551,7 +545,6 @@ impl Storage for Faulty {
         Ok(Box::new(FaultyFile {
             inner: self.disk.open(name, create)?,
             faults: self.clone(),
-            segment: name.ends_with(".seg"),
         }))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -573,13 +566,7 @@ impl StorageFile for FaultyFile {
         self.inner.len()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let got = self.inner.read_at(offset, buf)?;
-        if self.segment {
-            self.faults
-                .segment_reads
-                .fetch_add(got as u64, Ordering::SeqCst);
-        }
-        Ok(got)
+        self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         while self.faults.hang.load(Ordering::SeqCst) {
@@ -600,7 +587,6 @@ impl StorageFile for FaultyFile {
         Ok(Box::new(FaultyFile {
             inner: self.inner.try_clone()?,
             faults: self.faults.clone(),
-            segment: self.segment,
         }))
     }
 }
@@ -662,54 +648,6 @@ async fn a_failed_background_sync_is_surfaced_until_a_sync_succeeds() {
     close(s);
 }
 
-#[tokio::test]
-async fn a_caught_up_reader_takes_new_records_from_memory_and_reads_back_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let faulty = Faulty::new(dir.path());
-    // Hand-off of a quarter segment: 1 KiB.
-    let cfg = SpoolConfig {
-        segment_bytes: 4096,
-        ..config(dir.path())
-    };
-    let mut s = open_on(Arc::new(faulty.clone()), &cfg, None, || {}).unwrap();
-    let read = |s: &mut Opened| -> Vec<(u64, Vec<u8>)> { read_all(&mut s.reader) };
-    let reads = || faulty.segment_reads.load(Ordering::SeqCst);
-    let frame_bytes = |range: std::ops::Range<usize>| -> u64 {
-        range
-            .map(|i| (frame::HEADER_BYTES + payload(i).len()) as u64)
-            .sum()
-    };
-    let expect = |seqs: &[u64], range: std::ops::Range<usize>| -> Vec<(u64, Vec<u8>)> {
-        seqs.iter().copied().zip(range.map(payload)).collect()
-    };
-    // Caught up: nothing is read back.
-    let seqs = append_n(&s.appender, 0..10).await;
-    assert_eq!(read(&mut s), expect(&seqs, 0..10));
-    assert_eq!(reads(), 0);
-    assert_eq!(s.reader.taken, 10);
-    // Behind by more than the hand-off holds, across segments: the first records come from
-    // memory, the rest are read back from where the last one taken ends, byte for byte.
-    let seqs = append_n(&s.appender, 10..200).await;
-    assert!(segments(dir.path()).len() > 2);
-    assert_eq!(read(&mut s), expect(&seqs, 10..200));
-    let taken = (s.reader.taken - 10) as usize;
-    assert!(taken > 0 && taken < 190, "{taken}");
-    assert_eq!(reads(), frame_bytes(10 + taken..200));
-    // Caught up again: from memory.
-    let behind = reads();
-    let seqs = append_n(&s.appender, 200..210).await;
-    assert_eq!(read(&mut s), expect(&seqs, 200..210));
-    assert_eq!(reads(), behind);
-    // A restart reads everything not committed from the segments (the hand-off was memory).
-    let all: Vec<u64> = (1..=s.reader.last_read()).collect();
-    close(s);
-    let mut s = open_on(Arc::new(faulty.clone()), &cfg, None, || {}).unwrap();
-    let again: Vec<u64> = read(&mut s).iter().map(|r| r.0).collect();
-    assert_eq!(again, all);
-    assert_eq!(s.reader.taken, 0);
-    close(s);
-}
-
 fn file_names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
@@ -760,7 +698,7 @@ fn what_a_recycled_segment_held_before_is_never_read_again() {
     };
     let (mut writer, mut reader, _, _) = recover(disk(), &cfg, None).unwrap();
     let append = |writer: &mut Writer, payload: Vec<u8>| {
-        writer.write_batch(&mut [vec![payload]], &mut Vec::new())[0]
+        writer.write_batch(&[&[payload]], &mut Vec::new())[0]
             .clone()
             .unwrap()
     };

@@ -99,11 +99,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut groups: Vec<Vec<Vec<u8>>> = batch
-                .iter_mut()
-                .map(|r| std::mem::take(&mut r.payloads))
-                .collect();
-            let results = self.write_batch(&mut groups, &mut buf);
+            let groups: Vec<&[Vec<u8>]> = batch.iter().map(|r| r.payloads.as_slice()).collect();
+            let results = self.write_batch(&groups, &mut buf);
             let wrote = results.iter().any(Result::is_ok);
             for (req, result) in batch.into_iter().zip(results) {
                 let _ = req.reply.send(result);
@@ -129,12 +126,10 @@ impl Writer {
     }
 
     /// Writes `groups` as one batch; each group gets its first sequence number, or why none of
-    /// it was taken (a group is checked for room as a whole, so it is never cut in two). What
-    /// was written (and, with `Always`, synced) is handed over to the reader: taken out of
-    /// `groups`.
+    /// it was taken (a group is checked for room as a whole, so it is never cut in two).
     pub(super) fn write_batch(
         &mut self,
-        groups: &mut [Vec<Vec<u8>>],
+        groups: &[&[Vec<u8>]],
         buf: &mut Vec<u8>,
     ) -> Vec<Result<u64, AppendError>> {
         buf.clear();
@@ -199,7 +194,6 @@ impl Writer {
                     t.appended = seq - 1;
                 });
                 self.shared.disk_error.store(false, Ordering::Relaxed);
-                self.hand_over(groups, &results, end - buf.len() as u64);
             }
             Err(error) => {
                 // Cut what may have reached the file, so the never-acknowledged frames are
@@ -225,30 +219,6 @@ impl Writer {
             }
         }
         results
-    }
-
-    /// Offers the records of the groups just written at `start` to the reader, in sequence
-    /// order, while the hand-off has room; the rest it reads back from the segment.
-    fn hand_over(
-        &self,
-        groups: &mut [Vec<Vec<u8>>],
-        results: &[Result<u64, AppendError>],
-        start: u64,
-    ) {
-        let mut handoff = self.shared.handoff();
-        let mut end = start;
-        for (group, result) in groups.iter_mut().zip(results) {
-            let Ok(first) = result else { continue };
-            for (seq, payload) in (*first..).zip(group.drain(..)) {
-                end += (frame::HEADER_BYTES + payload.len()) as u64;
-                handoff.offer(Handed {
-                    seq,
-                    segment: self.first,
-                    end,
-                    payload,
-                });
-            }
-        }
     }
 
     /// Before a write of `bytes`: the cut of a failed write, and a new segment if this one is
