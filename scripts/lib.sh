@@ -62,3 +62,25 @@ ensure_postgres() {
 
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The relay as scripts/bench and scripts/pairs run it: BINARY serve with FSYNC (and any K=V
+# words after it) on 127.0.0.1:$port (admin $admin), against the broker on $KAFKA_PORT, a
+# fresh spool in $work/spool, its log in $work/server.log. Sets $server; returns 1, with the
+# log, if it does not become ready.
+start_bench_relay() {
+  local binary=$1 fsync=$2
+  shift 2
+  rm -rf "$work/spool"
+  env IM_RELAY_SDK_APP_ID=1400000000 IM_RELAY_LISTEN="127.0.0.1:$port" \
+    IM_RELAY_ADMIN_LISTEN="127.0.0.1:$admin" IM_RELAY_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT" \
+    IM_RELAY_TOPIC=bench.messages IM_RELAY_QUARANTINE_TOPIC=bench.quarantine \
+    IM_RELAY_SPOOL_DIR="$work/spool" IM_RELAY_SPOOL_FSYNC="$fsync" "$@" \
+    "$binary" serve 2>"$work/server.log" &
+  server=$!
+  for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && return 0
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+  done
+  say "the relay did not become ready:"; cat "$work/server.log" >&2; return 1
+}
