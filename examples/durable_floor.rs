@@ -1,11 +1,11 @@
 //! The durable floor: the least any relay that keeps the promises must pay on this
 //! machine. The same HTTP server as `ack_ceiling`; each body goes to one writer thread, which
 //! writes its group over a preallocated file, `fdatasync`s it, and only then lets the group's
-//! answers go; then it hands each body, keyed by its `MsgKey`, to the same librdkafka producer
-//! the relay uses (idempotent, `acks=all`, the relay's compression and linger, from the same
-//! `IM_RELAY_KAFKA_*` settings). No validation, no record of our own (the raw body, no
-//! headers), no recovery, no metrics: what is left is the disk, the hand-offs between threads
-//! and Kafka. `scripts/bench` runs it next to the ceiling, so that the relay's cost can be
+//! answers go; then it hands each body, keyed by its `MsgKey` and with headers like the relay's
+//! six CloudEvents ones, to the same librdkafka producer the relay uses (idempotent,
+//! `acks=all`, the relay's compression and linger, from the same `IM_RELAY_KAFKA_*` settings).
+//! No validation, no record of our own (the raw body, fixed headers), no recovery, no metrics:
+//! what is left is the disk, the hand-offs between threads and Kafka. `scripts/bench` runs it next to the ceiling, so that the relay's cost can be
 //! read against both.
 //!
 //!     IM_RELAY_KAFKA_BROKERS=127.0.0.1:9092 IM_RELAY_TOPIC=im.messages \
@@ -25,11 +25,22 @@ use axum::extract::State;
 use axum::routing::post;
 use im_relay::config::{KafkaConfig, client_config};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use tokio::sync::oneshot;
 
 /// Written over and over, like the relay's recycled segments: a sync never allocates blocks.
 const RING_BYTES: u64 = 64 << 20;
+
+/// The relay's headers, with values of their usual lengths: librdkafka's cost per header.
+const HEADERS: [(&str, &str); 6] = [
+    ("ce_specversion", "1.0"),
+    ("ce_id", "144115233406643804-1700000000-12345678"),
+    ("ce_source", "/tencent-im/1400000000"),
+    ("ce_type", im_relay::normalize::EVENT_TYPE),
+    ("ce_time", "2026-11-29T18:00:00.123Z"),
+    ("content-type", "application/json"),
+];
 
 type Job = (Bytes, oneshot::Sender<()>);
 
@@ -111,9 +122,18 @@ fn write_then_publish(
             })
             .collect();
         for body in &bodies {
+            let headers = HEADERS
+                .iter()
+                .fold(OwnedHeaders::new_with_capacity(6), |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    })
+                });
             let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
                 .key(msg_key(body))
-                .payload(&body[..]);
+                .payload(&body[..])
+                .headers(headers);
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
