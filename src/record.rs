@@ -163,7 +163,26 @@ impl Record {
     }
 
     /// `None` for bytes that are not an entry (the spool's checksum makes that unlikely).
-    pub fn decode(mut b: &[u8]) -> Option<Record> {
+    pub fn decode(b: &[u8]) -> Option<Record> {
+        View::parse(b).map(|v| v.to_record())
+    }
+}
+
+/// An entry's fields where they lie in its bytes: what the publisher sends, without a copy.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub target: Target,
+    pub received_at_ms: u64,
+    pub key: Option<&'a [u8]>,
+    /// The headers as encoded, `count` of them, each name checked to be UTF-8.
+    headers: &'a [u8],
+    count: u32,
+    pub value: &'a [u8],
+}
+
+impl<'a> View<'a> {
+    /// `None` for bytes that are not an entry.
+    pub fn parse(mut b: &'a [u8]) -> Option<View<'a>> {
         let [version, target, rest @ ..] = b else {
             return None;
         };
@@ -177,22 +196,97 @@ impl Record {
             b = &b[4..];
             None
         } else {
-            Some(get(&mut b)?.to_vec())
+            Some(get(&mut b)?)
         };
         let count = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
-        let mut headers = Vec::with_capacity(count.min(64) as usize);
+        let headers = b;
         for _ in 0..count {
-            let name = String::from_utf8(get(&mut b)?.to_vec()).ok()?;
-            headers.push((name, get(&mut b)?.to_vec()));
+            std::str::from_utf8(get(&mut b)?).ok()?;
+            get(&mut b)?;
         }
-        let value = get(&mut b)?.to_vec();
-        b.is_empty().then_some(Record {
+        let headers = &headers[..headers.len() - b.len()];
+        let value = get(&mut b)?;
+        b.is_empty().then_some(View {
             target,
+            received_at_ms,
             key,
             headers,
+            count,
             value,
+        })
+    }
+
+    /// Name and value of each header, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + use<'a> {
+        let mut b = self.headers;
+        (0..self.count).map_while(move |_| {
+            // `parse` checked the layout and the names.
+            let name = std::str::from_utf8(get(&mut b)?).ok()?;
+            Some((name, get(&mut b)?))
+        })
+    }
+
+    pub fn header_count(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn to_record(&self) -> Record {
+        Record {
+            target: self.target,
+            key: self.key.map(<[u8]>::to_vec),
+            headers: self
+                .headers()
+                .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                .collect(),
+            value: self.value.to_vec(),
+            received_at_ms: self.received_at_ms,
+        }
+    }
+}
+
+/// A spool entry as the publisher holds it until Kafka confirms it: the bytes it was read
+/// as (one allocation), checked once, seen through `view` on each send.
+#[derive(Debug)]
+pub struct Entry {
+    bytes: Vec<u8>,
+    pub target: Target,
+    pub received_at_ms: u64,
+}
+
+impl Entry {
+    /// `None` for bytes that are not an entry.
+    pub fn new(bytes: Vec<u8>) -> Option<Entry> {
+        let View {
+            target,
+            received_at_ms,
+            ..
+        } = View::parse(&bytes)?;
+        Some(Entry {
+            bytes,
+            target,
             received_at_ms,
         })
+    }
+
+    pub fn view(&self) -> View<'_> {
+        View::parse(&self.bytes).expect("checked by Entry::new")
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Rerouted to the quarantine topic with `reason` (see `Record::quarantine`).
+    pub fn quarantine(&mut self, reason: &str, detail: &str) {
+        let mut record = self.view().to_record();
+        record.quarantine(reason, detail);
+        *self = Entry::new(record.encode()).expect("an encoded record parses");
+    }
+}
+
+impl From<&Record> for Entry {
+    fn from(record: &Record) -> Entry {
+        Entry::new(record.encode()).expect("an encoded record parses")
     }
 }
 
@@ -365,5 +459,41 @@ mod tests {
         }
         let keyless = Record { key: None, ..e };
         assert_eq!(Record::decode(&keyless.encode()), Some(keyless));
+    }
+
+    #[test]
+    fn an_entry_is_seen_in_place_and_rerouted_by_a_new_encoding() {
+        let e = Record {
+            target: Target::Edits,
+            key: Some(b"k".to_vec()),
+            headers: vec![("a".into(), b"1".to_vec()), ("ce_id".into(), "你好".into())],
+            value: b"{\"x\":1}".to_vec(),
+            received_at_ms: 1_700_000_000_123,
+        };
+        let mut entry = Entry::new(e.encode()).unwrap();
+        let (target, received_at_ms) = (entry.target, entry.received_at_ms);
+        assert_eq!((target, received_at_ms), (e.target, e.received_at_ms));
+        let view = entry.view();
+        assert_eq!(view.key, Some(&b"k"[..]));
+        assert_eq!(view.value, b"{\"x\":1}");
+        assert_eq!(view.header_count(), 2);
+        let headers: Vec<_> = view.headers().collect();
+        assert_eq!(headers, [("a", &b"1"[..]), ("ce_id", "你好".as_bytes())]);
+        assert_eq!(view.to_record(), e);
+        // Borrowed from the entry's bytes, not copied.
+        let bytes = entry.bytes().as_ptr_range();
+        assert!(bytes.contains(&view.value.as_ptr()));
+
+        entry.quarantine("kafka_refused", "too large");
+        let mut rerouted = e.clone();
+        rerouted.quarantine("kafka_refused", "too large");
+        assert_eq!(entry.target, Target::Quarantine);
+        assert_eq!(entry.bytes(), rerouted.encode());
+
+        // A header name that is not UTF-8 makes no entry.
+        let mut bad = e.encode();
+        let at = bad.windows(5).position(|w| w == b"ce_id").unwrap();
+        bad[at] = 0xff;
+        assert!(Entry::new(bad.clone()).is_none() && Record::decode(&bad).is_none());
     }
 }

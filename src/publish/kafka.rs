@@ -14,7 +14,7 @@ use rdkafka::producer::{
 
 use super::{Disposition, Event, Failure, SendError, Sink};
 use crate::config::{KafkaConfig, client_config};
-use crate::record::Record;
+use crate::record::View;
 use crate::telemetry::Event as _;
 use crate::telemetry::{Blocked, KafkaStatistics};
 
@@ -111,13 +111,14 @@ impl ClientContext for Reporter {
 }
 
 impl ProducerContext for Reporter {
-    /// The record's spool sequence number.
-    type DeliveryOpaque = Box<u64>;
+    /// The record's spool sequence number, carried as the pointer-sized opaque itself: no
+    /// allocation per record, made on one thread and freed on another.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let _ = self.events.send(Event::Delivered {
             generation: self.generation,
-            seq: *seq,
+            seq: seq as u64,
             result: match result {
                 Ok(_) => Ok(()),
                 Err((e, _)) => Err(classify(e)),
@@ -151,10 +152,13 @@ impl KafkaSink {
     }
 }
 
+// A spool sequence number travels as librdkafka's opaque pointer: 64 bits are needed.
+const _: () = assert!(usize::BITS >= u64::BITS);
+
 impl Sink for KafkaSink {
-    fn send(&mut self, topic: &str, seq: u64, entry: &Record) -> Result<(), SendError> {
-        let headers = entry.headers.iter().fold(
-            OwnedHeaders::new_with_capacity(entry.headers.len()),
+    fn send(&mut self, topic: &str, seq: u64, entry: &View<'_>) -> Result<(), SendError> {
+        let headers = entry.headers().fold(
+            OwnedHeaders::new_with_capacity(entry.header_count()),
             |h, (key, value)| {
                 h.insert(Header {
                     key,
@@ -162,11 +166,11 @@ impl Sink for KafkaSink {
                 })
             },
         );
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(seq))
-            .payload(entry.value.as_slice())
+        let mut record = BaseRecord::with_opaque_to(topic, seq as usize)
+            .payload(entry.value)
             .headers(headers);
-        if let Some(key) = &entry.key {
-            record = record.key(key.as_slice());
+        if let Some(key) = entry.key {
+            record = record.key(key);
         }
         match self.producer.send(record) {
             Ok(()) => Ok(()),

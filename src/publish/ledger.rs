@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::record::{Record, Target};
+use crate::record::{Entry, Target};
 use crate::spool::plant;
 
 pub struct Pending {
     /// `None`: the spool held bytes this version cannot read; never sent, it holds the commit
     /// until an operator drops it.
-    pub entry: Option<Record>,
+    pub entry: Option<Entry>,
     pub attempts: u32,
     pub retry_at: Instant,
 }
@@ -34,7 +34,7 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 impl Ledger {
-    pub fn add(&mut self, seq: u64, entry: Option<Record>, now: Instant) {
+    pub fn add(&mut self, seq: u64, entry: Option<Entry>, now: Instant) {
         if entry.is_some() {
             self.unsent.insert(seq);
         } else {
@@ -78,11 +78,11 @@ impl Ledger {
         self.pending.values().any(|p| p.attempts > 0)
     }
 
-    pub fn entry(&self, seq: u64) -> Option<&Record> {
+    pub fn entry(&self, seq: u64) -> Option<&Entry> {
         self.pending.get(&seq)?.entry.as_ref()
     }
 
-    pub fn entry_mut(&mut self, seq: u64) -> Option<&mut Record> {
+    pub fn entry_mut(&mut self, seq: u64) -> Option<&mut Entry> {
         self.pending.get_mut(&seq)?.entry.as_mut()
     }
 
@@ -237,14 +237,14 @@ mod tests {
         }
     }
 
-    fn entry(target: Target) -> Option<Record> {
-        Some(Record {
+    fn entry(target: Target) -> Option<Entry> {
+        Some(Entry::from(&crate::record::Record {
             target,
             key: None,
             headers: vec![],
             value: vec![],
             received_at_ms: 0,
-        })
+        }))
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::KafkaConfig;
 use crate::domain::unix_millis;
-use crate::record::{Record, Target};
+use crate::record::{Entry, Target, View};
 use crate::spool;
 use crate::telemetry::Event as _;
 use crate::telemetry::{
@@ -70,7 +70,7 @@ pub enum Event {
 /// Delivery reports come back as `Event::Delivered` with the sink's generation.
 pub trait Sink {
     /// Hands one record to the producer.
-    fn send(&mut self, topic: &str, seq: u64, entry: &Record) -> Result<(), SendError>;
+    fn send(&mut self, topic: &str, seq: u64, entry: &View<'_>) -> Result<(), SendError>;
     /// Replaces the producer (purging the old one's queue); reports from the old one are
     /// ignored from now on.
     fn rebuild(&mut self, generation: u64) -> Result<(), String>;
@@ -361,7 +361,7 @@ impl<S: Sink> Publisher<S> {
             let Some(entry) = self.ledger.entry(seq) else {
                 continue;
             };
-            match self.reader.dead_letter(seq, &entry.encode(), &error) {
+            match self.reader.dead_letter(seq, entry.bytes(), &error) {
                 Ok(()) => {
                     RecordDeadLettered { seq, error: &error }.emit();
                     self.ledger.confirmed(seq);
@@ -452,15 +452,12 @@ impl<S: Sink> Publisher<S> {
             return;
         }
         while let Some((seq, bytes)) = self.read_buf.pop_front() {
-            let entry = Record::decode(&bytes);
+            let version = bytes.first().copied();
+            let entry = Entry::new(bytes);
             if entry.is_none() {
                 // Checksummed, so another version's format (an upgrade or a rollback): it
                 // waits, holding the commit, for that version or an operator's drop.
-                SpoolEntryUnreadable {
-                    seq,
-                    version: bytes.first().copied(),
-                }
-                .emit();
+                SpoolEntryUnreadable { seq, version }.emit();
                 self.set_blocked(Some(Blocked::EntryUnreadable), &"unreadable spool entry");
             }
             self.ledger.add(seq, entry, now);
@@ -478,7 +475,7 @@ impl<S: Sink> Publisher<S> {
             };
             match self
                 .sink
-                .send(self.cfg.kafka.topic_for(entry.target), seq, entry)
+                .send(self.cfg.kafka.topic_for(entry.target), seq, &entry.view())
             {
                 Ok(()) => self.ledger.sent(seq),
                 Err(SendError::QueueFull) => {

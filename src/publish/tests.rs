@@ -15,6 +15,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use super::*;
 use crate::config::KafkaConfig;
+use crate::record::Record;
 use crate::spool::{self, Fsync, SpoolConfig};
 
 const TOPIC: &str = "im.c2c.mock";

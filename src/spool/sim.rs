@@ -28,7 +28,7 @@ use super::plant::{self, Plant};
 use super::storage::{Storage, StorageFile};
 use super::{Fsync, Shared, SpoolConfig, Writer, recover};
 use crate::publish::{Disposition, Event, Failure, Publisher, PublisherConfig, SendError, Sink};
-use crate::record::{Record, Target};
+use crate::record::{Record, Target, View};
 use crate::telemetry::Blocked;
 
 /// splitmix64: small, fast, and the same sequence for the same seed everywhere.
@@ -473,7 +473,8 @@ struct SimSink {
 }
 
 impl Sink for SimSink {
-    fn send(&mut self, _topic: &str, seq: u64, entry: &Record) -> Result<(), SendError> {
+    fn send(&mut self, _topic: &str, seq: u64, entry: &View<'_>) -> Result<(), SendError> {
+        let entry = &entry.to_record();
         let mut b = self.broker.borrow_mut();
         let mut rng = self.rng.borrow_mut();
         if b.send_faults > 0 && rng.chance(b.send_faults) {
