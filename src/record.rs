@@ -443,15 +443,20 @@ mod tests {
         assert_eq!(header(&r, "im_sdk_app_id"), Some("1400000000"));
     }
 
-    #[test]
-    fn round_trips_and_refuses_truncation() {
-        let e = Record {
-            target: Target::Quarantine,
+    /// A record with a key, two headers (one not ASCII) and a value.
+    fn sample(target: Target) -> Record {
+        Record {
+            target,
             key: Some(b"k".to_vec()),
             headers: vec![("a".into(), b"1".to_vec()), ("ce_id".into(), "你好".into())],
             value: b"{\"x\":1}".to_vec(),
             received_at_ms: 1_700_000_000_123,
-        };
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_truncation() {
+        let e = sample(Target::Quarantine);
         let bytes = e.encode();
         assert_eq!(Record::decode(&bytes), Some(e.clone()));
         for cut in 0..bytes.len() {
@@ -463,13 +468,7 @@ mod tests {
 
     #[test]
     fn an_entry_is_seen_in_place_and_rerouted_by_a_new_encoding() {
-        let e = Record {
-            target: Target::Edits,
-            key: Some(b"k".to_vec()),
-            headers: vec![("a".into(), b"1".to_vec()), ("ce_id".into(), "你好".into())],
-            value: b"{\"x\":1}".to_vec(),
-            received_at_ms: 1_700_000_000_123,
-        };
+        let e = sample(Target::Edits);
         let mut entry = Entry::new(e.encode()).unwrap();
         let (target, received_at_ms) = (entry.target, entry.received_at_ms);
         assert_eq!((target, received_at_ms), (e.target, e.received_at_ms));
