@@ -1,12 +1,13 @@
-//! The durable floor: the least any relay that keeps the promises must pay on this
-//! machine. The same HTTP server as `ack_ceiling`; each body goes to one writer thread, which
-//! writes its group over a preallocated file, `fdatasync`s it, and only then lets the group's
-//! answers go; then it hands each body, keyed by its `MsgKey` and with headers like the relay's
-//! six CloudEvents ones, to the same librdkafka producer the relay uses (idempotent,
-//! `acks=all`, the relay's compression and linger, from the same `IM_RELAY_KAFKA_*` settings).
-//! No validation, no record of our own (the raw body, fixed headers), no recovery, no metrics:
-//! what is left is the disk, the hand-offs between threads and Kafka. `scripts/bench` runs it next to the ceiling, so that the relay's cost can be
-//! read against both.
+//! The durable floor: the least a relay that syncs every callback before its `OK` and publishes
+//! it to Kafka pays on this machine. The same HTTP server as `ack_ceiling`; each body goes to
+//! one writer thread, which writes its group over a preallocated file, `fdatasync`s it, and only
+//! then lets the group's answers go; then it produces each body, keyed by its `MsgKey` and with
+//! six headers like the relay's CloudEvents ones, with the relay's own librdkafka settings
+//! (idempotent, `acks=all`, compression, linger: the same `IM_RELAY_KAFKA_*` variables). It
+//! counts every delivery report and never writes over a body Kafka has not confirmed. No
+//! validation, no record of our own (the raw body), no retries, no recovery, no metrics: what
+//! is left is the disk, the hand-offs between threads and Kafka. `scripts/bench` runs it next
+//! to the ceiling, so that the relay's cost can be read against both.
 //!
 //!     IM_RELAY_KAFKA_BROKERS=127.0.0.1:9092 IM_RELAY_TOPIC=im.messages \
 //!       cargo run --release --example durable_floor -- 127.0.0.1:18090 /tmp/floor
@@ -16,6 +17,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -24,25 +26,36 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use im_relay::config::{KafkaConfig, client_config};
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio::sync::oneshot;
 
 /// Written over and over, like the relay's recycled segments: a sync never allocates blocks.
 const RING_BYTES: u64 = 64 << 20;
 
-/// The relay's headers, with values of their usual lengths: librdkafka's cost per header.
-const HEADERS: [(&str, &str); 6] = [
-    ("ce_specversion", "1.0"),
-    ("ce_id", "144115233406643804-1700000000-12345678"),
-    ("ce_source", "/tencent-im/1400000000"),
-    ("ce_type", im_relay::normalize::EVENT_TYPE),
-    ("ce_time", "2026-11-29T18:00:00.123Z"),
-    ("content-type", "application/json"),
-];
-
 type Job = (Bytes, oneshot::Sender<()>);
+
+/// Delivery reports received, successful or not.
+#[derive(Default)]
+struct Reports(AtomicU64);
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            // Not retried: the bench's read-back counts it as missing.
+            eprintln!("delivery failed: {e}");
+        }
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -55,8 +68,8 @@ async fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(args.next().unwrap_or_else(|| "durable-floor".into()));
     let kafka = KafkaConfig::load(None, &|k| std::env::var(k).ok())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let producer: ThreadedProducer<DefaultProducerContext> = client_config(&kafka)
-        .create()
+    let producer: ThreadedProducer<Reports> = client_config(&kafka)
+        .create_with_context(Reports::default())
         .map_err(std::io::Error::other)?;
     std::fs::create_dir_all(&dir)?;
     let mut ring = OpenOptions::new()
@@ -96,10 +109,10 @@ async fn callback(State(tx): State<mpsc::Sender<Job>>, body: Bytes) -> im_relay:
 fn write_then_publish(
     ring: File,
     rx: mpsc::Receiver<Job>,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<Reports>,
     topic: String,
 ) {
-    let (mut buf, mut at) = (Vec::new(), 0u64);
+    let (mut buf, mut at, mut produced) = (Vec::new(), 0u64, 0u64);
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         group.extend(rx.try_iter().take(4095));
@@ -109,6 +122,10 @@ fn write_then_publish(
             buf.extend_from_slice(body);
         }
         if at + buf.len() as u64 > RING_BYTES {
+            // Back to the start: only over bodies Kafka has confirmed.
+            while producer.context().0.load(Ordering::Acquire) < produced {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             at = 0;
         }
         ring.write_all_at(&buf, at).expect("ring write");
@@ -121,17 +138,30 @@ fn write_then_publish(
                 body
             })
             .collect();
+        let time = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
         for body in &bodies {
-            let headers = HEADERS
-                .iter()
-                .fold(OwnedHeaders::new_with_capacity(6), |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: Some(v.as_bytes()),
-                    })
-                });
-            let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
-                .key(msg_key(body))
+            let key = msg_key(body);
+            let headers = [
+                ("ce_specversion", &b"1.0"[..]),
+                ("ce_id", key),
+                ("ce_source", b"/tencent-im/1400000000"),
+                ("ce_type", im_relay::normalize::EVENT_TYPE.as_bytes()),
+                ("ce_time", time.as_bytes()),
+                ("content-type", b"application/json"),
+            ];
+            let headers =
+                headers
+                    .into_iter()
+                    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+                        h.insert(Header {
+                            key,
+                            value: Some(value),
+                        })
+                    });
+            let mut record = BaseRecord::to(&topic)
+                .key(key)
                 .payload(&body[..])
                 .headers(headers);
             loop {
@@ -142,13 +172,15 @@ fn write_then_publish(
                         record = r;
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    // The bench's read-back counts it as missing.
+                    // Never queued, so no report will come: the bench's read-back counts it.
                     Err((e, _)) => {
                         eprintln!("produce: {e}");
+                        producer.context().0.fetch_add(1, Ordering::Release);
                         break;
                     }
                 }
             }
+            produced += 1;
         }
     }
 }

@@ -219,10 +219,10 @@ impl<'a> View<'a> {
     /// Name and value of each header, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + use<'a> {
         let mut b = self.headers;
-        (0..self.count).map_while(move |_| {
-            // `parse` checked the layout and the names.
-            let name = std::str::from_utf8(get(&mut b)?).ok()?;
-            Some((name, get(&mut b)?))
+        (0..self.count).map(move |_| {
+            let mut next = || get(&mut b).expect("parse checked the layout");
+            let name = std::str::from_utf8(next()).expect("parse checked the names");
+            (name, next())
         })
     }
 

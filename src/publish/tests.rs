@@ -102,7 +102,10 @@ fn entry(id: &str) -> Record {
     Record {
         target: Target::Messages,
         key: Some(id.as_bytes().to_vec()),
-        headers: vec![("ce_id".into(), id.as_bytes().to_vec())],
+        headers: vec![
+            ("ce_id".into(), id.as_bytes().to_vec()),
+            ("ce_type".into(), b"test".to_vec()),
+        ],
         value: id.as_bytes().to_vec(),
         received_at_ms: 0,
     }
@@ -151,7 +154,13 @@ impl Harness {
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                         .unwrap_or_default()
                 };
-                got.insert(header("ce_id"), header("im_quarantine_reason"));
+                // Sent as spooled: the key, the value, every header to the last.
+                let (id, reason) = (header("ce_id"), header("im_quarantine_reason"));
+                assert_eq!(m.key(), Some(id.as_bytes()));
+                assert_eq!(m.payload(), Some(id.as_bytes()));
+                assert_eq!(header("ce_type"), "test");
+                assert!(reason.is_empty() || !header("im_quarantine_detail").is_empty());
+                got.insert(id, reason);
             }
         }
         got
