@@ -245,7 +245,8 @@ impl<'a> View<'a> {
 }
 
 /// A spool entry as the publisher holds it until Kafka confirms it: the bytes it was read
-/// as (one allocation), checked once, seen through `view` on each send.
+/// as (one allocation), checked by `new`; `view` walks their lengths again on each send,
+/// copying nothing.
 #[derive(Debug)]
 pub struct Entry {
     bytes: Vec<u8>,
@@ -280,7 +281,7 @@ impl Entry {
     pub fn quarantine(&mut self, reason: &str, detail: &str) {
         let mut record = self.view().to_record();
         record.quarantine(reason, detail);
-        *self = Entry::new(record.encode()).expect("an encoded record parses");
+        *self = Entry::from(&record);
     }
 }
 
