@@ -63,6 +63,19 @@ ensure_postgres() {
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Waits up to 10 s for CHECK (a command and its words) to succeed while $server runs; if it
+# does not, says that WHAT did not start, with $work/server.log, and returns 1.
+wait_server() {
+  local what=$1
+  shift
+  for _ in $(seq 1 100); do
+    "$@" && return 0
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+  done
+  say "$what did not start:"; cat "$work/server.log" >&2; return 1
+}
+
 # The relay as scripts/bench and scripts/pairs run it: BINARY serve with FSYNC (and any K=V
 # words after it) on 127.0.0.1:$port (admin $admin), against the broker on $KAFKA_PORT, a
 # fresh spool in $work/spool, its log in $work/server.log. Sets $server; returns 1, with the
@@ -77,10 +90,5 @@ start_bench_relay() {
     IM_RELAY_SPOOL_DIR="$work/spool" IM_RELAY_SPOOL_FSYNC="$fsync" "$@" \
     "$binary" serve 2>"$work/server.log" &
   server=$!
-  for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && return 0
-    kill -0 "$server" 2>/dev/null || break
-    sleep 0.1
-  done
-  say "the relay did not become ready:"; cat "$work/server.log" >&2; return 1
+  wait_server "the relay" curl -sf -o /dev/null "http://127.0.0.1:$admin/readyz"
 }
