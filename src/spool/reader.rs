@@ -78,6 +78,11 @@ impl Reader {
             let got = cur.file.read_at(cur.offset, &mut self.buf)?;
             self.buf.truncate(got);
             if got == 0 {
+                // Of the active segment: not yet, as far as this read saw; the next pass reads
+                // again (marked finished, what the writer appends to it would never be read).
+                if active {
+                    break;
+                }
                 // Shorter than it said a moment ago (cut by recovery, say): nothing more here.
                 self.finished = Some(cur.first);
                 self.current = None;
@@ -187,12 +192,16 @@ impl Reader {
         deleted
     }
 
+    /// Deletes (or keeps as a spare) every delivered segment. One that cannot be renamed is
+    /// removed; one that cannot be removed either is left for the next commit, and the others
+    /// are deleted all the same: the first error is returned once all were tried.
     pub(super) fn delete_delivered(
         &mut self,
         unconfirmed: impl Fn(u64, u64) -> bool,
     ) -> io::Result<()> {
         let segs = list_segments(self.shared.storage.as_ref())?;
         let active = self.shared.tail().active_first;
+        let mut first_error = None;
         for pair in segs.windows(2) {
             let ((first, name), (next_first, _)) = (&pair[0], &pair[1]);
             if *first >= active {
@@ -205,26 +214,39 @@ impl Reader {
                 continue;
             }
             let storage = self.shared.storage.as_ref();
-            let len = storage.open(name, false)?.len()?;
-            // One delivered segment of a useful size is kept for the writer to write over.
-            // Its name bounds the numbers in it (`spare_name`); a crash before the rename is
-            // durable finds it a segment again, whose records are sent twice, never lost.
-            let mut spares = self.shared.spares();
-            if spares.is_empty() && 2 * len >= self.shared.segment_bytes {
-                let spare = spare_name(last);
-                storage.rename(name, &spare)?;
-                spares.push(spare);
-            } else {
-                drop(spares);
-                storage.remove(name)?;
-            }
+            let deleted = storage
+                .open(name, false)
+                .and_then(|f| f.len())
+                .and_then(|len| {
+                    // One delivered segment of a useful size is kept for the writer to write
+                    // over. Its name bounds the numbers in it (`spare_name`); a crash before the
+                    // rename is durable finds it a segment again, whose records are sent twice,
+                    // never lost.
+                    let mut spares = self.shared.spares();
+                    if spares.is_empty() && 2 * len >= self.shared.segment_bytes {
+                        let spare = spare_name(last);
+                        if storage.rename(name, &spare).is_ok() {
+                            spares.push(spare);
+                            return Ok(len);
+                        }
+                    }
+                    drop(spares);
+                    storage.remove(name).map(|()| len)
+                });
+            let len = match deleted {
+                Ok(len) => len,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                    continue;
+                }
+            };
             self.shared.total_bytes.fetch_sub(len, Ordering::Relaxed);
             if self.current.as_ref().is_some_and(|c| c.first == *first) {
                 self.current = None;
                 self.finished = Some(*first);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     pub fn last_read(&self) -> u64 {

@@ -111,15 +111,36 @@ pub(super) fn committed_slot(seq: u64) -> [u8; SLOT_BYTES] {
     slot
 }
 
+/// The dropped list: one `<seq> <reason>` a line, exactly as `drop_record` writes it. Any
+/// other line drops nothing (and is logged): a record is skipped only when an operator's drop
+/// said so, and that drop kept its dead-letter copy first.
 pub(super) fn read_dropped(storage: &dyn Storage) -> BTreeSet<u64> {
     let Ok(file) = storage.open(DROPPED_FILE, false) else {
         return BTreeSet::new();
     };
     let bytes = read_whole(file.as_ref()).unwrap_or_default();
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
+    let mut dropped = BTreeSet::new();
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match parse_dropped(line) {
+            Some(seq) => {
+                dropped.insert(seq);
+            }
+            None => tracing::warn!(
+                line = %String::from_utf8_lossy(line),
+                "spool: a line of the dropped list is not `<seq> <reason>`; it drops nothing"
+            ),
+        }
+    }
+    dropped
+}
+
+pub(super) fn parse_dropped(line: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(line).ok()?;
+    let (seq, reason) = text.split_once(' ')?;
+    let digits = !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit());
+    (digits && !reason.chars().any(char::is_control))
+        .then(|| seq.parse().ok())
+        .flatten()
 }
 
 /// Scans the spool read-only: what `spool status` shows and what `open` starts from.
@@ -208,20 +229,33 @@ pub fn each_pending(dir: &Path, mut f: impl FnMut(u64, &[u8]) -> bool) -> io::Re
 }
 
 /// Keeps `payload` (record `seq`) in the dead-letter directory with `reason`: the entry as it
-/// was spooled, and a text file saying why. Durable before it returns.
+/// was spooled, and a text file saying why. Durable before it returns. A sequence number can
+/// come again (after a power cut in `never` or `interval` mode, or segments an operator wiped):
+/// another record's copy gets a name of its own (`<seq>-<n>.entry`), never the first one's.
+/// The same record again (dead-lettered before a crash, not yet committed) is written over its
+/// own copy: on a full disk a second copy may find no room.
 pub fn write_dead_letter(
     storage: &dyn Storage,
     seq: u64,
     payload: &[u8],
     reason: &str,
 ) -> io::Result<()> {
-    let names = [
-        format!("{DEAD_LETTER_DIR}/{seq:020}.entry"),
-        format!("{DEAD_LETTER_DIR}/{seq:020}.reason"),
-    ];
+    storage.create_dir(DEAD_LETTER_DIR)?;
+    let taken = |stem: &str| match storage.open(&format!("{stem}.entry"), false) {
+        Ok(file) => Ok(read_whole(file.as_ref())? != payload),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    };
+    let mut stem = format!("{DEAD_LETTER_DIR}/{seq:020}");
+    let mut copy = 0u64;
+    while taken(&stem)? {
+        copy += 1;
+        stem = format!("{DEAD_LETTER_DIR}/{seq:020}-{copy}");
+    }
+    // The reason first: an `.entry` is what marks a name taken, so it goes in last.
+    let names = [format!("{stem}.reason"), format!("{stem}.entry")];
     let written = (|| {
-        storage.create_dir(DEAD_LETTER_DIR)?;
-        for (name, bytes) in names.iter().zip([payload, reason.as_bytes()]) {
+        for (name, bytes) in names.iter().zip([reason.as_bytes(), payload]) {
             let file = storage.open(name, true)?;
             file.set_len(0)?;
             file.write_at(0, bytes)?;
@@ -271,6 +305,14 @@ pub(super) fn make_reserve(storage: &dyn Storage, bytes: u64) -> bool {
 /// directory lock says so); the record is kept in the dead-letter directory with `reason`
 /// first, then listed in the `dropped` file, which the reader skips.
 pub fn drop_record(dir: &Path, seq: u64, reason: &str) -> io::Result<()> {
+    // The list is one record a line: a line break in the reason would drop another record
+    // without its dead-letter copy.
+    if reason.is_empty() || reason.chars().any(char::is_control) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the reason must be one line of text, without control characters",
+        ));
+    }
     let storage = Disk {
         dir: dir.to_path_buf(),
     };

@@ -512,12 +512,36 @@ async fn a_torn_tail_in_an_older_segment_is_cut_not_counted_as_damage() {
     }
 }
 
-/// The real directory, with a disk that can be made to hang on writes or fail its syncs.
+/// The real directory, with a disk that can be made to hang on writes, fail its syncs or its
+/// renames, answer reads with nothing, or park a spare's rename until the test lets it go.
 #[derive(Clone)]
 struct Faulty {
     disk: Arc<Disk>,
     hang: Arc<AtomicBool>,
     fail_syncs: Arc<AtomicBool>,
+    fail_renames: Arc<AtomicBool>,
+    /// Reads still to answer with zero bytes.
+    empty_reads: Arc<AtomicU64>,
+    spare_rename: Arc<Gate>,
+}
+
+/// Parks the next thread that passes it (once armed) until the test opens it.
+#[derive(Default)]
+struct Gate {
+    armed: AtomicBool,
+    parked: AtomicBool,
+    open: AtomicBool,
+}
+
+impl Gate {
+    fn pass(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.parked.store(true, Ordering::SeqCst);
+            while !self.open.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 struct FaultyFile {
@@ -533,6 +557,9 @@ impl Faulty {
             }),
             hang: Arc::default(),
             fail_syncs: Arc::default(),
+            fail_renames: Arc::default(),
+            empty_reads: Arc::default(),
+            spare_rename: Arc::default(),
         }
     }
 }
@@ -551,6 +578,12 @@ impl Storage for Faulty {
         self.disk.remove(name)
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        if from.ends_with(".spare") {
+            self.spare_rename.pass();
+        }
+        if self.fail_renames.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected rename EIO"));
+        }
         self.disk.rename(from, to)
     }
     fn sync_dir(&self, sub: &str) -> io::Result<()> {
@@ -566,6 +599,13 @@ impl StorageFile for FaultyFile {
         self.inner.len()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let empty = &self.faults.empty_reads;
+        if empty
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Ok(0);
+        }
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
@@ -788,4 +828,202 @@ async fn records_larger_than_a_read_are_read_whole_live_and_after_a_restart() {
     let mut s = open_quiet(&cfg);
     assert_eq!(read_all(&mut s.reader), written);
     close(s);
+}
+
+/// Driven directly, as the simulation does: a writer and a reader on `storage`, with 4 KiB
+/// segments.
+fn small_segments(dir: &Path, storage: Arc<dyn Storage>) -> (SpoolConfig, Writer, Reader) {
+    let cfg = SpoolConfig {
+        segment_bytes: 4096,
+        ..config(dir)
+    };
+    let (writer, reader, _, _) = recover(storage, &cfg, None).unwrap();
+    (cfg, writer, reader)
+}
+
+fn append_one(writer: &mut Writer, payload: &[u8]) -> u64 {
+    writer.write_batch(&[&[payload.to_vec()]], &mut Vec::new())[0]
+        .clone()
+        .unwrap()
+}
+
+fn spare_names(dir: &Path) -> Vec<String> {
+    let names = file_names(dir);
+    names
+        .into_iter()
+        .filter(|n| n.ends_with(".spare"))
+        .collect()
+}
+
+/// Two segments deleted out of order get one spare name (each is bounded by the segment after
+/// it, and the first's next is the second's once the second is gone). The writer takes the
+/// first as its next segment and is parked between opening it and renaming it, while the
+/// publisher names the second a spare: the frames written next must land in a file recovery
+/// reads, not in one the publisher's rename unlinked.
+#[test]
+fn a_spare_the_writer_is_taking_is_never_replaced_by_a_delivered_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let (cfg, mut writer, mut reader) = small_segments(dir.path(), Arc::new(faulty.clone()));
+    while segments(dir.path()).len() < 4 {
+        append_one(&mut writer, &[b'r'; 1500]);
+    }
+    read_all(&mut reader);
+    let segs = segments(dir.path());
+    let (b, c) = (segs[1].0, segs[2].0);
+    // B confirmed before A: B becomes the spare bounded by C.
+    reader.delete_delivered(|lo, _| lo < b || lo >= c).unwrap();
+    assert_eq!(spare_names(dir.path()), vec![spare_name(c - 1)]);
+    faulty.spare_rename.armed.store(true, Ordering::SeqCst);
+    std::thread::scope(|s| {
+        let taking = s.spawn(|| writer.start_segment().unwrap());
+        while !faulty.spare_rename.parked.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // A confirmed now: its bound is C's too. The publisher may wait for the writer; it
+        // gets a moment to do its worst first.
+        let deleting = s.spawn(|| reader.delete_delivered(|lo, _| lo >= c).unwrap());
+        let until = Instant::now() + Duration::from_millis(300);
+        while !deleting.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        faulty.spare_rename.open.store(true, Ordering::SeqCst);
+        taking.join().unwrap();
+        deleting.join().unwrap();
+    });
+    let after = append_one(&mut writer, b"after the race");
+    drop((writer, reader));
+    let disk = Arc::new(Disk {
+        dir: dir.path().to_path_buf(),
+    });
+    let (_, mut reader, _, recovery) = recover(disk, &cfg, None).unwrap();
+    assert_eq!(recovery.damaged, 0, "{recovery:?}");
+    let read = read_all(&mut reader);
+    assert!(
+        read.contains(&(after, b"after the race".to_vec())),
+        "the record written after the race is lost: read {:?}",
+        read.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+}
+
+/// A read of the active segment that returns nothing (the writer has not written yet, as far
+/// as the page cache says) must not mark it finished: what the writer appends next is read.
+#[test]
+fn a_zero_byte_read_never_finishes_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let (_, mut writer, mut reader) = small_segments(dir.path(), Arc::new(faulty.clone()));
+    let first = append_one(&mut writer, b"one");
+    faulty.empty_reads.store(1, Ordering::SeqCst);
+    assert_eq!(read_all(&mut reader), vec![]);
+    let second = append_one(&mut writer, b"two");
+    assert_eq!(
+        read_all(&mut reader),
+        vec![(first, b"one".to_vec()), (second, b"two".to_vec())]
+    );
+}
+
+/// A delivered segment that cannot be renamed to a spare is removed instead, and the other
+/// delivered segments are deleted all the same: one error never holds the disk.
+#[test]
+fn a_failed_rename_of_a_delivered_segment_falls_back_to_removing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let (_, mut writer, mut reader) = small_segments(dir.path(), Arc::new(faulty.clone()));
+    let mut last = 0;
+    while segments(dir.path()).len() < 4 {
+        last = append_one(&mut writer, &[b'r'; 1500]);
+    }
+    read_all(&mut reader);
+    faulty.fail_renames.store(true, Ordering::SeqCst);
+    let _ = reader.commit(last, true, Instant::now(), |_, _| false);
+    assert_eq!(
+        segments(dir.path()).len(),
+        1,
+        "{:?}",
+        file_names(dir.path())
+    );
+    assert_eq!(spare_names(dir.path()), Vec::<String>::new());
+}
+
+/// The dropped list holds one record a line: a reason with a line break in it would have added
+/// a second record, dropped without its dead-letter copy.
+#[tokio::test]
+async fn a_drop_reason_with_a_line_break_is_refused_and_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    let seqs = append_n(&s.appender, 0..2).await;
+    close(s);
+    for reason in [
+        format!("typo\n{} sneaky", seqs[1]),
+        "bell\u{7}".into(),
+        String::new(),
+    ] {
+        let refused = drop_record(dir.path(), seqs[0], &reason).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput, "{reason:?}");
+    }
+    drop_record(dir.path(), seqs[0], "poison record").unwrap();
+    let mut s = open_quiet(&cfg);
+    assert_eq!(read_all(&mut s.reader), vec![(seqs[1], payload(1))]);
+    close(s);
+}
+
+#[test]
+fn the_dropped_list_counts_only_lines_drop_writes() {
+    assert_eq!(parse_dropped(b"42 poison record"), Some(42));
+    for line in [
+        &b"42"[..],
+        b" 42 x",
+        b"42\tx",
+        b"+42 x",
+        b"42x y",
+        b"42 a\rb",
+    ] {
+        assert_eq!(
+            parse_dropped(line),
+            None,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// A sequence number can come again (a power cut in `never` mode, segments wiped by hand): the
+/// second dead letter of one number is a copy of its own, the first is kept.
+#[test]
+fn a_second_dead_letter_with_the_same_number_never_overwrites_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Disk {
+        dir: dir.path().to_path_buf(),
+    };
+    // The same record twice (dead-lettered again after a crash) is one copy.
+    for (payload, reason) in [
+        (&b"first"[..], "one"),
+        (b"second", "two"),
+        (b"second", "two"),
+        (b"third", "three"),
+    ] {
+        write_dead_letter(&disk, 7, payload, reason).unwrap();
+    }
+    let dead = dir.path().join(DEAD_LETTER_DIR);
+    let mut kept: Vec<(Vec<u8>, String)> = file_names(&dead)
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".entry").map(str::to_owned))
+        .map(|stem| {
+            (
+                fs::read(dead.join(format!("{stem}.entry"))).unwrap(),
+                fs::read_to_string(dead.join(format!("{stem}.reason"))).unwrap(),
+            )
+        })
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![
+            (b"first".to_vec(), "one".into()),
+            (b"second".to_vec(), "two".into()),
+            (b"third".to_vec(), "three".into())
+        ]
+    );
 }

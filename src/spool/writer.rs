@@ -374,20 +374,25 @@ pub(super) fn open_segment(shared: &Shared, first: u64) -> io::Result<ActiveFile
             });
         }
     }
-    let spare = shared.spares().pop();
     // Opened before the rename, so nothing can fail between it and the first write but the
-    // directory sync (retried before every write until it succeeds). A spare that cannot be
-    // taken now stays in the pool: left out, it would hold disk space no one gives back.
-    let taken = spare.as_ref().and_then(|spare| {
-        let file = storage.open(spare, false).ok()?;
-        storage.rename(spare, &name).ok()?;
-        Some(file)
-    });
-    if taken.is_none()
-        && let Some(spare) = spare
-    {
-        shared.spares().push(spare);
-    }
+    // directory sync (retried before every write until it succeeds). The pool stays locked
+    // until the spare has its new name: the publisher names delivered segments spares under
+    // the same lock, and two segments deleted out of order can get one bound, so its rename in
+    // between would replace the file opened here and the frames would go into a file no name
+    // points to. A spare that cannot be taken now stays in the pool: left out, it would hold
+    // disk space no one gives back.
+    let taken = {
+        let mut spares = shared.spares();
+        spares.pop().and_then(|spare| {
+            let file = storage
+                .open(&spare, false)
+                .and_then(|file| storage.rename(&spare, &name).map(|()| file));
+            if file.is_err() {
+                spares.push(spare);
+            }
+            file.ok()
+        })
+    };
     if let Some(file) = taken {
         return Ok(ActiveFile {
             file,
