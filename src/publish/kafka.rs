@@ -23,15 +23,17 @@ use crate::telemetry::{Blocked, KafkaStatistics};
 pub fn classify(error: &KafkaError) -> Failure {
     use RDKafkaErrorCode as C;
     let disposition = match error.rdkafka_error_code() {
-        // Refused for good: this record can never be written to this topic.
-        Some(
-            C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::InvalidRecord
-            | C::InvalidMessage
-            | C::BadMessage
-            | C::InvalidTimestamp,
-        ) => Disposition::Refused,
+        // Refused for good: this record can never be written to this topic (once it was
+        // refused alone: the publisher sends it again by itself first).
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord | C::BadMessage) => {
+            Disposition::Refused
+        }
+        // The record's timestamp is outside the broker's `message.timestamp.*.ms` window: the
+        // relay's (or the broker's) clock is off, which is fixed there, not by moving the
+        // whole stream to the quarantine topic.
+        Some(C::InvalidTimestamp) => Disposition::Wait(Blocked::TimestampRefused),
+        // CORRUPT_MESSAGE: the batch failed its CRC on the way; Kafka calls it retriable.
+        Some(C::InvalidMessage) => Disposition::Wait(Blocked::CorruptInTransit),
         Some(
             C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition | C::UnknownTopicId,
         ) => Disposition::Wait(Blocked::TopicMissing),

@@ -27,6 +27,11 @@ pub struct Ledger {
     /// Never sent again, and holding no other record back: on a full disk, the segments
     /// freed by the records behind it make the room its write needs.
     dead: BTreeMap<u64, String>,
+    /// Refused once: sent again alone before the refusal counts. Kafka refuses a whole batch
+    /// for one record in it (`MSG_SIZE_TOO_LARGE` against the topic's `max.message.bytes`),
+    /// so the records that lingered beside it were refused too. While any record is here,
+    /// records go one at a time, each once the producer holds nothing else.
+    alone: BTreeSet<u64>,
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -91,6 +96,9 @@ impl Ledger {
     /// newer one of the same key was delivered would arrive out of order. Another topic goes
     /// on: a missing per-kind topic must not hold the messages back.
     pub fn due<'a>(&self, now: Instant, topic: impl Fn(Target) -> &'a str) -> Vec<u64> {
+        if !self.alone.is_empty() && self.with_producer() > 0 {
+            return Vec::new();
+        }
         let mut held: Vec<&str> = Vec::new();
         let mut due = Vec::new();
         for &seq in &self.unsent {
@@ -104,6 +112,9 @@ impl Ledger {
             }
             if p.retry_at <= now {
                 due.push(seq);
+                if !self.alone.is_empty() {
+                    break;
+                }
             } else {
                 held.push(t);
             }
@@ -130,7 +141,21 @@ impl Ledger {
     pub fn confirmed(&mut self, seq: u64) -> Option<Pending> {
         self.unsent.remove(&seq);
         self.dead.remove(&seq);
+        self.alone.remove(&seq);
         self.pending.remove(&seq)
+    }
+
+    /// Refused by Kafka: true when it was sent alone, so the refusal is its own and final;
+    /// otherwise it is sent again, alone, at once.
+    pub fn refused(&mut self, seq: u64, now: Instant) -> bool {
+        if self.alone.remove(&seq) {
+            return true;
+        }
+        if self.pending.contains_key(&seq) {
+            self.alone.insert(seq);
+            self.resend(seq, now);
+        }
+        false
     }
 
     /// Refused by the quarantine topic too: from now on it waits for its dead-letter write.
@@ -207,11 +232,12 @@ impl Ledger {
     pub fn describe(&self) -> String {
         let first: Vec<_> = self.pending.keys().take(20).collect();
         format!(
-            "pending {} (first {first:?}), unsent {:?}, unreadable {:?}, dead {:?}",
+            "pending {} (first {first:?}), unsent {:?}, unreadable {:?}, dead {:?}, alone {:?}",
             self.pending.len(),
             self.unsent.iter().take(20).collect::<Vec<_>>(),
             self.unreadable,
             self.dead,
+            self.alone,
         )
     }
 
@@ -318,6 +344,45 @@ mod tests {
         l.confirmed(1);
         assert!(l.dead_letters_due(later).is_empty());
         assert_eq!(l.commit_point(2), 1);
+    }
+
+    #[test]
+    fn a_refused_record_goes_again_alone_before_its_refusal_counts() {
+        let now = Instant::now();
+        let mut l = Ledger::default();
+        for seq in 1..=4 {
+            l.add(seq, entry(Target::Messages), now);
+        }
+        l.add(5, entry(Target::Quarantine), now);
+        assert_eq!(l.due(now, topic), [1, 2, 3, 4, 5]);
+        for seq in 1..=5 {
+            l.sent(seq);
+        }
+        // One batch refused whole: 1 and 2 were in it.
+        assert!(!l.refused(1, now));
+        assert_eq!(
+            l.due(now, topic),
+            Vec::<u64>::new(),
+            "3, 4, 5 still with the producer"
+        );
+        assert!(!l.refused(2, now));
+        l.confirmed(3);
+        l.confirmed(4);
+        l.confirmed(5);
+        assert_eq!(l.due(now, topic), [1], "one at a time");
+        l.sent(1);
+        assert_eq!(l.due(now, topic), Vec::<u64>::new(), "nothing beside it");
+        assert!(l.refused(1, now), "refused alone: its own refusal");
+        l.resend(1, now); // rerouted to the quarantine topic
+        assert_eq!(l.due(now, topic), [1]);
+        l.sent(1);
+        l.confirmed(1);
+        assert_eq!(l.due(now, topic), [2]);
+        l.sent(2);
+        l.confirmed(2);
+        l.add(6, entry(Target::Messages), now);
+        l.add(7, entry(Target::Messages), now);
+        assert_eq!(l.due(now, topic), [6, 7], "batches again once none waits");
     }
 
     #[test]

@@ -332,8 +332,13 @@ impl<S: Sink> Publisher<S> {
     }
 
     /// Refused for good: a message goes to the quarantine topic with the reason; a record the
-    /// quarantine topic refused goes to the dead-letter directory.
+    /// quarantine topic refused goes to the dead-letter directory. Only once it was refused
+    /// alone: a batch is refused whole for one record in it.
     fn refused(&mut self, seq: u64, error: &str, now: Instant) {
+        if !self.ledger.refused(seq, now) {
+            tracing::info!(seq, error, "record refused by Kafka; sent again alone");
+            return;
+        }
         let Some(entry) = self.ledger.entry_mut(seq) else {
             return;
         };

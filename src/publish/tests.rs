@@ -293,9 +293,10 @@ async fn a_fatal_producer_state_reported_with_nothing_in_flight_rebuilds_the_pro
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_refused_for_good_goes_to_the_quarantine_topic_with_its_reason() {
     let h = harness(|_, _| {});
+    // Refused, then refused again when sent alone.
     h.mock.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2],
     );
     let first = ids("big", 1);
     h.append(&first).await;
@@ -315,9 +316,10 @@ async fn a_record_refused_for_good_goes_to_the_quarantine_topic_with_its_reason(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_both_topics_refuse_is_kept_in_the_dead_letter_directory() {
     let h = harness(|_, _| {});
+    // Refused by each topic in a batch, and again alone.
     h.mock.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 4],
     );
     h.append(&ids("refused", 1)).await;
     h.wait_drained();
@@ -332,6 +334,50 @@ async fn a_record_both_topics_refuse_is_kept_in_the_dead_letter_directory() {
     assert_eq!(entry.headers[0].1, b"refused-0");
     assert_eq!(entry.target, Target::Quarantine);
     assert!(reason.contains("too large"), "{reason}");
+}
+
+/// Kafka refuses a whole batch for one record too large for the topic: the records that
+/// lingered beside it are sent again alone and delivered; none of them is quarantined.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_refused_with_a_batch_are_sent_again_alone_and_delivered() {
+    let (h, publisher) = unstarted(&[("IM_RELAY_KAFKA_LINGER_MS", "50")], |mock, _| {
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+    });
+    let sent = ids("lingered", 10);
+    // One spool write, one read: they reach the producer together and share its batch.
+    h.appender
+        .append_all(sent.iter().map(|id| entry(id).encode()).collect())
+        .await
+        .unwrap();
+    let mut h = h;
+    h.publisher = Some(publisher.spawn(Duration::from_secs(5)).unwrap());
+    h.wait_drained();
+    let got = h.read(TOPIC, sent.len());
+    assert_eq!(got.len(), sent.len(), "{got:?}");
+    assert!(got.values().all(String::is_empty), "{got:?}");
+    h.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_timestamp_or_a_corrupt_batch_waits_and_is_delivered() {
+    use RDKafkaRespErr::{RD_KAFKA_RESP_ERR_INVALID_MSG, RD_KAFKA_RESP_ERR_INVALID_TIMESTAMP};
+    for error in [
+        RD_KAFKA_RESP_ERR_INVALID_TIMESTAMP,
+        RD_KAFKA_RESP_ERR_INVALID_MSG,
+    ] {
+        let h = harness(|mock, _| mock.request_errors(RDKafkaApiKey::Produce, &[error; 3]));
+        let sent = ids("skewed", 5);
+        h.append(&sent).await;
+        h.wait_drained();
+        let got = h.read(TOPIC, sent.len());
+        assert_eq!(got.len(), sent.len(), "{error:?}: {got:?}");
+        assert!(got.values().all(String::is_empty), "{error:?}: {got:?}");
+        let dir = h.stop();
+        assert!(dead_letters(dir.path()).is_empty());
+    }
 }
 
 fn dead_letters(spool: &Path) -> Vec<(Record, String)> {
@@ -374,6 +420,14 @@ fn every_kafka_error_is_classified_and_only_refusals_leave_the_topic() {
     assert_eq!(
         of(C::MessageTimedOut),
         Disposition::Wait(Blocked::BrokerUnavailable)
+    );
+    assert_eq!(
+        of(C::InvalidTimestamp),
+        Disposition::Wait(Blocked::TimestampRefused)
+    );
+    assert_eq!(
+        of(C::InvalidMessage),
+        Disposition::Wait(Blocked::CorruptInTransit)
     );
     // Anything not named waits: dropping is never the default.
     assert_eq!(of(C::PolicyViolation), Disposition::Wait(Blocked::Other));

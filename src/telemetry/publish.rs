@@ -137,6 +137,10 @@ pub enum Blocked {
     ProducerFatal,
     /// Brokers down or not answering in time.
     BrokerUnavailable,
+    /// The broker refused the record's timestamp: a clock is off (`INVALID_TIMESTAMP`).
+    TimestampRefused,
+    /// A batch arrived damaged (`CORRUPT_MESSAGE`): resent.
+    CorruptInTransit,
     /// Any other error Kafka gave: retried, never dropped.
     Other,
     /// A spool entry this version cannot read (written by another version): it waits for an
@@ -147,11 +151,13 @@ pub enum Blocked {
 }
 
 impl Blocked {
-    pub const ALL: [Blocked; 7] = [
+    pub const ALL: [Blocked; 9] = [
         Blocked::TopicMissing,
         Blocked::NotAuthorized,
         Blocked::ProducerFatal,
         Blocked::BrokerUnavailable,
+        Blocked::TimestampRefused,
+        Blocked::CorruptInTransit,
         Blocked::Other,
         Blocked::EntryUnreadable,
         Blocked::DeadLetterFailing,
@@ -163,6 +169,8 @@ impl Blocked {
             Blocked::NotAuthorized => "not_authorized",
             Blocked::ProducerFatal => "producer_fatal",
             Blocked::BrokerUnavailable => "broker_unavailable",
+            Blocked::TimestampRefused => "timestamp_refused",
+            Blocked::CorruptInTransit => "corrupt_in_transit",
             Blocked::Other => "other",
             Blocked::EntryUnreadable => "entry_unreadable",
             Blocked::DeadLetterFailing => "dead_letter_failing",
