@@ -118,6 +118,8 @@ pub struct Publisher<S: Sink = KafkaSink> {
     built_at: Instant,
     rebuild: bool,
     rebuild_after: Instant,
+    /// Rebuilds since Kafka last confirmed a record: the next one waits `rebuild_backoff`.
+    rebuilds: u32,
     read_buf: VecDeque<(u64, Vec<u8>)>,
     read_failing: bool,
     /// What the metadata said about the last timeouts, and when it was asked.
@@ -182,6 +184,7 @@ impl<S: Sink> Publisher<S> {
             built_at: now,
             rebuild: false,
             rebuild_after: now,
+            rebuilds: 0,
             read_buf: VecDeque::new(),
             read_failing: false,
             explained: BTreeMap::new(),
@@ -256,6 +259,7 @@ impl<S: Sink> Publisher<S> {
                 ..
             } => {
                 self.last_delivery = now;
+                self.rebuilds = 0;
                 if let Some(p) = self.ledger.confirmed(seq)
                     && let Some(entry) = p.entry
                 {
@@ -404,7 +408,9 @@ impl<S: Sink> Publisher<S> {
     }
 
     /// A fatal error, or no delivery for a whole message timeout: a new producer, and every
-    /// unconfirmed record again, in order. A failed rebuild is tried again a second later.
+    /// unconfirmed record again, in order. The next rebuild waits 1 s, doubling up to 32 s
+    /// until a record is confirmed, whether this one succeeded or not: a fatal state that
+    /// comes straight back (a fenced or misconfigured producer) must not rebuild in a loop.
     fn rebuild_sink(&mut self, now: Instant) {
         self.built_at = now;
         let fatal = self.sink.fatal();
@@ -416,13 +422,12 @@ impl<S: Sink> Publisher<S> {
             failed: result.as_ref().err(),
         }
         .emit();
-        match result {
-            Ok(()) => {
-                self.generation += 1;
-                self.rebuild = false;
-                self.ledger.resend_all(now);
-            }
-            Err(_) => self.rebuild_after = now + Duration::from_secs(1),
+        self.rebuild_after = now + Duration::from_secs(1 << self.rebuilds.min(5));
+        self.rebuilds = self.rebuilds.saturating_add(1);
+        if result.is_ok() {
+            self.generation += 1;
+            self.rebuild = false;
+            self.ledger.resend_all(now);
         }
     }
 

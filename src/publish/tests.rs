@@ -380,6 +380,76 @@ async fn a_refused_timestamp_or_a_corrupt_batch_waits_and_is_delivered() {
     }
 }
 
+/// A producer whose fatal state comes straight back after every rebuild.
+struct AlwaysFatal {
+    rebuilds: usize,
+}
+
+impl Sink for AlwaysFatal {
+    fn send(&mut self, _: &str, _: u64, _: &View<'_>) -> Result<(), SendError> {
+        Err(SendError::Failed(Failure {
+            disposition: Disposition::Wait(Blocked::ProducerFatal),
+            error: "fenced".into(),
+        }))
+    }
+    fn rebuild(&mut self, _: u64) -> Result<(), String> {
+        self.rebuilds += 1;
+        Ok(())
+    }
+    fn fatal(&self) -> Option<String> {
+        Some("fenced".into())
+    }
+}
+
+#[tokio::test]
+async fn a_fatal_state_that_comes_straight_back_is_rebuilt_with_backoff_not_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened = spool::open(
+        &SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 1 << 26,
+            segment_bytes: 1 << 20,
+            fsync: Fsync::Always,
+        },
+        || {},
+    )
+    .unwrap();
+    opened.appender.append(entry("one").encode()).await.unwrap();
+    let env = |k: &str| (k == "IM_RELAY_KAFKA_BROKERS").then(|| "127.0.0.1:1".to_owned());
+    let start = Instant::now();
+    let mut p = Publisher::with_sink(
+        PublisherConfig {
+            kafka: KafkaConfig::load(None, &env).unwrap(),
+            max_in_flight: 100,
+        },
+        opened.reader,
+        opened.shared,
+        AlwaysFatal { rebuilds: 0 },
+        None,
+        start,
+    );
+    // A minute of turns, 10 ms apart, with the fatal state reported after every rebuild.
+    for turn in 0..6000 {
+        let now = start + Duration::from_millis(10 * turn);
+        p.handle(
+            Event::Fatal {
+                generation: p.generation,
+            },
+            now,
+        );
+        p.step(now);
+    }
+    // 1 + 2 + 4 + 8 + 16 + 32 s apart: at most 7 rebuilds in the minute.
+    let rebuilds = p.sink.rebuilds;
+    assert!(
+        (2..=7).contains(&rebuilds),
+        "{rebuilds} rebuilds in a minute"
+    );
+    drop(p);
+    drop(opened.appender);
+    opened.writer.join().unwrap();
+}
+
 fn dead_letters(spool: &Path) -> Vec<(Record, String)> {
     let dir = spool.join(spool::DEAD_LETTER_DIR);
     let mut out = Vec::new();
