@@ -32,16 +32,55 @@ fn cli() -> clap::Command {
                         .arg(spool_dir_arg()),
                 )
                 .subcommand(
+                    clap::Command::new("drain")
+                        .about("Publish what a stopped relay left in its spool directory, then exit (after a scale-in with Kafka away)")
+                        .after_help("Kafka settings as for `serve` (IM_RELAY_KAFKA_*, IM_RELAY_TOPIC…, or IM_RELAY_CONFIG). Exits 0 once nothing is left, 1 if records are still waiting at the timeout, 2 on bad settings.")
+                        .arg(spool_dir_arg())
+                        .arg(
+                            clap::Arg::new("timeout")
+                                .long("timeout-seconds")
+                                .value_name("S")
+                                .value_parser(clap::value_parser!(u64))
+                                .help("give up after S seconds [default: wait until drained]"),
+                        ),
+                )
+                .subcommand(
                     clap::Command::new("drop")
-                        .about("Give up one waiting record for good (relay stopped): it is kept in DIR/dead-letter/ and skipped from then on")
+                        .about("Give up waiting records for good (relay stopped): each is kept in DIR/dead-letter/ and skipped from then on")
                         .arg(spool_dir_arg())
                         .arg(
                             clap::Arg::new("seq")
                                 .long("seq")
                                 .value_name("N")
-                                .required(true)
                                 .value_parser(clap::value_parser!(u64))
                                 .help("sequence number of the record (the relay's log names it)"),
+                        )
+                        .arg(
+                            clap::Arg::new("from")
+                                .long("from")
+                                .value_name("N")
+                                .requires("to")
+                                .value_parser(clap::value_parser!(u64))
+                                .help("every waiting record from N…"),
+                        )
+                        .arg(
+                            clap::Arg::new("to")
+                                .long("to")
+                                .value_name("M")
+                                .requires("from")
+                                .value_parser(clap::value_parser!(u64))
+                                .help("…to M, both included"),
+                        )
+                        .arg(
+                            clap::Arg::new("all_unreadable")
+                                .long("all-unreadable")
+                                .action(clap::ArgAction::SetTrue)
+                                .help("every waiting entry this version cannot read (written by another version)"),
+                        )
+                        .group(
+                            clap::ArgGroup::new("which")
+                                .args(["seq", "from", "all_unreadable"])
+                                .required(true),
                         )
                         .arg(
                             clap::Arg::new("reason")
@@ -90,6 +129,7 @@ fn main() -> ExitCode {
         Some(("spool", sub)) => match sub.subcommand() {
             Some(("status", flags)) => spool_status(flags),
             Some(("drop", flags)) => spool_drop(flags),
+            Some(("drain", flags)) => spool_drain(flags),
             _ => ExitCode::from(2),
         },
         _ => ExitCode::from(2),
@@ -143,25 +183,89 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A spool directory no relay will start on again, published through the relay's own road.
+fn spool_drain(flags: &clap::ArgMatches) -> ExitCode {
+    let dir = &spool_dir(flags);
+    let kafka = match config::KafkaConfig::load(None, &|k| std::env::var(k).ok()) {
+        Ok(kafka) => kafka,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let timeout = flags
+        .get_one::<u64>("timeout")
+        .map(|s| std::time::Duration::from_secs(*s));
+    let publisher = im_relay::publish::PublisherConfig {
+        kafka,
+        max_in_flight: 2000,
+    };
+    let every = std::time::Duration::from_secs(10);
+    match im_relay::publish::drain(dir, publisher, timeout, every) {
+        Ok(d) => {
+            println!(
+                "{}: {} record(s) were waiting, {} published, {} left",
+                dir.display(),
+                d.found,
+                d.found.saturating_sub(d.left),
+                d.left
+            );
+            if d.left == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "records still wait in {}: run this again once Kafka takes them \
+                     (the log above says why they wait)",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The only way an acknowledged record leaves the spool without Kafka's word: an operator's.
 fn spool_drop(flags: &clap::ArgMatches) -> ExitCode {
     let dir = &spool_dir(flags);
-    let seq = flags.get_one::<u64>("seq").copied().unwrap_or_default();
+    let number = |name| flags.get_one::<u64>(name).copied();
     let reason = flags
         .get_one::<String>("reason")
         .cloned()
         .unwrap_or_default();
-    match spool::drop_record(dir, seq, &reason) {
-        Ok(()) => {
-            tracing::warn!(seq, reason, dir = %dir.display(), "spool record dropped by an operator");
+    let dropped = if let Some(seq) = number("seq") {
+        spool::drop_record(dir, seq, &reason).map(|()| vec![seq])
+    } else if let (Some(from), Some(to)) = (number("from"), number("to")) {
+        spool::drop_records(dir, |seq, _| (from..=to).contains(&seq), &reason)
+    } else {
+        spool::drop_records(
+            dir,
+            |_, entry| record::View::parse(entry).is_none(),
+            &reason,
+        )
+    };
+    match dropped {
+        Ok(seqs) => {
+            for seq in &seqs {
+                tracing::warn!(seq, reason, dir = %dir.display(), "spool record dropped by an operator");
+            }
             println!(
-                "dropped record {seq}; kept in {}",
+                "dropped {} record(s){}; kept in {}",
+                seqs.len(),
+                match (seqs.first(), seqs.last()) {
+                    (Some(a), Some(b)) if a != b => format!(" ({a} to {b})"),
+                    (Some(a), _) => format!(" ({a})"),
+                    _ => String::new(),
+                },
                 dir.join(spool::DEAD_LETTER_DIR).display()
             );
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("cannot drop record {seq} in {}: {error}", dir.display());
+            eprintln!("cannot drop records in {}: {error}", dir.display());
             ExitCode::FAILURE
         }
     }

@@ -323,6 +323,16 @@ impl Application {
         if tokio::time::timeout(patience, stopped).await.is_err() {
             tracing::error!("spool or publisher did not stop in time");
         }
+        let left = self.spool.backlog();
+        if left > 0 {
+            // After a scale-in no relay may start on this volume again: say what is owed.
+            tracing::warn!(
+                left,
+                dir = %config.spool.dir.display(),
+                "records left in the spool: published when a relay starts on it again, or by \
+                 `im-relay spool drain --spool-dir DIR` (deploy/kubernetes/spool-drain-job.yaml)"
+            );
+        }
         upkeep.abort();
         reconcile_stop.notify_one();
         if let Some(r) = reconciler {

@@ -8,8 +8,6 @@ use crate::record::{Entry, Target};
 use crate::spool::plant;
 
 pub struct Pending {
-    /// `None`: the spool held bytes this version cannot read; never sent, it holds the commit
-    /// until an operator drops it.
     pub entry: Option<Entry>,
     pub attempts: u32,
     pub retry_at: Instant,
@@ -19,9 +17,11 @@ pub struct Pending {
 pub struct Ledger {
     /// Read from the spool and not yet confirmed, by sequence number.
     pending: BTreeMap<u64, Pending>,
-    /// Of those, the ones waiting to be (re)sent. The rest are with the producer, or
-    /// unreadable.
+    /// Of those, the ones waiting to be (re)sent. The rest are with the producer.
     unsent: BTreeSet<u64>,
+    /// Spool entries this version cannot read: never sent, each holds the commit until an
+    /// operator drops it. Kept by number only, outside `pending`, so they take no room in the
+    /// in-flight window: the records behind them are still delivered.
     unreadable: BTreeSet<u64>,
     /// Refused by both topics: to be written to the dead-letter directory, with the reason.
     /// Never sent again, and holding no other record back: on a full disk, the segments
@@ -40,11 +40,11 @@ fn backoff(attempts: u32) -> Duration {
 
 impl Ledger {
     pub fn add(&mut self, seq: u64, entry: Option<Entry>, now: Instant) {
-        if entry.is_some() {
-            self.unsent.insert(seq);
-        } else {
+        if entry.is_none() {
             self.unreadable.insert(seq);
+            return;
         }
+        self.unsent.insert(seq);
         self.pending.insert(
             seq,
             Pending {
@@ -55,17 +55,23 @@ impl Ledger {
         );
     }
 
+    /// Records held in memory (unreadable entries are not: see `unreadable`).
     pub fn len(&self) -> usize {
         self.pending.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.unreadable.is_empty()
     }
 
     /// Records handed to the producer and awaiting their delivery report.
     pub fn with_producer(&self) -> usize {
-        self.pending.len() - self.unsent.len() - self.unreadable.len() - self.dead.len()
+        self.pending.len() - self.unsent.len() - self.dead.len()
+    }
+
+    /// Unreadable entries holding the commit.
+    pub fn unreadable(&self) -> usize {
+        self.unreadable.len()
     }
 
     /// Read but not handed to the producer yet: waiting for room in its queue or a retry.
@@ -139,6 +145,7 @@ impl Ledger {
 
     /// Kafka confirmed it (or it was kept elsewhere for good): done.
     pub fn confirmed(&mut self, seq: u64) -> Option<Pending> {
+        self.unreadable.remove(&seq);
         self.unsent.remove(&seq);
         self.dead.remove(&seq);
         self.alone.remove(&seq);
@@ -217,15 +224,18 @@ impl Ledger {
         if plant::active(plant::Plant::CommitPastUnconfirmed) {
             return last_read;
         }
-        match self.pending.keys().next() {
+        let first = self.pending.keys().next().into_iter();
+        match first.chain(self.unreadable.first()).min() {
             Some(first) => first - 1,
             None => last_read,
         }
     }
 
-    /// Whether any record `lo..=hi` awaits confirmation.
+    /// Whether any record `lo..=hi` awaits confirmation (or is unreadable).
     pub fn pending_in(&self, lo: u64, hi: u64) -> bool {
-        lo <= hi && self.pending.range(lo..=hi).next().is_some()
+        lo <= hi
+            && (self.pending.range(lo..=hi).next().is_some()
+                || self.unreadable.range(lo..=hi).next().is_some())
     }
 
     #[cfg(test)]

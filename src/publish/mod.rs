@@ -11,6 +11,7 @@
 
 mod kafka;
 pub mod ledger;
+mod left;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ use crate::telemetry::{
 };
 pub use kafka::{KafkaSink, Reporter, classify};
 use ledger::Ledger;
+pub use left::{Drained, drain};
 
 /// What to do with a record Kafka did not take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,11 @@ pub enum SendError {
 /// Records refused by both topics held in memory while their dead-letter write fails (a
 /// full disk), beyond the in-flight bound. Past it, reading stops until the disk has room.
 const MAX_DEAD_LETTERS_WAITING: usize = 1024;
+
+/// Unreadable entries held (by number, a few dozen bytes each) beyond the in-flight bound.
+/// Past it, reading stops until an operator drops them (`im-relay spool drop
+/// --all-unreadable`).
+const MAX_UNREADABLE_HELD: usize = 100_000;
 
 /// Publisher settings.
 #[derive(Debug, Clone)]
@@ -438,7 +445,9 @@ impl<S: Sink> Publisher<S> {
         // They are bounded on their own.
         let max = self.cfg.max_in_flight;
         let dead = self.ledger.dead_letters();
-        let room = if dead >= max.max(MAX_DEAD_LETTERS_WAITING) {
+        let room = if dead >= max.max(MAX_DEAD_LETTERS_WAITING)
+            || self.ledger.unreadable() >= MAX_UNREADABLE_HELD
+        {
             0
         } else {
             max.saturating_sub(self.ledger.len() - dead)

@@ -380,6 +380,28 @@ async fn a_refused_timestamp_or_a_corrupt_batch_waits_and_is_delivered() {
     }
 }
 
+/// Entries this version cannot read hold the commit, but not the window: more of them than
+/// the in-flight bound (100 here) still let the records behind them through.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_entries_beyond_the_window_hold_the_commit_not_the_records_behind_them() {
+    let h = harness(|_, _| {});
+    for i in 0..150 {
+        let mut future = entry(&format!("future-{i}")).encode();
+        future[0] = 9;
+        h.appender.append(future).await.unwrap();
+    }
+    let behind = ids("behind", 10);
+    h.append(&behind).await;
+    let got = h.read(TOPIC, behind.len());
+    assert_eq!(got.len(), behind.len(), "{got:?}");
+    assert_eq!(
+        h.shared.backlog(),
+        160,
+        "the unreadable entries hold the commit"
+    );
+    h.stop();
+}
+
 /// A producer whose fatal state comes straight back after every rebuild.
 struct AlwaysFatal {
     rebuilds: usize,

@@ -50,7 +50,10 @@ use crate::telemetry::{
 use reader::READ_CHUNK;
 pub use reader::Reader;
 use segments::*;
-pub use segments::{DEAD_LETTER_DIR, drop_record, each_pending, inspect, write_dead_letter};
+pub use segments::{
+    COMMITTED_FILE, DEAD_LETTER_DIR, drop_record, drop_records, each_pending, inspect,
+    write_dead_letter,
+};
 pub use storage::{Disk, Storage, StorageFile};
 use writer::*;
 

@@ -77,7 +77,8 @@ pub(super) fn read_whole(file: &dyn StorageFile) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-pub(super) const COMMITTED_FILE: &str = "committed";
+/// The committed position; every spool has one from its first open.
+pub const COMMITTED_FILE: &str = "committed";
 pub(super) const SLOT_BYTES: usize = 12;
 /// Sequence numbers an operator dropped (`im-relay spool drop`), one per line.
 pub(super) const DROPPED_FILE: &str = "dropped";
@@ -305,6 +306,24 @@ pub(super) fn make_reserve(storage: &dyn Storage, bytes: u64) -> bool {
 /// directory lock says so); the record is kept in the dead-letter directory with `reason`
 /// first, then listed in the `dropped` file, which the reader skips.
 pub fn drop_record(dir: &Path, seq: u64, reason: &str) -> io::Result<()> {
+    let dropped = drop_records(dir, |s, _| s == seq, reason)?;
+    if dropped.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no record {seq} waits in the spool (committed or never written)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `drop_record` for every waiting record `select(seq, payload)` picks (a range, or every
+/// entry this version cannot read); returns their numbers. Each is in the dead-letter
+/// directory before any is listed as dropped.
+pub fn drop_records(
+    dir: &Path,
+    mut select: impl FnMut(u64, &[u8]) -> bool,
+    reason: &str,
+) -> io::Result<Vec<u64>> {
     // The list is one record a line: a line break in the reason would drop another record
     // without its dead-letter copy.
     if reason.is_empty() || reason.chars().any(char::is_control) {
@@ -317,30 +336,28 @@ pub fn drop_record(dir: &Path, seq: u64, reason: &str) -> io::Result<()> {
         dir: dir.to_path_buf(),
     };
     let _lock = lock(dir)?;
-    let mut found = None;
-    each_pending(dir, |s, payload| {
-        if s == seq {
-            found = Some(payload.to_vec());
+    let why = format!("dropped by an operator: {reason}");
+    let mut seqs = Vec::new();
+    let mut failed = None;
+    each_pending(dir, |seq, payload| {
+        if select(seq, payload) {
+            match write_dead_letter(&storage, seq, payload, &why) {
+                Ok(()) => seqs.push(seq),
+                Err(error) => failed = Some(error),
+            }
         }
-        found.is_none()
+        failed.is_none()
     })?;
-    let Some(payload) = found else {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no record {seq} waits in the spool (committed or never written)"),
-        ));
-    };
-    write_dead_letter(
-        &storage,
-        seq,
-        &payload,
-        &format!("dropped by an operator: {reason}"),
-    )?;
-    let file = storage.open(DROPPED_FILE, true)?;
-    let len = file.len()?;
-    file.write_at(len, format!("{seq} {reason}\n").as_bytes())?;
-    file.sync()?;
-    storage.sync_dir("")
+    // What was copied is listed even when a later copy failed: the copies are kept either way.
+    if !seqs.is_empty() {
+        let lines: String = seqs.iter().map(|seq| format!("{seq} {reason}\n")).collect();
+        let file = storage.open(DROPPED_FILE, true)?;
+        let len = file.len()?;
+        file.write_at(len, lines.as_bytes())?;
+        file.sync()?;
+        storage.sync_dir("")?;
+    }
+    failed.map_or(Ok(seqs), Err)
 }
 
 pub(super) fn lock(dir: &Path) -> io::Result<File> {

@@ -522,6 +522,10 @@ struct Faulty {
     fail_renames: Arc<AtomicBool>,
     /// Reads still to answer with zero bytes.
     empty_reads: Arc<AtomicU64>,
+    /// Writes still to fail (`EIO`).
+    failed_writes: Arc<AtomicU64>,
+    /// No free block: a write past a file's end fails (`ENOSPC`); over its bytes, it succeeds.
+    full: Arc<AtomicBool>,
     spare_rename: Arc<Gate>,
 }
 
@@ -559,6 +563,8 @@ impl Faulty {
             fail_syncs: Arc::default(),
             fail_renames: Arc::default(),
             empty_reads: Arc::default(),
+            failed_writes: Arc::default(),
+            full: Arc::default(),
             spare_rename: Arc::default(),
         }
     }
@@ -611,6 +617,16 @@ impl StorageFile for FaultyFile {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         while self.faults.hang.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        let failing = &self.faults.failed_writes;
+        if failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(io::Error::other("injected write EIO"));
+        }
+        if self.faults.full.load(Ordering::SeqCst) && offset + buf.len() as u64 > self.len()? {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
         }
         self.inner.write_at(offset, buf)
     }
@@ -1026,4 +1042,56 @@ fn a_second_dead_letter_with_the_same_number_never_overwrites_the_first() {
             (b"third".to_vec(), "three".into())
         ]
     );
+}
+
+#[tokio::test]
+async fn records_are_dropped_by_range_each_with_its_dead_letter_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    let seqs = append_n(&s.appender, 0..6).await;
+    close(s);
+    let range = seqs[1]..=seqs[3];
+    let dropped = drop_records(dir.path(), |seq, _| range.contains(&seq), "bad batch").unwrap();
+    assert_eq!(dropped, seqs[1..=3]);
+    let dead = file_names(&dir.path().join(DEAD_LETTER_DIR));
+    for seq in &dropped {
+        assert!(dead.contains(&format!("{seq:020}.entry")), "{dead:?}");
+    }
+    let mut s = open_quiet(&cfg);
+    let left: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    assert_eq!(left, [seqs[0], seqs[4], seqs[5]]);
+    close(s);
+}
+
+/// A failed write into a segment written over a spare, on a disk with no free block: the next
+/// write goes into the spare's own blocks. Cut to nothing, the spare left the writer needing
+/// new blocks, and every callback was refused for good.
+#[test]
+fn a_spare_a_failed_write_went_into_is_still_written_on_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let (cfg, mut writer, mut reader) = small_segments(dir.path(), Arc::new(faulty.clone()));
+    assert!(
+        writer.recycled,
+        "the first segment is written over the spare made at open"
+    );
+    faulty.full.store(true, Ordering::SeqCst);
+    faulty.failed_writes.store(1, Ordering::SeqCst);
+    let failed = writer.write_batch(&[&[b"lost".to_vec()]], &mut Vec::new());
+    assert!(failed[0].is_err());
+    let kept = writer.write_batch(&[&[b"kept".to_vec()]], &mut Vec::new());
+    let seq = kept[0].clone().expect("written into the spare's blocks");
+    assert_eq!(read_all(&mut reader), vec![(seq, b"kept".to_vec())]);
+    drop((writer, reader));
+    let disk = Arc::new(Disk {
+        dir: dir.path().to_path_buf(),
+    });
+    let (_, mut reader, _, recovery) = recover(disk, &cfg, None).unwrap();
+    assert_eq!(
+        (recovery.damaged, recovery.torn_bytes),
+        (0, 0),
+        "{recovery:?}"
+    );
+    assert_eq!(read_all(&mut reader), vec![(seq, b"kept".to_vec())]);
 }

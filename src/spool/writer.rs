@@ -209,7 +209,7 @@ impl Writer {
                     .map(|(g, _)| g.len())
                     .sum();
                 self.next_seq += records as u64;
-                self.cut_pending = self.file.set_len(self.offset).is_err();
+                self.cut_pending = self.cut_failed_write(buf.len()).is_err();
                 self.rotate_next = true;
                 self.shared.disk_error.store(true, Ordering::Relaxed);
                 SpoolWriteFailed { error: &error }.emit();
@@ -219,6 +219,24 @@ impl Writer {
             }
         }
         results
+    }
+
+    /// Makes sure nothing of a failed write of `len` bytes at `offset` can be read. A file
+    /// written over a spare gets zeros there instead of a cut: its blocks stay allocated, so
+    /// the next write needs no new space (cut to nothing, a spare left the writer needing
+    /// blocks a full disk did not have, and it answered 503 for good). Zeros after the last
+    /// frame read as what a spare held before, neither record nor damage; the file is cut to
+    /// its frames when the writer moves on (`start_segment`).
+    fn cut_failed_write(&mut self, len: usize) -> io::Result<()> {
+        if self.recycled
+            && self
+                .file
+                .write_at(self.offset, &vec![0; len.max(frame::HEADER_BYTES)])
+                .is_ok()
+        {
+            return Ok(());
+        }
+        self.file.set_len(self.offset)
     }
 
     /// Before a write of `bytes`: the cut of a failed write, and a new segment if this one is

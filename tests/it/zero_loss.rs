@@ -550,12 +550,16 @@ async fn an_unreadable_spool_entry_waits_until_an_operator_drops_it() {
         "drop",
         "--spool-dir",
         &s.env["IM_RELAY_SPOOL_DIR"],
-        "--seq",
-        &unreadable,
+        "--all-unreadable",
         "--reason",
         "written by v9",
     ]);
     assert!(dropped.status.success(), "{dropped:?}");
+    let said = String::from_utf8_lossy(&dropped.stdout);
+    assert!(
+        said.contains(&format!("dropped 1 record(s) ({unreadable})")),
+        "{said}"
+    );
     let kept = dir
         .join("dead-letter")
         .join(format!("{:020}.reason", seqs[1]));
@@ -640,6 +644,58 @@ async fn sigterm_under_load_loses_nothing_acknowledged() {
     s.check(acked).await;
     assert_nothing_dropped(&relay.metrics());
     assert!(relay.terminate().success());
+}
+
+/// A scale-in while Kafka does not answer: the relay gets SIGTERM with a backlog, exits within
+/// its flush timeout and says what it left; no relay starts on that volume again. Once the
+/// broker is back, `im-relay spool drain` alone publishes the rest: every acknowledged record
+/// is in Kafka.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spool_left_by_a_scale_in_with_kafka_frozen_is_published_by_spool_drain() {
+    let s = setup(&[("IM_RELAY_KAFKA_FLUSH_TIMEOUT_MS", "2000")]).await;
+    let relay = s.start();
+    let mut acked = drive_for(&s, "before-scale-in", Duration::from_millis(500)).await;
+    s.broker.signal("-STOP");
+    acked.extend(drive_for(&s, "scale-in", Duration::from_secs(2)).await);
+    let stopped = tokio::task::spawn_blocking(move || relay.terminate())
+        .await
+        .unwrap();
+    assert!(stopped.success(), "{}", s.log());
+    assert!(
+        s.log().contains("records left in the spool"),
+        "the relay did not say what it left: {}",
+        s.log()
+    );
+    let dir = &s.env["IM_RELAY_SPOOL_DIR"];
+    let status = relay_cmd(&["spool", "status", "--spool-dir", dir]);
+    let said = String::from_utf8_lossy(&status.stdout).into_owned();
+    let left: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog records:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no backlog in: {said}"));
+    assert!(left > 0, "nothing was left to drain: {said}");
+    s.broker.signal("-CONT");
+    let drained = std::process::Command::new(env!("CARGO_BIN_EXE_im-relay"))
+        .args([
+            "spool",
+            "drain",
+            "--spool-dir",
+            dir,
+            "--timeout-seconds",
+            "60",
+        ])
+        .envs(&s.env)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&drained.stdout).into_owned();
+    assert!(drained.status.success(), "{drained:?}");
+    assert!(
+        said.contains(&format!("{left} record(s) were waiting")),
+        "{said}"
+    );
+    assert!(said.contains(", 0 left"), "{said}");
+    s.check(acked).await;
 }
 
 /// A real `ENOSPC`: the spool's file system fills up while Kafka is frozen. Callbacks get 503
