@@ -167,6 +167,7 @@ impl Application {
             "spool opened"
         );
         telemetry::RecordsDropped(r.dropped).emit();
+        telemetry::SpoolSetAsideHeld(r.set_aside_held).emit();
         let publisher = Publisher::new(
             PublisherConfig {
                 kafka: config.kafka.clone(),

@@ -45,13 +45,14 @@ use tokio::sync::oneshot;
 
 use crate::telemetry::Event as _;
 use crate::telemetry::{
-    SpoolAppended, SpoolDamage, SpoolSyncFailed, SpoolSynced, SpoolWriteFailed,
+    SpoolAppended, SpoolDamage, SpoolSegmentSetAside, SpoolSyncFailed, SpoolSynced,
+    SpoolWriteFailed,
 };
 use reader::READ_CHUNK;
 pub use reader::Reader;
 use segments::*;
 pub use segments::{
-    COMMITTED_FILE, DEAD_LETTER_DIR, drop_record, drop_records, each_pending, inspect,
+    COMMITTED_FILE, DEAD_LETTER_DIR, FOREIGN_DIR, drop_record, drop_records, each_pending, inspect,
     write_dead_letter,
 };
 pub use storage::{Disk, Storage, StorageFile};
@@ -144,6 +145,13 @@ pub struct Recovery {
     pub torn_bytes: u64,
     /// Records an operator dropped with `im-relay spool drop`.
     pub dropped: usize,
+    /// Segments that overlap an earlier one (or lie beyond any number this spool gives):
+    /// `open` sets them aside in `FOREIGN_DIR` before it reads anything.
+    pub overlapping: usize,
+    /// Segments `open` set aside now.
+    pub set_aside: usize,
+    /// Segments with records in the `FOREIGN_DIR`s, waiting for `im-relay spool drain`.
+    pub set_aside_held: usize,
 }
 
 /// Where the writer is: what the reader may read of the active segment.
@@ -341,7 +349,12 @@ fn recover(
     cfg: &SpoolConfig,
     lock: Option<File>,
 ) -> io::Result<(Writer, Reader, Arc<Shared>, Recovery)> {
-    let (mut recovery, scans) = scan_all(storage.as_ref())?;
+    let (mut recovery, mut scans) = scan_all(storage.as_ref())?;
+    let set_aside = set_aside(storage.as_ref(), &scans)?;
+    if set_aside > 0 {
+        (recovery, scans) = scan_all(storage.as_ref())?;
+        recovery.set_aside = set_aside;
+    }
     let mut last_seq = recovery.committed;
     let mut highest_name = 0;
     for scan in &scans {

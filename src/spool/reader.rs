@@ -263,6 +263,20 @@ impl Reader {
             self.reserve_held = false;
             return write_dead_letter(storage, seq, payload, reason);
         }
+        if first.is_err() {
+            // The reserve is spent: a spare gives its space too (the next delivered segment
+            // becomes one again). Kept, it held the disk full while the records waiting for
+            // this write held the commit, and with it every segment behind them (the
+            // simulation found that stall).
+            let mut spares = self.shared.spares();
+            if let Some(spare) = spares.pop() {
+                if storage.remove(&spare).is_ok() {
+                    drop(spares);
+                    return write_dead_letter(storage, seq, payload, reason);
+                }
+                spares.push(spare);
+            }
+        }
         first
     }
 

@@ -191,7 +191,102 @@ pub(super) fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<Segme
             len: bytes.len() as u64,
         });
     }
+    r.overlapping = overlapping(&scans).len();
+    r.set_aside_held = set_aside_held(storage)?;
     Ok((r, scans))
+}
+
+/// Where segments recovery cannot read in place are set aside: a spool directory of their own
+/// (`foreign`, else `foreign.2`, … where a file of that name is already set aside), published
+/// by `im-relay spool drain`. Its committed position is 0: whether a set-aside record was
+/// delivered is not known, so all of it is owed (duplicates, never loss).
+pub const FOREIGN_DIR: &str = "foreign";
+
+/// No sequence number goes above this: at a million records a second it is 146,000 years
+/// away, so a segment or spare beyond it was not written by this spool (and counting on from
+/// it would wrap).
+pub(super) const SEQ_LIMIT: u64 = 1 << 62;
+
+/// Segments recovery must not read in place: one whose name an earlier segment's frames run
+/// past (copied in from another pod, restored from a backup: read in order, the earlier
+/// segment would move the read position over this one's records, skipping them silently), or
+/// one beyond `SEQ_LIMIT`. The later-numbered file of a conflict is the one set aside, so live
+/// records are never read over. `scans` are in name order.
+pub(super) fn overlapping(scans: &[SegmentScan]) -> Vec<usize> {
+    let mut read_to: Option<u64> = None;
+    let mut out = Vec::new();
+    for (i, scan) in scans.iter().enumerate() {
+        let last = scan.last_seq.unwrap_or(scan.first);
+        if read_to.is_some_and(|r| scan.first <= r) || scan.first.max(last) > SEQ_LIMIT {
+            out.push(i);
+            continue;
+        }
+        read_to = read_to.max(scan.last_seq);
+    }
+    out
+}
+
+/// Moves the segments `overlapping` names into a `FOREIGN_DIR`, durably, and says so; returns
+/// how many. A spare beyond `SEQ_LIMIT` holds nothing owed and is removed.
+pub(super) fn set_aside(storage: &dyn Storage, scans: &[SegmentScan]) -> io::Result<usize> {
+    for (bound, name) in list_spares(storage)? {
+        if bound > SEQ_LIMIT {
+            storage.remove(&name)?;
+        }
+    }
+    let mut moved = 0;
+    for i in overlapping(scans) {
+        let scan = &scans[i];
+        let mut dir = FOREIGN_DIR.to_owned();
+        for n in 2.. {
+            match storage.open(&format!("{dir}/{}", scan.name), false) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+                Ok(_) => dir = format!("{FOREIGN_DIR}.{n}"),
+            }
+        }
+        storage.create_dir(&dir)?;
+        let position = storage.open(&format!("{dir}/{COMMITTED_FILE}"), true)?;
+        if position.len()? == 0 {
+            position.write_at(0, &[committed_slot(0), committed_slot(0)].concat())?;
+            position.sync()?;
+        }
+        storage.rename(&scan.name, &format!("{dir}/{}", scan.name))?;
+        // The new name durable before the old one goes: a power cut between finds it in both
+        // places (set aside again at the next start), never in neither.
+        storage.sync_dir(&dir)?;
+        storage.sync_dir("")?;
+        SpoolSegmentSetAside {
+            segment: &scan.name,
+            first: scan.first,
+            last: scan.last_seq,
+            dir: &dir,
+        }
+        .emit();
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// Segments holding records in the `FOREIGN_DIR`s (empty ones are what a drain's writer left).
+pub(super) fn set_aside_held(storage: &dyn Storage) -> io::Result<usize> {
+    let mut held = 0;
+    for n in 1.. {
+        let dir = match n {
+            1 => FOREIGN_DIR.to_owned(),
+            n => format!("{FOREIGN_DIR}.{n}"),
+        };
+        let names = match storage.list_in(&dir) {
+            Ok(names) => names,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        };
+        for name in names.iter().filter(|n| n.ends_with(".seg")) {
+            let file = storage.open(&format!("{dir}/{name}"), false)?;
+            held += usize::from(file.len()? > 0);
+        }
+    }
+    Ok(held)
 }
 
 /// Scans the spool in `dir` read-only (what `spool status` shows).

@@ -243,12 +243,23 @@ struct SimFile {
 }
 
 impl Storage for SimDisk {
-    fn list(&self) -> io::Result<Vec<String>> {
+    fn list_in(&self, sub: &str) -> io::Result<Vec<String>> {
         let mut s = self.state();
         if s.fault("list EIO") {
             return Err(eio("readdir EIO"));
         }
-        Ok(s.dir.keys().filter(|n| !n.contains('/')).cloned().collect())
+        if sub.is_empty() {
+            return Ok(s.dir.keys().filter(|n| !n.contains('/')).cloned().collect());
+        }
+        if !s.subdirs.contains(sub) {
+            return Err(err(io::ErrorKind::NotFound, "ENOENT (directory)"));
+        }
+        let inside = |n: &String| n.strip_prefix(sub)?.strip_prefix('/').map(str::to_owned);
+        Ok(s.dir
+            .keys()
+            .filter_map(inside)
+            .filter(|n| !n.contains('/'))
+            .collect())
     }
 
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>> {

@@ -10,8 +10,13 @@ use std::path::PathBuf;
 
 /// The spool directory.
 pub trait Storage: Send + Sync {
+    /// Names of the regular files directly in the sub-directory `sub` ("" for the spool
+    /// directory itself); `NotFound` when there is no such sub-directory.
+    fn list_in(&self, sub: &str) -> io::Result<Vec<String>>;
     /// Names of the regular files directly in the directory.
-    fn list(&self) -> io::Result<Vec<String>>;
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.list_in("")
+    }
     /// Opens `name` for reading and writing, creating it (empty) if `create` and missing. Never
     /// truncates.
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>>;
@@ -45,9 +50,9 @@ pub struct Disk {
 }
 
 impl Storage for Disk {
-    fn list(&self) -> io::Result<Vec<String>> {
+    fn list_in(&self, sub: &str) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
+        for entry in fs::read_dir(self.dir.join(sub))? {
             let entry = entry?;
             if entry.file_type()?.is_file()
                 && let Ok(name) = entry.file_name().into_string()

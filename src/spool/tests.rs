@@ -571,8 +571,8 @@ impl Faulty {
 }
 
 impl Storage for Faulty {
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.disk.list()
+    fn list_in(&self, sub: &str) -> io::Result<Vec<String>> {
+        self.disk.list_in(sub)
     }
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>> {
         Ok(Box::new(FaultyFile {
@@ -1094,4 +1094,76 @@ fn a_spare_a_failed_write_went_into_is_still_written_on_a_full_disk() {
         "{recovery:?}"
     );
     assert_eq!(read_all(&mut reader), vec![(seq, b"kept".to_vec())]);
+}
+
+/// Writes a segment file of frames `seqs` in generation `first` (as another spool would).
+fn write_segment(dir: &Path, first: u64, seqs: std::ops::RangeInclusive<u64>, tag: &str) {
+    let mut bytes = Vec::new();
+    for seq in seqs {
+        frame::encode(first, seq, format!("{tag}-{seq}").as_bytes(), &mut bytes);
+    }
+    fs::write(dir.join(segment_name(first)), bytes).unwrap();
+}
+
+/// A segment copied in from another pod (or restored from a backup) whose name falls inside a
+/// live segment's numbers: read in order, the live segment moved the read position past the
+/// copy's first records, which were skipped without a word. Now recovery sets the later-numbered
+/// file aside in `foreign/`, a spool of its own whose records a drain publishes, all of them.
+#[tokio::test]
+async fn a_segment_overlapping_another_is_set_aside_and_its_records_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    let live = append_n(&s.appender, 0..6).await;
+    close(s);
+    assert_eq!(live[0], 1);
+    write_segment(dir.path(), 2, 2..=20, "copied");
+    let mut s = open_quiet(&cfg);
+    assert_eq!(
+        (s.recovery.set_aside, s.recovery.set_aside_held),
+        (1, 1),
+        "{:?}",
+        s.recovery
+    );
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    assert_eq!(read, live);
+    let next = s.appender.append(b"new".to_vec()).await.unwrap();
+    assert!(next > *live.last().unwrap());
+    close(s);
+    let foreign = dir.path().join(FOREIGN_DIR);
+    let mut f = open_quiet(&config(&foreign));
+    let copied: Vec<(u64, Vec<u8>)> = (2..=20)
+        .map(|seq| (seq, format!("copied-{seq}").into_bytes()))
+        .collect();
+    assert_eq!(
+        read_all(&mut f.reader),
+        copied,
+        "every copied record is owed"
+    );
+    close(f);
+    // `spool status` sees it before the next start too.
+    write_segment(dir.path(), 3, 3..=4, "again");
+    let status = inspect(dir.path()).unwrap();
+    assert_eq!((status.overlapping, status.set_aside_held), (1, 1));
+}
+
+/// A segment (or a spare) numbered beyond any number this spool gives: counting on from it
+/// would wrap. It is set aside, and new records go on from the spool's own numbers.
+#[tokio::test]
+async fn a_segment_near_the_top_of_the_numbers_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    let live = append_n(&s.appender, 0..3).await;
+    close(s);
+    write_segment(dir.path(), u64::MAX - 5, u64::MAX - 5..=u64::MAX - 4, "top");
+    fs::write(dir.path().join(spare_name(u64::MAX)), b"").unwrap();
+    let mut s = open_quiet(&cfg);
+    assert_eq!(s.recovery.set_aside, 1, "{:?}", s.recovery);
+    assert!(!dir.path().join(spare_name(u64::MAX)).exists());
+    let read: Vec<u64> = read_all(&mut s.reader).iter().map(|r| r.0).collect();
+    assert_eq!(read, live);
+    let next = s.appender.append(b"new".to_vec()).await.unwrap();
+    assert_eq!(next, live.last().unwrap() + 1);
+    close(s);
 }

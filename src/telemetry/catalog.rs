@@ -78,6 +78,8 @@ pub const METRICS: &[Metric] = &[
     m("im_relay_spool_damaged_frames_total", Counter, &[],
         "Damaged spool stretches skipped on reading: records lost to the disk."),
     m("im_relay_spool_backlog_records", Gauge, &[], "Acknowledged records not yet confirmed by Kafka."),
+    m("im_relay_spool_set_aside_segments", Gauge, &[],
+        "Segments with records that recovery set aside in foreign/ (they overlapped another): im-relay spool drain publishes them."),
     m("im_relay_spool_bytes", Gauge, &[], "Bytes the spool holds."),
     m("im_relay_spool_max_bytes", Gauge, &[], "The spool's bound (IM_RELAY_SPOOL_MAX_BYTES)."),
     m("im_relay_spool_oldest_unpublished_age_seconds", Gauge, &[],

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, counter, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 
 use super::{Event, cached};
 
@@ -92,6 +92,45 @@ impl Event for SpoolDamage {
             bytes = self.bytes,
             "damaged spool frames skipped"
         );
+    }
+}
+
+/// Recovery set a segment aside (it overlaps an earlier one, or lies beyond any number this
+/// spool gives): its records are owed and published by `im-relay spool drain` on `dir`.
+pub struct SpoolSegmentSetAside<'a> {
+    pub segment: &'a str,
+    pub first: u64,
+    pub last: Option<u64>,
+    pub dir: &'a str,
+}
+
+impl Event for SpoolSegmentSetAside<'_> {
+    fn emit(&self) {
+        tracing::error!(
+            segment = self.segment,
+            first = self.first,
+            last = self.last,
+            dir = self.dir,
+            "spool segment overlaps another; set aside, its records wait for \
+             `im-relay spool drain --spool-dir <spool>/<dir>`"
+        );
+    }
+}
+
+/// Segments with records set aside in the spool's `foreign` directories (at open): the gauge
+/// an alert watches until an operator has drained them.
+pub struct SpoolSetAsideHeld(pub usize);
+
+impl Event for SpoolSetAsideHeld {
+    fn emit(&self) {
+        gauge!("im_relay_spool_set_aside_segments").set(self.0 as f64);
+        if self.0 > 0 {
+            tracing::error!(
+                segments = self.0,
+                "spool segments set aside hold records: publish them with \
+                 `im-relay spool drain --spool-dir <spool>/foreign` (and foreign.2, …)"
+            );
+        }
     }
 }
 
