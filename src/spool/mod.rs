@@ -179,9 +179,11 @@ pub struct Shared {
     tail: Mutex<Tail>,
     /// The last write failed: callbacks are refused until one succeeds.
     disk_error: AtomicBool,
-    /// The last background sync failed (`Interval`): acknowledged records may not survive a
-    /// power cut until a later sync succeeds.
+    /// A sync failed (`Interval`): acknowledged records may not survive a power cut until the
+    /// writer has appended them again and synced that (`writer::Writer::reestablish`).
     sync_failed: AtomicBool,
+    /// Every record up to this one is durable (`Always`, `Interval`; not kept with `Never`).
+    synced: AtomicU64,
     /// When the write or sync in progress began (ms since `epoch`, plus one); 0 when idle.
     busy_since: AtomicU64,
     epoch: Instant,
@@ -421,6 +423,7 @@ fn recover(
         }),
         disk_error: AtomicBool::new(false),
         sync_failed: AtomicBool::new(false),
+        synced: AtomicU64::new(last_seq),
         busy_since: AtomicU64::new(0),
         oldest_unpublished_ms: AtomicU64::new(0),
         epoch: Instant::now(),
@@ -446,7 +449,12 @@ fn recover(
         cut_pending: false,
         rotate_next: false,
         last_sync: Instant::now(),
+        clock: Instant::now(),
         syncer: None,
+        deferred: None,
+        unsynced: Unsynced::default(),
+        reestablish_failures: 0,
+        reestablish_at: None,
     };
     let reader = Reader {
         shared: shared.clone(),
@@ -478,6 +486,9 @@ pub(crate) mod plant {
         CommitPastUnconfirmed,
         /// A spare's new segment name is not made durable before frames go in.
         SkipSpareDirSync,
+        /// `Interval`: a sync that succeeds after a failed one clears the failure, as if the
+        /// failed pages had been written.
+        SyncSuccessClearsFailure,
     }
 
     #[cfg(test)]

@@ -1167,3 +1167,53 @@ async fn a_segment_near_the_top_of_the_numbers_is_set_aside() {
     assert_eq!(next, live.last().unwrap() + 1);
     close(s);
 }
+
+/// `Interval`: a failed background sync may have lost what it was to write (Linux marks the
+/// pages clean and a later sync succeeds without them), so the records written since the last
+/// good sync are appended again from the writer's copies, to a new segment, and synced there;
+/// readiness stays red until that sync succeeded, not merely until the next one does.
+#[tokio::test]
+async fn after_a_failed_sync_the_records_since_the_last_good_one_are_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Faulty::new(dir.path());
+    let cfg = SpoolConfig {
+        fsync: Fsync::Interval(Duration::from_millis(1)),
+        ..config(dir.path())
+    };
+    let mut s = open_on(Arc::new(faulty.clone()), &cfg, None, || {}).unwrap();
+    let before = s.appender.append(b"synced".to_vec()).await.unwrap();
+    let shared = s.shared.clone();
+    wait_for("the first record synced", || {
+        shared.synced.load(Ordering::SeqCst) >= before
+    })
+    .await;
+    faulty.fail_syncs.store(true, Ordering::SeqCst);
+    let at_risk = s.appender.append(b"at risk".to_vec()).await.unwrap();
+    wait_for("the failed sync surfaced", || {
+        shared.trouble(0, Duration::from_secs(1)) == Some("spool sync failing")
+    })
+    .await;
+    // Syncs fail on: each try to write again fails too, and readiness stays red.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        s.shared.trouble(0, Duration::from_secs(1)),
+        Some("spool sync failing")
+    );
+    faulty.fail_syncs.store(false, Ordering::SeqCst);
+    wait_for("durability re-established", || {
+        shared.trouble(0, Duration::from_secs(1)).is_none()
+    })
+    .await;
+    assert!(s.shared.synced.load(Ordering::SeqCst) > at_risk);
+    let read = read_all(&mut s.reader);
+    let copies: Vec<u64> = read
+        .iter()
+        .filter(|(_, p)| p == b"at risk")
+        .map(|r| r.0)
+        .collect();
+    // The first copy, and one per try to write it again (they back off: a few at most).
+    assert!((2..=4).contains(&copies.len()), "{copies:?}");
+    assert_eq!(copies[0], at_risk);
+    assert!(read.iter().filter(|(_, p)| p == b"synced").count() == 1);
+    close(s);
+}

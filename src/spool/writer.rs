@@ -1,5 +1,13 @@
 //! The writer thread: group commit of appended records into the active segment, rotation,
 //! the fsync policy (and `Interval`'s syncer thread), and cutting a failed write.
+//!
+//! `Interval` after a failed sync: Linux marks the pages it could not write clean, so a later
+//! sync succeeds without writing them, and once the kernel drops them from the cache a read
+//! returns what the disk held before. Nothing read back from the file can be trusted then. The
+//! writer keeps a copy of every record since the last good sync (`Unsynced`, bounded); after a
+//! failure it appends the ones Kafka has not yet confirmed again, to a new segment, and syncs
+//! that itself. Readiness stays red (`sync_failed`) until that sync succeeds, and only the
+//! writer clears it: a later sync of the syncer's proves nothing about the failed pages.
 
 use super::*;
 
@@ -14,6 +22,25 @@ pub(super) struct SyncJob {
     pub(super) file: Box<dyn StorageFile>,
     /// A new segment was created since the last job: its directory entry too.
     pub(super) dir: bool,
+    /// Every record up to this one was written before the job was queued.
+    pub(super) upto: u64,
+}
+
+impl SyncJob {
+    /// Syncs; on success, and while no earlier sync failed, every record up to `upto` is
+    /// durable (jobs run in order).
+    pub(super) fn run(self, shared: &Shared) {
+        let synced = sync_file(self.file.as_ref()).and_then(|()| {
+            if self.dir {
+                shared.storage.sync_dir("")?;
+            }
+            Ok(())
+        });
+        match synced {
+            Ok(()) => synced_upto(shared, self.upto),
+            Err(error) => sync_failed(shared, &error),
+        }
+    }
 }
 
 impl Syncer {
@@ -23,27 +50,55 @@ impl Syncer {
             .name("spool-syncer".into())
             .spawn(move || {
                 for job in jobs {
-                    let synced = sync_file(job.file.as_ref()).and_then(|()| {
-                        if job.dir {
-                            shared.storage.sync_dir("")?;
-                        }
-                        Ok(())
-                    });
-                    note_sync(&shared, synced);
+                    job.run(&shared);
                 }
             })?;
         Ok(Syncer { queue, thread })
     }
 }
 
-/// Surfaces a sync's outcome: a failure turns readiness red and is counted until a later sync
-/// succeeds.
-pub(super) fn note_sync(shared: &Shared, result: io::Result<()>) {
-    match result {
-        Ok(()) => shared.sync_failed.store(false, Ordering::Relaxed),
-        Err(error) => {
-            shared.sync_failed.store(true, Ordering::Relaxed);
-            SpoolSyncFailed { error: &error }.emit();
+/// A sync failed: readiness red, counted, until the writer has made what it held durable again.
+pub(super) fn sync_failed(shared: &Shared, error: &io::Error) {
+    shared.sync_failed.store(true, Ordering::SeqCst);
+    SpoolSyncFailed { error }.emit();
+}
+
+/// A sync succeeded: records up to `upto` are durable, unless an earlier one failed (then only
+/// the writer's `reestablish` says what is durable).
+pub(super) fn synced_upto(shared: &Shared, upto: u64) {
+    if plant::active(plant::Plant::SyncSuccessClearsFailure) {
+        shared.sync_failed.store(false, Ordering::SeqCst);
+    }
+    if !shared.sync_failed.load(Ordering::SeqCst) {
+        shared.synced.fetch_max(upto, Ordering::SeqCst);
+    }
+}
+
+/// `Interval`: copies of the records written since the last good sync, oldest first.
+#[derive(Default)]
+pub(super) struct Unsynced {
+    records: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// Bytes of copies kept at most: past it, the writer waits for a sync (at 30,000 records a
+/// second of 1 KiB, half a second's worth).
+pub(super) const MAX_UNSYNCED_BYTES: usize = 16 << 20;
+
+impl Unsynced {
+    fn push(&mut self, seq: u64, payload: &[u8]) {
+        self.bytes += payload.len();
+        self.records.push_back((seq, payload.to_vec()));
+    }
+
+    /// Forgets what is durable now.
+    fn trim(&mut self, durable: u64) {
+        while let Some((seq, payload)) = self.records.front() {
+            if *seq > durable {
+                break;
+            }
+            self.bytes -= payload.len();
+            self.records.pop_front();
         }
     }
 }
@@ -70,7 +125,19 @@ pub(super) struct Writer {
     /// be deleted once delivered and give its space back.
     pub(super) rotate_next: bool,
     pub(super) last_sync: Instant,
+    /// The time the last `tick` was given (the simulation's clock there): what `last_sync`
+    /// is measured in.
+    pub(super) clock: Instant,
     pub(super) syncer: Option<Syncer>,
+    /// The simulation's syncer: jobs it runs when it chooses (`run_sync_job`).
+    pub(super) deferred: Option<VecDeque<SyncJob>>,
+    /// `Interval`: what a failed sync may have lost, to append again.
+    pub(super) unsynced: Unsynced,
+    /// Failed tries to write it again, and when the next may come: each writes every record
+    /// still owed once more (read and published too, if its sync fails after all), so they
+    /// back off, 100 ms doubling to 30 s.
+    pub(super) reestablish_failures: u32,
+    pub(super) reestablish_at: Option<Instant>,
 }
 
 /// Appends gathered into one write.
@@ -87,7 +154,7 @@ impl Writer {
             let first = match rx.recv_timeout(idle) {
                 Ok(r) => r,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.sync_if_due();
+                    self.tick(Instant::now());
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -108,7 +175,7 @@ impl Writer {
             if wrote {
                 wake();
             }
-            self.sync_if_due();
+            self.tick(Instant::now());
         }
         // Every handle is gone: make what was written durable before leaving.
         if let Some(syncer) = self.syncer.take() {
@@ -119,9 +186,116 @@ impl Writer {
             // The next start reads this segment to its end: no old bytes to scan past.
             self.dirty = true;
         }
-        if self.dirty {
-            let synced = self.sync_now();
-            note_sync(&self.shared, synced);
+        if self.dirty
+            && let Err(error) = self.sync_now()
+        {
+            sync_failed(&self.shared, &error);
+        }
+    }
+
+    /// Between batches: a sync when one is due; after a failed one, what it may have lost
+    /// written again; with too many copies held, a wait for the syncer.
+    pub(super) fn tick(&mut self, now: Instant) {
+        if !matches!(self.shared.fsync, Fsync::Interval(_)) {
+            return;
+        }
+        self.clock = now;
+        self.unsynced
+            .trim(self.shared.synced.load(Ordering::SeqCst));
+        if self.shared.sync_failed.load(Ordering::SeqCst) {
+            if self.reestablish_at.is_none_or(|at| now >= at) {
+                self.reestablish(now);
+            }
+        } else if self.unsynced.bytes > MAX_UNSYNCED_BYTES {
+            self.wait_for_sync(now);
+        } else {
+            self.sync_if_due(now);
+        }
+    }
+
+    /// After a failed sync: the records since the last good one that Kafka has not confirmed
+    /// are appended again from their copies, to a new segment, which is then synced here. Their
+    /// first copies may still be read and published too: duplicates, never loss.
+    fn reestablish(&mut self, now: Instant) {
+        let committed = self.shared.committed.load(Ordering::SeqCst);
+        let owed = std::mem::take(&mut self.unsynced);
+        let payloads: Vec<Vec<u8>> = owed
+            .records
+            .iter()
+            .filter(|(seq, _)| *seq > committed)
+            .map(|(_, p)| p.clone())
+            .collect();
+        let moved = if self.offset > 0 {
+            self.start_segment()
+        } else {
+            Ok(())
+        };
+        let written = moved.and_then(|()| {
+            let groups: Vec<&[Vec<u8>]> = payloads.chunks(1).collect();
+            let results = self.write_batch(&groups, &mut Vec::new());
+            match results.into_iter().find_map(Result::err) {
+                Some(error) => Err(io::Error::other(error.to_string())),
+                None => self.sync_now(),
+            }
+        });
+        match written {
+            Ok(()) => {
+                // Everything up to here is durable, or confirmed by Kafka.
+                self.unsynced = Unsynced::default();
+                self.shared.sync_failed.store(false, Ordering::SeqCst);
+                self.shared
+                    .synced
+                    .fetch_max(self.next_seq - 1, Ordering::SeqCst);
+                self.last_sync = now;
+                self.reestablish_failures = 0;
+                self.reestablish_at = None;
+                tracing::warn!(
+                    records = payloads.len(),
+                    "spool: records written since the last good sync appended again and synced"
+                );
+            }
+            Err(error) => {
+                // Kept for the next try: the copies of what was written again (their new
+                // numbers), else the first ones.
+                if self.unsynced.records.is_empty() {
+                    self.unsynced = owed;
+                }
+                let wait = Duration::from_millis(100 << self.reestablish_failures.min(9));
+                self.reestablish_failures += 1;
+                self.reestablish_at = Some(now + wait.min(Duration::from_secs(30)));
+                SpoolSyncFailed { error: &error }.emit();
+            }
+        }
+    }
+
+    /// Too many copies held: queues a sync of the active segment and waits for the syncer to
+    /// get through it (or to fail, which `tick` then handles).
+    fn wait_for_sync(&mut self, now: Instant) {
+        let upto = self.next_seq - 1;
+        if self.dirty
+            && let Err(error) = self.sync_in_background(now)
+        {
+            sync_failed(&self.shared, &error);
+        }
+        while self.deferred.as_ref().is_some_and(|q| !q.is_empty()) {
+            self.run_sync_job();
+        }
+        // Bounded: a sync made here instead (no file handle to queue) leaves the syncer's
+        // mark behind; the next tick waits again.
+        let until = Instant::now() + Duration::from_secs(1);
+        while self.syncer.is_some()
+            && self.shared.synced.load(Ordering::SeqCst) < upto
+            && !self.shared.sync_failed.load(Ordering::SeqCst)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The simulation's syncer: runs the oldest queued job, if any.
+    pub(super) fn run_sync_job(&mut self) {
+        if let Some(job) = self.deferred.as_mut().and_then(VecDeque::pop_front) {
+            job.run(&self.shared);
         }
     }
 
@@ -182,6 +356,21 @@ impl Writer {
                     bytes: buf.len(),
                 }
                 .emit();
+                match self.shared.fsync {
+                    Fsync::Interval(_) => {
+                        let mut at = self.next_seq;
+                        for (group, result) in groups.iter().zip(&results) {
+                            if result.is_ok() {
+                                for payload in group.iter() {
+                                    self.unsynced.push(at, payload);
+                                    at += 1;
+                                }
+                            }
+                        }
+                    }
+                    Fsync::Always => self.shared.synced.store(seq - 1, Ordering::SeqCst),
+                    Fsync::Never => {}
+                }
                 self.offset += buf.len() as u64;
                 self.next_seq = seq;
                 self.shared
@@ -293,8 +482,8 @@ impl Writer {
         }
         // `Always`: already synced. `Never`: not promised. `Interval`: in the background,
         // with the directory entry of the segment that follows.
-        if self.dirty && self.syncer.is_some() {
-            self.sync_in_background()?;
+        if self.dirty && matches!(self.shared.fsync, Fsync::Interval(_)) {
+            self.sync_in_background(self.clock)?;
         }
         let opened = open_segment(&self.shared, self.next_seq)?;
         let end = opened.end;
@@ -313,31 +502,48 @@ impl Writer {
         Ok(())
     }
 
-    pub(super) fn sync_if_due(&mut self) {
+    pub(super) fn sync_if_due(&mut self, now: Instant) {
         if let Fsync::Interval(every) = self.shared.fsync
             && self.dirty
-            && self.last_sync.elapsed() >= every
+            && now.saturating_duration_since(self.last_sync) >= every
+            && let Err(error) = self.sync_in_background(now)
         {
-            let queued = self.sync_in_background();
-            if queued.is_err() {
-                note_sync(&self.shared, queued);
-            }
+            sync_failed(&self.shared, &error);
         }
     }
 
-    /// Hands the active segment to the syncer thread; syncs here if that cannot be done.
-    pub(super) fn sync_in_background(&mut self) -> io::Result<()> {
-        let dir = !self.dir_synced;
-        let queued = match (&self.syncer, self.file.try_clone()) {
-            (Some(syncer), Ok(file)) => syncer.queue.send(SyncJob { file, dir }).is_ok(),
+    /// Hands the active segment to the syncer; syncs here if that cannot be done (then,
+    /// without a syncer, in order with every earlier sync: what it covers is durable).
+    pub(super) fn sync_in_background(&mut self, now: Instant) -> io::Result<()> {
+        let job = |file| SyncJob {
+            file,
+            dir: !self.dir_synced,
+            upto: self.next_seq - 1,
+        };
+        let queued = match (&self.syncer, &mut self.deferred, self.file.try_clone()) {
+            (Some(syncer), _, Ok(file)) => syncer.queue.send(job(file)).is_ok(),
+            (None, Some(queue), Ok(file)) => {
+                // The thread's queue holds 4 and then makes the writer wait.
+                if queue.len() >= 4
+                    && let Some(oldest) = queue.pop_front()
+                {
+                    oldest.run(&self.shared);
+                }
+                queue.push_back(job(file));
+                true
+            }
             _ => false,
         };
         if !queued {
-            return self.sync_now();
+            self.sync_now()?;
+            if self.syncer.is_none() && self.deferred.is_none() {
+                synced_upto(&self.shared, self.next_seq - 1);
+            }
+            return Ok(());
         }
         self.dir_synced = true;
         self.dirty = false;
-        self.last_sync = Instant::now();
+        self.last_sync = now;
         Ok(())
     }
 
@@ -348,7 +554,7 @@ impl Writer {
             self.dir_synced = true;
         }
         self.dirty = false;
-        self.last_sync = Instant::now();
+        self.last_sync = self.clock;
         Ok(())
     }
 }
