@@ -155,7 +155,7 @@ impl Ledger {
     /// Refused by Kafka: true when it was sent alone, so the refusal is its own and final;
     /// otherwise it is sent again, alone, at once.
     pub fn refused(&mut self, seq: u64, now: Instant) -> bool {
-        if self.alone.remove(&seq) {
+        if self.alone.remove(&seq) || plant::active(plant::Plant::RefusalInBatchIsFinal) {
             return true;
         }
         if self.pending.contains_key(&seq) {

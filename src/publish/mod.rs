@@ -458,6 +458,9 @@ impl<S: Sink> Publisher<S> {
             match self.reader.read(room, &mut self.read_buf) {
                 Ok(_) => self.read_failing = false,
                 Err(error) => {
+                    if spool::plant::active(spool::plant::Plant::ReadBufferDroppedOnError) {
+                        self.read_buf.clear();
+                    }
                     SpoolReadFailed {
                         error: &error,
                         first: !self.read_failing,
@@ -500,6 +503,11 @@ impl<S: Sink> Publisher<S> {
                 Err(SendError::QueueFull) => {
                     self.ledger.resend(seq, now + Duration::from_millis(10));
                     break;
+                }
+                Err(SendError::Failed(_))
+                    if spool::plant::active(spool::plant::Plant::SendFailureTakenAsSent) =>
+                {
+                    self.ledger.sent(seq);
                 }
                 Err(SendError::Failed(failure)) => {
                     self.failed(seq, failure, now);

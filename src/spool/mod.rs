@@ -374,7 +374,9 @@ fn recover(
         // out from it: a cut made before a crash (of a write that failed) may still sit in
         // the page cache, and a power cut would bring that write's frames back under numbers
         // given to new records. The simulation found this loss; syncing a clean file is cheap.
-        file.sync()?;
+        if !plant::active(plant::Plant::RecoveryCutsUnsynced) {
+            file.sync()?;
+        }
     }
     if recovery.torn_bytes > 0 {
         tracing::warn!(
@@ -395,7 +397,11 @@ fn recover(
     let _ = storage.remove(SPARE_FILLING);
     let spares = list_spares(storage.as_ref())?;
     let highest_spare = spares.iter().map(|(bound, _)| bound + 1).max().unwrap_or(0);
-    let next_seq = (last_seq + 1).max(highest_name).max(highest_spare);
+    let next_seq = if plant::active(plant::Plant::NextSeqFromFramesOnly) {
+        last_seq + 1
+    } else {
+        (last_seq + 1).max(highest_name).max(highest_spare)
+    };
     // The position file is written in place from now on: give it its two slots now, while
     // there is room, so that advancing it never needs a new block.
     let position = storage.open(COMMITTED_FILE, true)?;
@@ -466,6 +472,7 @@ fn recover(
         finished: None,
         buf: Vec::new(),
         chunk: READ_CHUNK,
+        base_chunk: READ_CHUNK,
         last_read: recovery.committed,
         committed: recovery.committed,
         persisted: recovery.committed,
@@ -489,6 +496,17 @@ pub(crate) mod plant {
         /// `Interval`: a sync that succeeds after a failed one clears the failure, as if the
         /// failed pages had been written.
         SyncSuccessClearsFailure,
+        /// A record refused with another record's batch is quarantined without being sent
+        /// again alone.
+        RefusalInBatchIsFinal,
+        /// Recovery numbers on from the highest frame, ignoring segment and spare names.
+        NextSeqFromFramesOnly,
+        /// Recovery does not sync the segments it scanned (and cut) before numbering.
+        RecoveryCutsUnsynced,
+        /// The records read before a read error are dropped instead of kept for the next turn.
+        ReadBufferDroppedOnError,
+        /// A record the producer refused synchronously is taken as handed over.
+        SendFailureTakenAsSent,
     }
 
     #[cfg(test)]

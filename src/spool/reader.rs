@@ -25,8 +25,10 @@ pub struct Reader {
     /// First sequence number of the last segment read to its end.
     pub(super) finished: Option<u64>,
     pub(super) buf: Vec<u8>,
-    /// Bytes to read next: `READ_CHUNK`, or a large frame's size.
+    /// Bytes to read next: `base_chunk`, or a large frame's size.
     pub(super) chunk: usize,
+    /// `READ_CHUNK`; the simulation shrinks it, so that damage meets chunk boundaries.
+    pub(super) base_chunk: usize,
     /// Highest sequence number handed out so far.
     pub(super) last_read: u64,
     pub(super) committed: u64,
@@ -119,8 +121,8 @@ impl Reader {
                 }
                 break;
             }
-            if self.chunk > READ_CHUNK {
-                self.chunk = READ_CHUNK;
+            if self.chunk > self.base_chunk {
+                self.chunk = self.base_chunk;
                 self.buf = Vec::new();
             }
             cur.offset += at as u64;
@@ -251,6 +253,12 @@ impl Reader {
 
     pub fn last_read(&self) -> u64 {
         self.last_read
+    }
+
+    /// Reads `bytes` at a time (the simulation's small chunks).
+    #[cfg(test)]
+    pub(crate) fn set_read_chunk(&mut self, bytes: usize) {
+        (self.chunk, self.base_chunk) = (bytes, bytes);
     }
 
     /// Keeps record `seq` in the dead-letter directory (no topic would take it). On a full

@@ -116,8 +116,6 @@ struct DiskState {
     evict: bool,
     /// Pages were dropped since the last crash.
     evicted: bool,
-    /// Pages were dropped since the relay last made a failed sync good.
-    dropped_since_failure: bool,
     /// A file's fsync failed since the last start (its pages are clean, written or not).
     file_sync_failed: bool,
 }
@@ -168,7 +166,6 @@ impl SimDisk {
             faults: Counts::default(),
             evict: false,
             evicted: false,
-            dropped_since_failure: false,
             file_sync_failed: false,
         })))
     }
@@ -440,7 +437,6 @@ impl StorageFile for SimFile {
                 }
                 ino.data = ino.durable.clone();
                 s.evicted = true;
-                s.dropped_since_failure = true;
                 s.faults.add("fsync EIO, pages dropped");
             }
             return Err(eio("fsync EIO"));
@@ -493,6 +489,9 @@ struct BrokerState {
     generation: u64,
     /// Chance per send of a synchronous refusal (unknown topic, queue full), per mille.
     send_faults: u64,
+    /// Records refused only with another record's batch: sent again alone, they may follow
+    /// newer records of their key that were in flight behind them (README).
+    batch_refused: BTreeSet<u64>,
     epoch: u64,
 }
 
@@ -623,6 +622,27 @@ impl BrokerState {
         }
         let r = q.pop_front().expect("busy");
         let result = if r.refuse {
+            // Kafka refuses the whole batch the record went in: sometimes the records behind
+            // it on the partition were in that batch.
+            let more = (rng.below(3) as usize).min(q.len());
+            let batch: Vec<InFlight> = q.drain(..more).collect();
+            for other in batch {
+                self.batch_refused.insert(other.id);
+                if trace() {
+                    eprintln!(
+                        "  refused with a batch: id {} (seq {})",
+                        other.id, other.seq
+                    );
+                }
+                self.events.push_back(Event::Delivered {
+                    generation: other.generation,
+                    seq: other.seq,
+                    result: Err(Failure {
+                        disposition: Disposition::Refused,
+                        error: "simulated: batch too large".into(),
+                    }),
+                });
+            }
             Err(Failure {
                 disposition: Disposition::Refused,
                 error: "simulated: message too large".into(),
@@ -716,6 +736,11 @@ pub struct Sim {
     /// refused with an error may still come back after a power cut — its cut was not yet
     /// durable — and be published later: a real message, but out of order.)
     acked_ids: BTreeSet<u64>,
+    /// Bytes the reader reads at a time: small, so that frames and damage straddle chunks.
+    read_chunk: usize,
+    /// A bit flipped since the last check: the backlog counts the records lost to it (their
+    /// numbers are never read) until the writer appends past them, so it need not reach 0.
+    flipped: bool,
     /// `Interval`: the spool sequence number each owed record was first written under, and
     /// the relay's synced mark when it last stopped.
     seq_of: BTreeMap<u64, u64>,
@@ -731,6 +756,7 @@ impl Sim {
         let segment_bytes = 1024 + rng.below(3072);
         // Sometimes the file system fills before the spool's own bound does.
         let space = segment_bytes * (4 + rng.below(12));
+        let read_chunk = 16 + rng.below(600) as usize;
         Sim {
             disk: SimDisk::new(seed, space),
             cfg: SpoolConfig {
@@ -750,6 +776,8 @@ impl Sim {
             submitted: BTreeMap::new(),
             owed: BTreeSet::new(),
             acked_ids: BTreeSet::new(),
+            read_chunk,
+            flipped: false,
             seq_of: BTreeMap::new(),
             synced_at_stop: 0,
             sync_failed: false,
@@ -825,6 +853,7 @@ impl Sim {
             self.now(),
         );
         publisher.set_generation(generation);
+        publisher.parts().2.set_read_chunk(self.read_chunk);
         self.running = Some(Running {
             writer,
             publisher,
@@ -986,20 +1015,107 @@ impl Sim {
                     run.writer.run_sync_job();
                 }
             }
+            980..=981 if faults => self.flip_bit(),
+            982..=983 if faults => self.stray_file(),
             _ => self.start(),
         }
-        // Made good after pages were dropped: the records written again may follow newer
-        // ones read from where those first stood (README: per key, order is not promised
-        // across a failed sync in `interval` mode), so the records so far leave the order
-        // check.
+        self.observe_sync();
+    }
+
+    fn observe_sync(&mut self) {
+        // A failed sync made good: the records written again may follow newer ones read from
+        // where those first stood (pages dropped, or lost to a later power cut; README: per
+        // key, order is not promised across a failed sync in `interval` mode), so the records
+        // so far leave the order check.
         let failed = self
             .running
             .as_ref()
             .is_some_and(|r| r.shared.sync_failed.load(Ordering::SeqCst));
         let was = std::mem::replace(&mut self.sync_failed, failed);
-        if was && !failed && std::mem::take(&mut self.disk.state().dropped_since_failure) {
+        if was && !failed {
             self.acked_ids.clear();
         }
+    }
+
+    /// Bit rot: one bit of a segment flips, on the disk and in the cache. The record whose frame
+    /// it hit is lost to the disk (counted as damage) — that one, and no neighbour.
+    fn flip_bit(&mut self) {
+        let mut s = self.disk.state();
+        let segments: Vec<(String, usize)> = s
+            .dir
+            .iter()
+            .filter(|(n, _)| n.ends_with(".seg") && !n.contains('/'))
+            .map(|(n, &i)| (n.clone(), i))
+            .collect();
+        if segments.is_empty() {
+            return;
+        }
+        let (name, ino) = segments[s.rng.below(segments.len() as u64) as usize].clone();
+        let len = s.inodes[ino].data.len();
+        if len == 0 {
+            return;
+        }
+        let at = s.rng.below(len as u64) as usize;
+        let bit = 1u8 << s.rng.below(8);
+        let generation = name
+            .strip_suffix(".seg")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        let data = &s.inodes[ino].data;
+        let hit = super::frame::scan(data, generation)
+            .frames
+            .into_iter()
+            .find(|(_, offset, size)| (*offset..offset + size).contains(&at));
+        let lost = hit.and_then(|(_, offset, _)| {
+            match super::frame::decode(&data[offset..], generation) {
+                super::frame::Decoded::Frame { payload, .. } => Record::decode(payload),
+                _ => None,
+            }
+        });
+        let ino = &mut s.inodes[ino];
+        if ino.durable.get(at) == ino.data.get(at) {
+            ino.durable[at] ^= bit;
+        }
+        ino.data[at] ^= bit;
+        s.faults.add("bit flipped");
+        drop(s);
+        self.flipped = true;
+        if trace() {
+            eprintln!(
+                "  bit flipped in {name} at {at}: {:?} lost",
+                lost.as_ref().map(id_of)
+            );
+        }
+        if let Some(record) = lost {
+            self.owed.remove(&id_of(&record));
+        }
+    }
+
+    /// A file the spool did not write: an editor's backup, a copy, a leftover. It is left
+    /// alone, and nothing in it is ever read as a record.
+    fn stray_file(&mut self) {
+        const NAMES: [&str; 5] = [
+            "junk",
+            "00000000000000000042.seg.tmp",
+            "x.spare",
+            "0000000000000000001.seg",
+            "00000000000000000001.segment",
+        ];
+        let mut s = self.disk.state();
+        let name = NAMES[s.rng.below(NAMES.len() as u64) as usize].to_owned();
+        if s.dir.contains_key(&name) {
+            return;
+        }
+        let bytes: Vec<u8> = (0..s.rng.below(200)).map(|_| s.rng.next() as u8).collect();
+        s.inodes.push(Inode {
+            data: bytes.clone(),
+            durable: bytes,
+            dirty: Vec::new(),
+        });
+        let i = s.inodes.len() - 1;
+        s.dir.insert(name.clone(), i);
+        s.durable_dir.insert(name, i);
+        s.faults.add("stray file");
     }
 
     fn tick(&mut self) {
@@ -1021,6 +1137,7 @@ impl Sim {
             if let Some(run) = &mut self.running {
                 run.writer.run_sync_job();
             }
+            self.observe_sync();
             self.publish();
             {
                 let mut rng = self.sink_rng.borrow_mut();
@@ -1034,9 +1151,10 @@ impl Sim {
             };
             let (ledger, _, _) = run.publisher.parts();
             let done = ledger.is_empty()
+                && !run.shared.sync_failed.load(Ordering::SeqCst)
                 && self.broker.borrow().queues.values().all(VecDeque::is_empty)
                 && self.broker.borrow().events.is_empty()
-                && run.shared.backlog() == 0;
+                && (run.shared.backlog() == 0 || self.flipped);
             if done {
                 break;
             }
@@ -1050,7 +1168,8 @@ impl Sim {
             v.push("the spool did not open again once the faults stopped".into());
             return;
         };
-        if run.shared.backlog() > 0 {
+        let pending = run.publisher.parts().0.len();
+        if (run.shared.backlog() > 0 && !self.flipped) || pending > 0 {
             v.push(format!(
                 "not drained: backlog {} records (stuck); {}; publisher {}",
                 run.shared.backlog(),
@@ -1071,6 +1190,19 @@ impl Sim {
                 v.push(format!("record {id} published but never appended"));
             }
         }
+        // Refused only with another record's batch: its topic takes it.
+        for l in b.log.iter().filter(|l| l.quarantine) {
+            if self
+                .submitted
+                .get(&l.id)
+                .is_some_and(|(_, refused)| !refused)
+            {
+                v.push(format!(
+                    "record {} quarantined though its topic takes it",
+                    l.id
+                ));
+            }
+        }
         // Per key, the first arrival of each record on the messages topic follows append
         // order.
         let mut seen = BTreeSet::new();
@@ -1082,7 +1214,7 @@ impl Sim {
             let Some((key, refused)) = self.submitted.get(&l.id) else {
                 continue;
             };
-            if *refused || !self.acked_ids.contains(&l.id) {
+            if *refused || !self.acked_ids.contains(&l.id) || b.batch_refused.contains(&l.id) {
                 continue;
             }
             let prev = last.insert((l.epoch, *key), l.id).unwrap_or(0);
@@ -1098,6 +1230,7 @@ impl Sim {
         let owed = &self.owed;
         self.seq_of.retain(|id, _| owed.contains(id));
         self.disk.state().evicted = false;
+        self.flipped = false;
         // The operator, alerted, takes the dead letters away (they would fill a small disk).
         self.disk.clear_dead_letters();
         // No deadlock: with the faults gone and the backlog delivered, appends succeed again.
@@ -1190,12 +1323,17 @@ fn the_invariant_holds_under_every_injected_fault() {
     assert!(total.power_cuts > 0 && total.crashes > 0);
 }
 
-const PLANTS: [(Plant, Fsync, u64); 5] = [
+const PLANTS: [(Plant, Fsync, u64); 10] = [
     (Plant::AckBeforeSync, Fsync::Always, 3),
     (Plant::SkipDirSync, Fsync::Always, 3),
     (Plant::CommitPastUnconfirmed, Fsync::Always, 3),
     (Plant::SkipSpareDirSync, Fsync::Never, 1),
     (Plant::SyncSuccessClearsFailure, INTERVAL, 1),
+    (Plant::RefusalInBatchIsFinal, Fsync::Always, 1),
+    (Plant::NextSeqFromFramesOnly, Fsync::Always, 1),
+    (Plant::RecoveryCutsUnsynced, Fsync::Always, 1),
+    (Plant::ReadBufferDroppedOnError, Fsync::Always, 1),
+    (Plant::SendFailureTakenAsSent, Fsync::Always, 1),
 ];
 
 #[test]

@@ -5,8 +5,7 @@
 //! sync succeeds without writing them, and once the kernel drops them from the cache a read
 //! returns what the disk held before. Nothing read back from the file can be trusted then. The
 //! writer keeps a copy of every record since the last good sync (`Unsynced`, bounded); after a
-//! failure it appends the ones Kafka has not yet confirmed again, to a new segment, and syncs
-//! that itself. Readiness stays red (`sync_failed`) until that sync succeeds, and only the
+//! failure it appends them all again, to a new segment, and syncs that itself. Readiness stays red (`sync_failed`) until that sync succeeds, and only the
 //! writer clears it: a later sync of the syncer's proves nothing about the failed pages.
 
 use super::*;
@@ -213,30 +212,28 @@ impl Writer {
         }
     }
 
-    /// After a failed sync: the records since the last good one that Kafka has not confirmed
-    /// are appended again from their copies, to a new segment, which is then synced here. Their
-    /// first copies may still be read and published too: duplicates, never loss.
+    /// After a failed sync: every record since the last good one is appended again from its
+    /// copy, to a new segment, which is then synced here. Also those the publisher has
+    /// committed past: where the failed pages were dropped, it read them as damage and went on
+    /// (the simulation found that loss when committed records were left out). Their first
+    /// copies may be published too: duplicates, never loss.
     fn reestablish(&mut self, now: Instant) {
-        let committed = self.shared.committed.load(Ordering::SeqCst);
         let owed = std::mem::take(&mut self.unsynced);
-        let payloads: Vec<Vec<u8>> = owed
-            .records
-            .iter()
-            .filter(|(seq, _)| *seq > committed)
-            .map(|(_, p)| p.clone())
-            .collect();
+        let payloads: Vec<Vec<u8>> = owed.records.iter().map(|(_, p)| p.clone()).collect();
         let moved = if self.offset > 0 {
             self.start_segment()
         } else {
             Ok(())
         };
+        // One group: all of it is written, or none (the simulation found copies lost when a
+        // full spool took only some of them).
         let written = moved.and_then(|()| {
-            let groups: Vec<&[Vec<u8>]> = payloads.chunks(1).collect();
-            let results = self.write_batch(&groups, &mut Vec::new());
-            match results.into_iter().find_map(Result::err) {
-                Some(error) => Err(io::Error::other(error.to_string())),
-                None => self.sync_now(),
+            if !payloads.is_empty()
+                && let Err(error) = self.write_batch(&[&payloads], &mut Vec::new()).remove(0)
+            {
+                return Err(io::Error::other(error.to_string()));
             }
+            self.sync_now()
         });
         match written {
             Ok(()) => {
@@ -307,6 +304,17 @@ impl Writer {
         buf: &mut Vec<u8>,
     ) -> Vec<Result<u64, AppendError>> {
         buf.clear();
+        // A failed sync not yet made good, with as many copies held as the bound allows: no
+        // more until it is (memory stays bounded; readiness is red meanwhile).
+        if self.unsynced.bytes > MAX_UNSYNCED_BYTES
+            && self.shared.sync_failed.load(Ordering::SeqCst)
+        {
+            let refused = AppendError::Io {
+                kind: io::ErrorKind::Other,
+                message: "spool sync failing".into(),
+            };
+            return vec![Err(refused); groups.len()];
+        }
         // Room first: the segment is chosen before the frames are made, since each frame's
         // checksum holds its segment's first number.
         let mut room = self.shared.max_bytes.saturating_sub(self.shared.bytes());
