@@ -180,6 +180,15 @@ fn spool_status(flags: &clap::ArgMatches) -> ExitCode {
     println!("damaged frames:      {}", r.damaged);
     println!("torn tail bytes:     {}", r.torn_bytes);
     println!("dropped records:     {}", r.dropped);
+    println!(
+        "overlapping:         {} (set aside at the next start)",
+        r.overlapping
+    );
+    println!(
+        "set aside:           {} segment(s) with records in {}*/ (publish with spool drain)",
+        r.set_aside_held,
+        dir.join(spool::FOREIGN_DIR).display()
+    );
     ExitCode::SUCCESS
 }
 
@@ -210,6 +219,14 @@ fn spool_drain(flags: &clap::ArgMatches) -> ExitCode {
                 d.found.saturating_sub(d.left),
                 d.left
             );
+            if d.set_aside > 0 {
+                eprintln!(
+                    "{} segment(s) of it overlapped others and were set aside in {}*/: \
+                     drain those too",
+                    d.set_aside,
+                    dir.join(spool::FOREIGN_DIR).display()
+                );
+            }
             if d.left == 0 {
                 ExitCode::SUCCESS
             } else {

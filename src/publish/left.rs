@@ -15,8 +15,10 @@ use crate::spool::{self, Fsync, SpoolConfig};
 pub struct Drained {
     /// Records waiting when it began.
     pub found: u64,
-    /// Records still waiting when it ended (0: the directory holds nothing owed).
+    /// Records still waiting when it ended (0: nothing owed but what was set aside).
     pub left: u64,
+    /// Segments its own recovery set aside (in a `foreign` directory inside it).
+    pub set_aside: usize,
 }
 
 /// Publishes every record waiting in the spool in `dir`, until none is left or `timeout`
@@ -46,7 +48,7 @@ pub fn drain(
         let _ = wake.send(Event::Appended);
     })
     .map_err(|e| format!("cannot open the spool in {}: {e}", dir.display()))?;
-    let found = opened.recovery.pending;
+    let (found, set_aside) = (opened.recovery.pending, opened.recovery.set_aside);
     let shared = opened.shared;
     let flush = publisher.kafka.flush_timeout;
     let thread = Publisher::new(
@@ -75,5 +77,6 @@ pub fn drain(
     Ok(Drained {
         found,
         left: shared.backlog(),
+        set_aside,
     })
 }

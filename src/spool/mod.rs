@@ -461,6 +461,7 @@ fn recover(
         unsynced: Unsynced::default(),
         reestablish_failures: 0,
         reestablish_at: None,
+        reestablishing: false,
     };
     let reader = Reader {
         shared: shared.clone(),

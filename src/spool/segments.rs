@@ -89,7 +89,11 @@ pub const DEAD_LETTER_DIR: &str = "dead-letter";
 /// so a torn write damages one slot and the other still holds the previous position. A damaged
 /// or missing file means "from the start": duplicates, never loss.
 pub(super) fn read_committed(storage: &dyn Storage) -> u64 {
-    let Ok(file) = storage.open(COMMITTED_FILE, false) else {
+    read_position(storage, COMMITTED_FILE)
+}
+
+fn read_position(storage: &dyn Storage, name: &str) -> u64 {
+    let Ok(file) = storage.open(name, false) else {
         return 0;
     };
     let bytes = read_whole(file.as_ref()).unwrap_or_default();
@@ -196,11 +200,20 @@ pub(super) fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<Segme
     Ok((r, scans))
 }
 
-/// Where segments recovery cannot read in place are set aside: a spool directory of their own
-/// (`foreign`, else `foreign.2`, … where a file of that name is already set aside), published
-/// by `im-relay spool drain`. Its committed position is 0: whether a set-aside record was
+/// Where segments recovery cannot read in place are set aside: a spool directory of their own,
+/// new for each start that sets any aside (`foreign`, else `foreign.2`, …: one drained before
+/// holds a committed position its new segments must not be measured against), published by
+/// `im-relay spool drain`. Its committed position is 0: whether a set-aside record was
 /// delivered is not known, so all of it is owed (duplicates, never loss).
 pub const FOREIGN_DIR: &str = "foreign";
+
+fn is_foreign(dir: &str) -> bool {
+    dir == FOREIGN_DIR
+        || dir
+            .strip_prefix(FOREIGN_DIR)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+}
 
 /// No sequence number goes above this: at a million records a second it is 146,000 years
 /// away, so a segment or spare beyond it was not written by this spool (and counting on from
@@ -234,23 +247,35 @@ pub(super) fn set_aside(storage: &dyn Storage, scans: &[SegmentScan]) -> io::Res
             storage.remove(&name)?;
         }
     }
+    let aside = overlapping(scans);
+    if aside.is_empty() {
+        return Ok(0);
+    }
+    // A new directory, or one a start that failed part way left with nothing in it.
+    let taken = storage.list_dirs()?;
+    let mut dir = String::new();
+    for n in 1.. {
+        dir = match n {
+            1 => FOREIGN_DIR.to_owned(),
+            n => format!("{FOREIGN_DIR}.{n}"),
+        };
+        if !taken.contains(&dir) {
+            break;
+        }
+        let unused = storage.list_in(&dir)?.iter().all(|f| !f.ends_with(".seg"))
+            && read_position(storage, &format!("{dir}/{COMMITTED_FILE}")) == 0;
+        if unused {
+            let _ = storage.remove(&format!("{dir}/{DROPPED_FILE}"));
+            break;
+        }
+    }
+    storage.create_dir(&dir)?;
+    let position = storage.open(&format!("{dir}/{COMMITTED_FILE}"), true)?;
+    position.write_at(0, &[committed_slot(0), committed_slot(0)].concat())?;
+    position.sync()?;
     let mut moved = 0;
-    for i in overlapping(scans) {
+    for i in aside {
         let scan = &scans[i];
-        let mut dir = FOREIGN_DIR.to_owned();
-        for n in 2.. {
-            match storage.open(&format!("{dir}/{}", scan.name), false) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                Err(e) => return Err(e),
-                Ok(_) => dir = format!("{FOREIGN_DIR}.{n}"),
-            }
-        }
-        storage.create_dir(&dir)?;
-        let position = storage.open(&format!("{dir}/{COMMITTED_FILE}"), true)?;
-        if position.len()? == 0 {
-            position.write_at(0, &[committed_slot(0), committed_slot(0)].concat())?;
-            position.sync()?;
-        }
         storage.rename(&scan.name, &format!("{dir}/{}", scan.name))?;
         // The new name durable before the old one goes: a power cut between finds it in both
         // places (set aside again at the next start), never in neither.
@@ -271,16 +296,8 @@ pub(super) fn set_aside(storage: &dyn Storage, scans: &[SegmentScan]) -> io::Res
 /// Segments holding records in the `FOREIGN_DIR`s (empty ones are what a drain's writer left).
 pub(super) fn set_aside_held(storage: &dyn Storage) -> io::Result<usize> {
     let mut held = 0;
-    for n in 1.. {
-        let dir = match n {
-            1 => FOREIGN_DIR.to_owned(),
-            n => format!("{FOREIGN_DIR}.{n}"),
-        };
-        let names = match storage.list_in(&dir) {
-            Ok(names) => names,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(e) => return Err(e),
-        };
+    for dir in storage.list_dirs()?.iter().filter(|d| is_foreign(d)) {
+        let names = storage.list_in(dir)?;
         for name in names.iter().filter(|n| n.ends_with(".seg")) {
             let file = storage.open(&format!("{dir}/{name}"), false)?;
             held += usize::from(file.len()? > 0);
@@ -448,6 +465,16 @@ pub fn drop_records(
         let lines: String = seqs.iter().map(|seq| format!("{seq} {reason}\n")).collect();
         let file = storage.open(DROPPED_FILE, true)?;
         let len = file.len()?;
+        // A line a power cut tore must not run into the next one's number.
+        let mut last = [b'\n'];
+        if len > 0 {
+            file.read_at(len - 1, &mut last)?;
+        }
+        let lines = if last[0] == b'\n' {
+            lines
+        } else {
+            format!("\n{lines}")
+        };
         file.write_at(len, lines.as_bytes())?;
         file.sync()?;
         storage.sync_dir("")?;

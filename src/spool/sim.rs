@@ -277,6 +277,18 @@ impl Storage for SimDisk {
             .collect())
     }
 
+    fn list_dirs(&self) -> io::Result<Vec<String>> {
+        let mut s = self.state();
+        if s.fault("list EIO") {
+            return Err(eio("readdir EIO"));
+        }
+        Ok(s.subdirs
+            .iter()
+            .filter(|d| !d.contains('/'))
+            .cloned()
+            .collect())
+    }
+
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>> {
         let mut s = self.state();
         if s.fault("open EMFILE") {

@@ -17,6 +17,8 @@ pub trait Storage: Send + Sync {
     fn list(&self) -> io::Result<Vec<String>> {
         self.list_in("")
     }
+    /// Names of the sub-directories directly in the directory.
+    fn list_dirs(&self) -> io::Result<Vec<String>>;
     /// Opens `name` for reading and writing, creating it (empty) if `create` and missing. Never
     /// truncates.
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>>;
@@ -55,6 +57,19 @@ impl Storage for Disk {
         for entry in fs::read_dir(self.dir.join(sub))? {
             let entry = entry?;
             if entry.file_type()?.is_file()
+                && let Ok(name) = entry.file_name().into_string()
+            {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn list_dirs(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir()
                 && let Ok(name) = entry.file_name().into_string()
             {
                 names.push(name);

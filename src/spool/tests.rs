@@ -574,6 +574,9 @@ impl Storage for Faulty {
     fn list_in(&self, sub: &str) -> io::Result<Vec<String>> {
         self.disk.list_in(sub)
     }
+    fn list_dirs(&self) -> io::Result<Vec<String>> {
+        self.disk.list_dirs()
+    }
     fn open(&self, name: &str, create: bool) -> io::Result<Box<dyn StorageFile>> {
         Ok(Box::new(FaultyFile {
             inner: self.disk.open(name, create)?,
@@ -1216,4 +1219,36 @@ async fn after_a_failed_sync_the_records_since_the_last_good_one_are_written_aga
     assert_eq!(copies[0], at_risk);
     assert!(read.iter().filter(|(_, p)| p == b"synced").count() == 1);
     close(s);
+}
+
+/// A second start that sets segments aside must not put them where a drain already ran: that
+/// directory's committed position would count them as delivered.
+#[tokio::test]
+async fn each_start_sets_aside_into_a_directory_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let s = open_quiet(&cfg);
+    append_n(&s.appender, 0..6).await;
+    close(s);
+    write_segment(dir.path(), 2, 2..=20, "first");
+    close(open_quiet(&cfg));
+    // Drained: its position is past every number there.
+    let mut f = open_quiet(&config(&dir.path().join(FOREIGN_DIR)));
+    let last = read_all(&mut f.reader).last().unwrap().0;
+    f.reader
+        .commit(last, true, Instant::now(), |_, _| false)
+        .unwrap();
+    close(f);
+    write_segment(dir.path(), 3, 3..=9, "second");
+    let s = open_quiet(&cfg);
+    assert_eq!(s.recovery.set_aside, 1);
+    close(s);
+    let mut again = open_quiet(&config(&dir.path().join(format!("{FOREIGN_DIR}.2"))));
+    let read: Vec<u64> = read_all(&mut again.reader).iter().map(|r| r.0).collect();
+    assert_eq!(
+        read,
+        (3..=9).collect::<Vec<_>>(),
+        "every record of the second is owed"
+    );
+    close(again);
 }

@@ -137,6 +137,9 @@ pub(super) struct Writer {
     /// back off, 100 ms doubling to 30 s.
     pub(super) reestablish_failures: u32,
     pub(super) reestablish_at: Option<Instant>,
+    /// Writing the copies again: a segment they fill is synced here before the next starts,
+    /// not handed to the syncer (the simulation found copies lost when only the last one was).
+    pub(super) reestablishing: bool,
 }
 
 /// Appends gathered into one write.
@@ -185,7 +188,18 @@ impl Writer {
             // The next start reads this segment to its end: no old bytes to scan past.
             self.dirty = true;
         }
-        if self.dirty
+        if self.shared.sync_failed.load(Ordering::SeqCst) {
+            // Leaving with a failed sync not made good: the copies are the only sound source
+            // of what it may have lost, and they go with the process.
+            self.reestablish(self.clock);
+            if self.shared.sync_failed.load(Ordering::SeqCst) {
+                tracing::error!(
+                    records = self.unsynced.records.len(),
+                    "spool: stopping with a failed sync not made good: these records may not \
+                     survive a power cut"
+                );
+            }
+        } else if self.dirty
             && let Err(error) = self.sync_now()
         {
             sync_failed(&self.shared, &error);
@@ -219,22 +233,43 @@ impl Writer {
     /// copies may be published too: duplicates, never loss.
     fn reestablish(&mut self, now: Instant) {
         let owed = std::mem::take(&mut self.unsynced);
+        self.reestablishing = true;
         let payloads: Vec<Vec<u8>> = owed.records.iter().map(|(_, p)| p.clone()).collect();
-        let moved = if self.offset > 0 {
-            self.start_segment()
-        } else {
+        let moved = (|| {
+            if self.cut_pending {
+                self.file.set_len(self.offset)?;
+                self.cut_pending = false;
+            }
+            if self.offset > 0 {
+                self.start_segment()?;
+            }
             Ok(())
-        };
-        // One group: all of it is written, or none (the simulation found copies lost when a
-        // full spool took only some of them).
+        })();
+        // A segment's worth at a time, as appends come: one segment holding them all could
+        // outgrow the spool's bound and, never deleted while active, hold it full (the
+        // simulation found that).
         let written = moved.and_then(|()| {
-            if !payloads.is_empty()
-                && let Err(error) = self.write_batch(&[&payloads], &mut Vec::new()).remove(0)
-            {
-                return Err(io::Error::other(error.to_string()));
+            let mut rest = payloads.as_slice();
+            while !rest.is_empty() {
+                let mut bytes = 0;
+                let n = rest
+                    .iter()
+                    .take_while(|p| {
+                        bytes += (frame::HEADER_BYTES + p.len()) as u64;
+                        bytes <= self.segment_bytes
+                    })
+                    .count()
+                    .max(1);
+                let groups: Vec<&[Vec<u8>]> = rest[..n].chunks(1).collect();
+                let results = self.write_batch(&groups, &mut Vec::new());
+                if let Some(error) = results.into_iter().find_map(Result::err) {
+                    return Err(io::Error::other(error.to_string()));
+                }
+                rest = &rest[n..];
             }
             self.sync_now()
         });
+        self.reestablishing = false;
         match written {
             Ok(()) => {
                 // Everything up to here is durable, or confirmed by Kafka.
@@ -252,11 +287,10 @@ impl Writer {
                 );
             }
             Err(error) => {
-                // Kept for the next try: the copies of what was written again (their new
-                // numbers), else the first ones.
-                if self.unsynced.records.is_empty() {
-                    self.unsynced = owed;
-                }
+                // The first copies are kept for the next try, all of them: of a try that failed
+                // part way, some were written again and some not (the simulation found copies
+                // lost when a full spool took only some of them and the rest were forgotten).
+                self.unsynced = owed;
                 let wait = Duration::from_millis(100 << self.reestablish_failures.min(9));
                 self.reestablish_failures += 1;
                 self.reestablish_at = Some(now + wait.min(Duration::from_secs(30)));
@@ -269,10 +303,9 @@ impl Writer {
     /// get through it (or to fail, which `tick` then handles).
     fn wait_for_sync(&mut self, now: Instant) {
         let upto = self.next_seq - 1;
-        if self.dirty
-            && let Err(error) = self.sync_in_background(now)
-        {
-            sync_failed(&self.shared, &error);
+        if self.dirty {
+            // A failure is on `sync_failed` already.
+            let _ = self.sync_in_background(now);
         }
         while self.deferred.as_ref().is_some_and(|q| !q.is_empty()) {
             self.run_sync_job();
@@ -491,7 +524,11 @@ impl Writer {
         // `Always`: already synced. `Never`: not promised. `Interval`: in the background,
         // with the directory entry of the segment that follows.
         if self.dirty && matches!(self.shared.fsync, Fsync::Interval(_)) {
-            self.sync_in_background(self.clock)?;
+            if self.reestablishing {
+                self.sync_now()?;
+            } else {
+                self.sync_in_background(self.clock)?;
+            }
         }
         let opened = open_segment(&self.shared, self.next_seq)?;
         let end = opened.end;
@@ -514,9 +551,9 @@ impl Writer {
         if let Fsync::Interval(every) = self.shared.fsync
             && self.dirty
             && now.saturating_duration_since(self.last_sync) >= every
-            && let Err(error) = self.sync_in_background(now)
         {
-            sync_failed(&self.shared, &error);
+            // A failure is on `sync_failed` already.
+            let _ = self.sync_in_background(now);
         }
     }
 
@@ -543,7 +580,11 @@ impl Writer {
             _ => false,
         };
         if !queued {
-            self.sync_now()?;
+            // Linux reports a writeback error once: whoever sees it must say so.
+            if let Err(error) = self.sync_now() {
+                sync_failed(&self.shared, &error);
+                return Err(error);
+            }
             if self.syncer.is_none() && self.deferred.is_none() {
                 synced_upto(&self.shared, self.next_seq - 1);
             }
