@@ -29,8 +29,9 @@ pub struct Ledger {
     dead: BTreeMap<u64, String>,
     /// Refused once: sent again alone before the refusal counts. Kafka refuses a whole batch
     /// for one record in it (`MSG_SIZE_TOO_LARGE` against the topic's `max.message.bytes`),
-    /// so the records that lingered beside it were refused too. While any record is here,
-    /// records go one at a time, each once the producer holds nothing else.
+    /// so the records that lingered beside it were refused too. While any record of a topic is
+    /// here, that topic's records go one at a time, each once the producer holds none of that
+    /// topic's (a batch is one topic's); other topics flow.
     alone: BTreeSet<u64>,
 }
 
@@ -102,10 +103,22 @@ impl Ledger {
     /// newer one of the same key was delivered would arrive out of order. Another topic goes
     /// on: a missing per-kind topic must not hold the messages back.
     pub fn due<'a>(&self, now: Instant, topic: impl Fn(Target) -> &'a str) -> Vec<u64> {
-        if !self.alone.is_empty() && self.with_producer() > 0 {
-            return Vec::new();
-        }
         let mut held: Vec<&str> = Vec::new();
+        let single: Vec<&str> = self
+            .alone
+            .iter()
+            .filter_map(|seq| self.entry(*seq))
+            .map(|e| topic(e.target))
+            .collect();
+        if !single.is_empty() {
+            let with_producer = self
+                .pending
+                .iter()
+                .filter(|(seq, _)| !self.unsent.contains(seq) && !self.dead.contains_key(seq))
+                .filter_map(|(_, p)| p.entry.as_ref())
+                .map(|e| topic(e.target));
+            held.extend(with_producer.filter(|t| single.contains(t)));
+        }
         let mut due = Vec::new();
         for &seq in &self.unsent {
             let Some(p) = self.pending.get(&seq) else {
@@ -118,8 +131,8 @@ impl Ledger {
             }
             if p.retry_at <= now {
                 due.push(seq);
-                if !self.alone.is_empty() {
-                    break;
+                if single.contains(&t) {
+                    held.push(t);
                 }
             } else {
                 held.push(t);
@@ -373,8 +386,12 @@ mod tests {
         assert_eq!(
             l.due(now, topic),
             Vec::<u64>::new(),
-            "3, 4, 5 still with the producer"
+            "3 and 4 still with the producer"
         );
+        l.add(8, entry(Target::Quarantine), now);
+        assert_eq!(l.due(now, topic), [8], "another topic flows");
+        l.sent(8);
+        l.confirmed(8);
         assert!(!l.refused(2, now));
         l.confirmed(3);
         l.confirmed(4);

@@ -447,7 +447,10 @@ impl StorageFile for SimFile {
                 if trace() {
                     eprintln!("  fsync EIO: pages of inode {} dropped", self.ino);
                 }
+                // Content only: the file's size is the inode's, kept in memory.
+                let len = ino.data.len();
                 ino.data = ino.durable.clone();
+                ino.data.resize(len, 0);
                 s.evicted = true;
                 s.faults.add("fsync EIO, pages dropped");
             }
