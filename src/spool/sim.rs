@@ -1381,7 +1381,8 @@ fn a_seed_replays_exactly() {
 }
 
 /// The long run (`scripts/sim`): `IM_RELAY_SIM_SEEDS=first..last` seeds of
-/// `IM_RELAY_SIM_STEPS` steps each, the three modes in turn, then every planted bug over the same seeds.
+/// `IM_RELAY_SIM_STEPS` steps each, the three modes in turn, then every planted bug over the
+/// same seeds.
 #[test]
 #[ignore = "minutes long: run by scripts/sim"]
 fn long_sweep() {

@@ -5,8 +5,9 @@
 //! sync succeeds without writing them, and once the kernel drops them from the cache a read
 //! returns what the disk held before. Nothing read back from the file can be trusted then. The
 //! writer keeps a copy of every record since the last good sync (`Unsynced`, bounded); after a
-//! failure it appends them all again, to a new segment, and syncs that itself. Readiness stays red (`sync_failed`) until that sync succeeds, and only the
-//! writer clears it: a later sync of the syncer's proves nothing about the failed pages.
+//! failure it appends them all again, to a new segment, and syncs that itself. Readiness stays
+//! red (`sync_failed`) until that sync succeeds, and only the writer clears it: a later sync of
+//! the syncer's proves nothing about the failed pages.
 
 use super::*;
 
