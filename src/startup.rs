@@ -52,6 +52,8 @@ pub struct Application {
     publisher: Publisher,
     events: mpsc::Sender<Event>,
     ready: Arc<AtomicBool>,
+    /// What `/readyz` says; the callback port's health path says it too.
+    readiness: receive::Readiness,
     metrics: PrometheusHandle,
     spool: Arc<spool::Shared>,
 }
@@ -93,11 +95,13 @@ impl Application {
             room_bytes: 4 * config.max_body_bytes as u64,
             append_timeout: config.spool_append_timeout,
         };
+        let readiness: receive::Readiness = Arc::new(move || health.trouble());
         let admin_stop = Arc::new(tokio::sync::Notify::new());
         let admin = {
             let listener = tokio::net::TcpListener::from_std(admin)
                 .map_err(|e| StartupError::Bind(admin_addr, e))?;
-            let router = admin_router(move || health.trouble(), metrics.clone());
+            let trouble = readiness.clone();
+            let router = admin_router(move || trouble(), metrics.clone());
             let stop = admin_stop.clone();
             tokio::spawn(async move {
                 axum::serve(listener, router)
@@ -126,6 +130,7 @@ impl Application {
             publisher: p.publisher,
             events: p.events,
             ready,
+            readiness,
             metrics,
             spool: p.spool,
         })
@@ -209,7 +214,8 @@ impl Application {
         let flush_timeout = config.kafka.flush_timeout;
         let publisher = self.publisher.spawn(flush_timeout)?;
         let receiver = Arc::new(Receiver::new(config, self.appender));
-        let app = receive::router(receiver, &config.callback_path)
+        let health = (config.health_path.as_str(), self.readiness.clone());
+        let app = receive::router(receiver, &config.callback_path, health)
             .into_make_service_with_connect_info::<SocketAddr>();
         let handle = Handle::new();
         let scheme = if self.tls.is_some() { "https" } else { "http" };

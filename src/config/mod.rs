@@ -63,6 +63,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub callback_path: String,
+    /// `GET` here on the callback port answers readiness, for a load balancer's checker.
+    pub health_path: String,
     pub tls: Option<TlsFiles>,
     pub max_body_bytes: usize,
     pub sign_max_skew: Duration,
@@ -280,6 +282,12 @@ impl Parser {
         if !callback_path.starts_with('/') {
             self.fail(key::CALLBACK_PATH, "must start with `/`");
         }
+        let health_path = self.opt(key::HEALTH_PATH).unwrap_or("").to_owned();
+        if !health_path.starts_with('/') {
+            self.fail(key::HEALTH_PATH, "must start with `/`");
+        } else if health_path == callback_path {
+            self.fail(key::HEALTH_PATH, "must differ from callback_path");
+        }
         let tls = match (self.file(key::TLS_CERT), self.file(key::TLS_KEY)) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -375,6 +383,7 @@ impl Parser {
             listen,
             admin_listen,
             callback_path,
+            health_path,
             tls,
             max_body_bytes,
             sign_max_skew,

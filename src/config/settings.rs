@@ -81,6 +81,7 @@ pub mod key {
     pub const LISTEN: &str = "listen";
     pub const ADMIN_LISTEN: &str = "admin_listen";
     pub const CALLBACK_PATH: &str = "callback_path";
+    pub const HEALTH_PATH: &str = "health_path";
     pub const TLS_CERT: &str = "tls_cert";
     pub const TLS_RELOAD_MS: &str = "tls_reload_ms";
     pub const MAX_BODY_BYTES: &str = "max_body_bytes";
@@ -173,6 +174,12 @@ pub(super) const SETTINGS: &[Setting] = &[
         key::CALLBACK_PATH,
         Some("/im/callback"),
         "path of the callback URL",
+    ),
+    s(
+        Serve,
+        key::HEALTH_PATH,
+        Some("/healthz"),
+        "GET path on the callback port for load balancer health checks: 200 ready, 503 not",
     ),
     s(
         Serve,

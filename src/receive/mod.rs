@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use time::OffsetDateTime;
 
@@ -97,12 +97,28 @@ impl Receiver {
     }
 }
 
-pub fn router(receiver: Arc<Receiver>, path: &str) -> Router {
+/// Why the relay cannot take callbacks now (`starting`, `draining`, a spool in trouble), if
+/// it cannot: what `/readyz` says.
+pub type Readiness = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
+
+/// The callback endpoint at `path`, and the load balancer's health check at `health.0`.
+pub fn router(receiver: Arc<Receiver>, path: &str, health: (&str, Readiness)) -> Router {
+    let (health_path, ready) = health;
+    // Cloud load balancers check `GET` on the serving port (GKE Ingress, AWS ALB) from their
+    // own address ranges: answered before the source policy and outside the callback
+    // metrics, and saying only up or down.
+    let health = get(move || async move {
+        match ready() {
+            None => (StatusCode::OK, "ok\n"),
+            Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n"),
+        }
+    });
     Router::new()
         .route(
             path,
             post(callback).fallback(|| refuse(Reason::MethodNotAllowed)),
         )
+        .route(health_path, health)
         .fallback(|| refuse(Reason::NotFound))
         .with_state(receiver)
 }

@@ -763,8 +763,10 @@ impl InProcess {
         // The writer thread ends when the router (and its appender) is dropped.
         drop(opened.writer);
         let receiver = im_relay::receive::Receiver::new(&config, opened.appender);
+        let health: im_relay::receive::Readiness = std::sync::Arc::new(|| None);
+        let health = (config.health_path.as_str(), health);
         let router =
-            im_relay::receive::router(std::sync::Arc::new(receiver), &config.callback_path);
+            im_relay::receive::router(std::sync::Arc::new(receiver), &config.callback_path, health);
         InProcess { router, dir }
     }
 

@@ -330,3 +330,74 @@ async fn traceparent_is_carried_to_the_record() {
     assert_eq!(records[0].headers["traceparent"], tp);
     app.stop().await;
 }
+
+/// The callback metrics as `/metrics` shows them (what a health check must not move).
+fn callback_series(metrics: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| {
+            [
+                "im_relay_callbacks_",
+                "im_relay_http_requests_total",
+                "im_relay_request_",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// GKE Ingress and AWS ALB check `GET` on the serving port, from addresses the source policy
+/// does not list: the health path answers them, outside the callback metrics, and callbacks
+/// keep working on the same port.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_balancer_checks_health_on_the_callback_port() {
+    let broker = Broker::start();
+    let app = spawn_process_app(
+        &broker,
+        &[
+            ("IM_RELAY_ALLOW_CIDRS", "10.0.0.0/8"),
+            ("IM_RELAY_TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    )
+    .await;
+    let before = callback_series(&app.metrics().await);
+    assert!(!before.is_empty(), "callback counters exist from startup");
+    for _ in 0..3 {
+        let resp = app
+            .http
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "ok\n");
+    }
+    let head = app
+        .http
+        .head(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        callback_series(&app.metrics().await),
+        before,
+        "health checks are not callbacks"
+    );
+    // The source policy still guards the callback path on the same port.
+    let (status, _) = app.post_signed(DOC_SAMPLE).await;
+    assert_eq!(status, 403);
+    let resp = app
+        .http
+        .post(format!("{}?{}", app.url, after_send_query()))
+        .header("X-Forwarded-For", "10.1.2.3")
+        .body(DOC_SAMPLE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.records(1).await.len(), 1);
+    app.stop().await;
+}

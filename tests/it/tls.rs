@@ -52,6 +52,17 @@ async fn https_serves_http1_and_http2_with_the_configured_certificate() {
         assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), ok_body());
     }
 
+    // The load balancer's health check, over HTTPS on the same port.
+    let health = reqwest::Client::builder()
+        .add_root_certificate(root.clone())
+        .build()
+        .unwrap()
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .expect("health over TLS");
+    assert_eq!(health.status(), 200);
+
     // A client that does not trust the certificate cannot talk to it.
     let untrusting = reqwest::Client::new()
         .post(format!("{}?{}", app.url, after_send_query()))

@@ -315,6 +315,9 @@ async fn a_full_spool_answers_503_and_recovers_by_itself() {
         503,
         "readiness is red while the spool is full"
     );
+    // A load balancer's check on the callback port says the same.
+    let health = format!("{}/healthz", app.base);
+    assert_eq!(app.http.get(&health).send().await.unwrap().status(), 503);
     assert!(
         app.metrics()
             .await
@@ -326,6 +329,7 @@ async fn a_full_spool_answers_503_and_recovers_by_itself() {
     let (total, missing) = serves_again_and_delivers(&app, "after-full", acked).await;
     assert!(total > 10);
     assert!(missing.is_empty(), "missing {missing:?}");
+    assert_eq!(app.http.get(&health).send().await.unwrap().status(), 200);
     assert!(
         app.metrics()
             .await
