@@ -60,6 +60,17 @@ ensure_postgres() {
   $sudo service postgresql stop >/dev/null 2>&1 || true
 }
 
+# stunnel4, the TLS terminator the secured-Kafka tests put in front of tansu (which cannot
+# serve TLS itself), signed by a private CA the test makes.
+ensure_stunnel() {
+  if command -v stunnel4 >/dev/null || command -v stunnel >/dev/null; then return 0; fi
+  say "installing stunnel4 (Debian) for the SCRAM-over-TLS tests"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 >&2
+}
+
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

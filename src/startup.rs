@@ -89,9 +89,11 @@ impl Application {
         // for a large backlog, and a liveness probe left unanswered kills the pod mid-scan.
         let ready = Arc::new(AtomicBool::new(true));
         let spool_slot = Arc::new(OnceLock::new());
+        let refused_slot = Arc::new(OnceLock::new());
         let health = Health {
             ready: ready.clone(),
             spool: spool_slot.clone(),
+            credentials_refused: refused_slot.clone(),
             room_bytes: 4 * config.max_body_bytes as u64,
             append_timeout: config.spool_append_timeout,
         };
@@ -117,6 +119,7 @@ impl Application {
                 return Err(e);
             }
         };
+        let _ = refused_slot.set(p.publisher.credentials_refused());
         let _ = spool_slot.set(p.spool.clone());
         Ok(Application {
             config,
@@ -401,12 +404,15 @@ async fn reload_certificate(tls: RustlsConfig, files: crate::config::TlsFiles) {
 }
 
 /// What `/readyz` looks at. Kafka being away is not on the list: the spool takes callbacks
-/// meanwhile, and refusing Tencent would lose them.
+/// meanwhile, and refusing Tencent would lose them. Credentials Kafka refused from the start
+/// are (`Publisher::credentials_refused`): a new pod with a wrong Secret stops its rollout.
 #[derive(Clone)]
 struct Health {
     ready: Arc<AtomicBool>,
     /// Set once the spool is open; until then `/readyz` says `starting`.
     spool: Arc<OnceLock<Arc<spool::Shared>>>,
+    /// The publisher's word that Kafka refuses the credentials it started with.
+    credentials_refused: Arc<OnceLock<Arc<AtomicBool>>>,
     /// Room the spool must have left to count as able to take callbacks.
     room_bytes: u64,
     /// A spool write in progress for longer than this: the disk is hanging.
@@ -419,7 +425,14 @@ impl Health {
         match self.spool.get() {
             None => Some("starting"),
             Some(_) if !self.ready.load(Ordering::SeqCst) => Some("draining"),
-            Some(spool) => spool.trouble(self.room_bytes, self.append_timeout),
+            Some(spool) => spool
+                .trouble(self.room_bytes, self.append_timeout)
+                .or_else(|| {
+                    let refused = self.credentials_refused.get()?;
+                    refused
+                        .load(Ordering::Relaxed)
+                        .then_some("kafka refuses the credentials")
+                }),
         }
     }
 }

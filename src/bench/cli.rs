@@ -58,7 +58,7 @@ pub fn command() -> clap::Command {
                 .short('X')
                 .value_name("KEY=VALUE")
                 .action(ArgAction::Append)
-                .help("librdkafka setting for reading the topic (SASL, TLS)"),
+                .help("librdkafka setting for reading the topic; SASL and TLS come from IM_RELAY_KAFKA_* as for serve"),
         )
         .arg(
             Arg::new("verify_patience")
@@ -108,14 +108,22 @@ pub fn main(flags: &clap::ArgMatches) -> ExitCode {
         (Some(d), Some(p)) => (d, p),
         _ => return usage("durations look like 500ms, 10s or 2m".into()),
     };
-    let mut properties = Vec::new();
+    // The relay's own Kafka security settings (IM_RELAY_KAFKA_SECURITY_PROTOCOL, SASL, CA)
+    // reach the check from the environment, so no password is ever a flag; -X comes after.
+    let env = |k: &str| std::env::var(k).ok();
+    let mut client = match crate::config::KafkaConfig::load(None, &env) {
+        Ok(kafka) => crate::config::connection_config(&kafka),
+        Err(e) => return usage(e.to_string()),
+    };
     for p in flags
         .get_many::<String>("verify_property")
         .into_iter()
         .flatten()
     {
         match p.split_once('=') {
-            Some((k, v)) => properties.push((k.to_owned(), v.to_owned())),
+            Some((k, v)) => {
+                client.set(k, v);
+            }
             None => return usage(format!("-X {p}: expected KEY=VALUE")),
         }
     }
@@ -124,7 +132,7 @@ pub fn main(flags: &clap::ArgMatches) -> ExitCode {
         .map(|brokers| VerifyOptions {
             brokers: brokers.clone(),
             topic: arg("verify_topic"),
-            properties,
+            client: client.clone(),
             patience,
             nudge: flags.get_flag("verify_nudge"),
         });

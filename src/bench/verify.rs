@@ -14,8 +14,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 pub struct VerifyOptions {
     pub brokers: String,
     pub topic: String,
-    /// Extra librdkafka settings (SASL, TLS) for reading the topic.
-    pub properties: Vec<(String, String)>,
+    /// How to reach the brokers (security settings, `-X` options); `brokers` is added.
+    pub client: ClientConfig,
     /// Give up when no awaited record arrived for this long.
     pub patience: Duration,
     /// If records are still missing after a pause, write one marker record per partition and
@@ -35,10 +35,7 @@ pub struct Verification {
 pub struct Start(TopicPartitionList);
 
 fn client(opts: &VerifyOptions) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &opts.properties {
-        c.set(k, v);
-    }
+    let mut c = opts.client.clone();
     c.set("bootstrap.servers", &opts.brokers);
     c
 }

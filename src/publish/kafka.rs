@@ -40,10 +40,11 @@ pub fn classify(error: &KafkaError) -> Failure {
         Some(
             C::TopicAuthorizationFailed
             | C::ClusterAuthorizationFailed
-            | C::TransactionalIdAuthorizationFailed
-            | C::SaslAuthenticationFailed
-            | C::Authentication,
+            | C::TransactionalIdAuthorizationFailed,
         ) => Disposition::Wait(Blocked::NotAuthorized),
+        Some(C::SaslAuthenticationFailed | C::Authentication) => {
+            Disposition::Wait(Blocked::AuthenticationFailed)
+        }
         Some(
             C::Fatal
             | C::OutOfOrderSequenceNumber
@@ -103,10 +104,17 @@ impl ClientContext for Reporter {
         // Broker connection errors land here; librdkafka reconnects by itself, and the spool
         // holds the records meanwhile. A fatal error may arrive here with nothing in flight:
         // the publisher rebuilds the producer then too.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            let _ = self.events.send(Event::Fatal {
-                generation: self.generation,
-            });
+        let generation = self.generation;
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                let _ = self.events.send(Event::Fatal { generation });
+            }
+            // librdkafka retries refused credentials by itself, reporting each refusal here
+            // only: the records would just time out later, as if the broker were away.
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                let _ = self.events.send(Event::CredentialsRefused { generation });
+            }
+            _ => {}
         }
         tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
     }
@@ -200,6 +208,13 @@ impl Sink for KafkaSink {
             .client()
             .fatal_error()
             .map(|(_, reason)| reason)
+    }
+
+    fn reachable(&mut self) -> bool {
+        self.producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(1))
+            .is_ok()
     }
 
     fn explain(&mut self, topic: &str) -> Option<Blocked> {

@@ -16,8 +16,8 @@ mod left;
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,11 @@ pub enum Event {
     Fatal {
         generation: u64,
     },
+    /// A broker refused the client's credentials (SASL), outside any delivery: records would
+    /// only time out, much later, as if the broker were away.
+    CredentialsRefused {
+        generation: u64,
+    },
     Stop,
 }
 
@@ -83,6 +88,10 @@ pub trait Sink {
     /// waits for the topic to appear). May block for a second.
     fn explain(&mut self, _topic: &str) -> Option<Blocked> {
         None
+    }
+    /// Whether a broker answers this client now (credentials accepted). May block a second.
+    fn reachable(&mut self) -> bool {
+        false
     }
 }
 
@@ -132,10 +141,20 @@ pub struct Publisher<S: Sink = KafkaSink> {
     /// What the metadata said about the last timeouts, and when it was asked.
     /// The last metadata answer per topic, and when it was asked.
     explained: BTreeMap<String, (Instant, Option<Blocked>)>,
+    /// Set while the brokers refuse the credentials and none has accepted them since this
+    /// process started: `/readyz` is red then (see `credentials_refused`).
+    refused_at_start: Arc<AtomicBool>,
+    /// Kafka has accepted this process's credentials at least once.
+    accepted_once: bool,
+    /// While the credentials are refused: when a broker is next asked whether they pass now.
+    next_probe: Option<Instant>,
 }
 
 /// The longest the loop sleeps with nothing to do (gauges are refreshed on its turns).
 const IDLE: Duration = Duration::from_millis(100);
+
+/// While the credentials are refused, how often a broker is asked whether they pass now.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 impl Publisher<KafkaSink> {
     /// Creates the producer (so bad Kafka settings fail at startup) around an open spool.
@@ -195,7 +214,25 @@ impl<S: Sink> Publisher<S> {
             read_buf: VecDeque::new(),
             read_failing: false,
             explained: BTreeMap::new(),
+            refused_at_start: Arc::new(AtomicBool::new(false)),
+            accepted_once: false,
+            next_probe: None,
         }
+    }
+
+    /// True while the brokers refuse the credentials and have not accepted them once since
+    /// start: a relay started with a wrong password is not ready, so a rollout with a bad
+    /// Secret stops at its first pod while the old ones serve. A relay that has published is
+    /// kept ready when credentials fail later: pulling every pod would refuse Tencent's
+    /// callbacks, which are never sent again; the spool holds them, the alert says why.
+    pub fn credentials_refused(&self) -> Arc<AtomicBool> {
+        self.refused_at_start.clone()
+    }
+
+    fn credentials_accepted(&mut self) {
+        self.accepted_once = true;
+        self.next_probe = None;
+        self.refused_at_start.store(false, Ordering::Relaxed);
     }
 
     fn run(&mut self) {
@@ -238,6 +275,16 @@ impl<S: Sink> Publisher<S> {
         if self.rebuild && now >= self.rebuild_after {
             self.rebuild_sink(now);
         }
+        // Refused credentials and nothing to deliver: only asking tells when they pass again
+        // (a user created on the broker, an ACL fixed).
+        if self.next_probe.is_some_and(|at| now >= at) {
+            if self.sink.reachable() {
+                self.credentials_accepted();
+                self.unblock();
+            } else {
+                self.next_probe = Some(now + PROBE_EVERY);
+            }
+        }
         self.write_dead_letters(now);
         self.send_due(now);
         self.fill(now);
@@ -249,7 +296,9 @@ impl<S: Sink> Publisher<S> {
         match event {
             Event::Appended => false,
             Event::Stop => true,
-            Event::Delivered { generation, .. } | Event::Fatal { generation }
+            Event::Delivered { generation, .. }
+            | Event::Fatal { generation }
+            | Event::CredentialsRefused { generation }
                 if generation != self.generation =>
             {
                 false
@@ -260,6 +309,17 @@ impl<S: Sink> Publisher<S> {
                 self.rebuild = true;
                 false
             }
+            Event::CredentialsRefused { .. } => {
+                if !self.accepted_once {
+                    self.refused_at_start.store(true, Ordering::Relaxed);
+                }
+                self.next_probe.get_or_insert(now + PROBE_EVERY);
+                self.set_blocked(
+                    Some(Blocked::AuthenticationFailed),
+                    &"the broker refused the SASL credentials (username, password, mechanism)",
+                );
+                false
+            }
             Event::Delivered {
                 seq,
                 result: Ok(()),
@@ -267,6 +327,7 @@ impl<S: Sink> Publisher<S> {
             } => {
                 self.last_delivery = now;
                 self.rebuilds = 0;
+                self.credentials_accepted();
                 if let Some(p) = self.ledger.confirmed(seq)
                     && let Some(entry) = p.entry
                 {
@@ -296,7 +357,12 @@ impl<S: Sink> Publisher<S> {
         match failure.disposition {
             Disposition::Wait(mut reason) => {
                 if reason == Blocked::BrokerUnavailable {
-                    reason = self.explain(seq, now).unwrap_or(reason);
+                    reason = if self.next_probe.is_some() {
+                        // Timed out because no broker takes the credentials.
+                        Blocked::AuthenticationFailed
+                    } else {
+                        self.explain(seq, now).unwrap_or(reason)
+                    };
                 }
                 if reason == Blocked::ProducerFatal || self.sink.fatal().is_some() {
                     self.rebuild = true;

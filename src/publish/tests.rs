@@ -508,6 +508,10 @@ fn every_kafka_error_is_classified_and_only_refusals_leave_the_topic() {
         of(C::ClusterAuthorizationFailed),
         Disposition::Wait(Blocked::NotAuthorized)
     );
+    assert_eq!(
+        of(C::SaslAuthenticationFailed),
+        Disposition::Wait(Blocked::AuthenticationFailed)
+    );
     assert_eq!(of(C::Fatal), Disposition::Wait(Blocked::ProducerFatal));
     assert_eq!(
         of(C::MessageTimedOut),

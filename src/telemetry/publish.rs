@@ -131,8 +131,11 @@ impl Event for PublisherGauges {
 pub enum Blocked {
     /// The topic (or partition) does not exist.
     TopicMissing,
-    /// Authentication or authorization failed.
+    /// The ACLs refuse this client the topic (or the cluster).
     NotAuthorized,
+    /// The brokers refuse the client's credentials (SASL): a wrong password, user or
+    /// mechanism.
+    AuthenticationFailed,
     /// The idempotent producer reached a fatal state; it is rebuilt.
     ProducerFatal,
     /// Brokers down or not answering in time.
@@ -151,9 +154,10 @@ pub enum Blocked {
 }
 
 impl Blocked {
-    pub const ALL: [Blocked; 9] = [
+    pub const ALL: [Blocked; 10] = [
         Blocked::TopicMissing,
         Blocked::NotAuthorized,
+        Blocked::AuthenticationFailed,
         Blocked::ProducerFatal,
         Blocked::BrokerUnavailable,
         Blocked::TimestampRefused,
@@ -167,6 +171,7 @@ impl Blocked {
         match self {
             Blocked::TopicMissing => "topic_missing",
             Blocked::NotAuthorized => "not_authorized",
+            Blocked::AuthenticationFailed => "authentication_failed",
             Blocked::ProducerFatal => "producer_fatal",
             Blocked::BrokerUnavailable => "broker_unavailable",
             Blocked::TimestampRefused => "timestamp_refused",

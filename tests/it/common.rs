@@ -36,7 +36,7 @@ pub fn free_port() -> u16 {
 }
 
 /// The tansu binary: `TANSU_BIN`, else where `scripts/lib.sh` caches it.
-fn tansu_bin() -> String {
+pub fn tansu_bin() -> String {
     if let Ok(bin) = std::env::var("TANSU_BIN") {
         return bin;
     }

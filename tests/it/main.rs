@@ -18,6 +18,7 @@ mod memory;
 mod metrics;
 mod pg;
 mod rejections;
+mod secure_kafka;
 mod slow_clients;
 mod sync;
 mod tls;
