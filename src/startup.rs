@@ -254,6 +254,7 @@ impl Application {
             );
         }
 
+        let durability = tokio::spawn(crate::publish::durability::watch(config.kafka.clone()));
         let reconcile_stop = Arc::new(tokio::sync::Notify::new());
         let reconciler = match &config.reconcile {
             Some(r) => Some(crate::backfill::periodic::spawn(
@@ -344,6 +345,7 @@ impl Application {
             );
         }
         upkeep.abort();
+        durability.abort();
         reconcile_stop.notify_one();
         if let Some(r) = reconciler {
             // A reconciliation in progress stops at its next await; what it published is on

@@ -9,6 +9,7 @@
 //! that too, it is kept in the spool's dead-letter directory. Every other error makes it wait
 //! (`classify` is the one table), with the reason in `im_relay_publish_blocked{reason}`.
 
+pub mod durability;
 mod kafka;
 pub mod ledger;
 mod left;

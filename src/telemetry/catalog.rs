@@ -105,6 +105,16 @@ pub const METRICS: &[Metric] = &[
         "Spool reads that failed (the publisher tries again)."),
     m("im_relay_spool_commit_failures_total", Counter, &[],
         "Committed-position writes that failed (delivered records may be sent again after a restart)."),
+    // The topics' durability (checked at start and every 5 minutes).
+    m("im_relay_kafka_brokers", Gauge, &[], "Brokers in the cluster's metadata."),
+    m("im_relay_kafka_topic_replication_factor", Gauge, &["topic"],
+        "Smallest replica count of the topic's partitions."),
+    m("im_relay_kafka_topic_min_insync_replicas", Gauge, &["topic"],
+        "The topic's min.insync.replicas."),
+    m("im_relay_kafka_topic_unclean_leader_election", Gauge, &["topic"],
+        "1 when the topic's unclean.leader.election.enable is true."),
+    m("im_relay_kafka_topic_at_risk", Gauge, &["topic"],
+        "1 when a cluster of 3+ brokers gives the topic fewer than 3 replicas, min.insync.replicas below 2, or unclean leader election."),
     // librdkafka's statistics.
     m("im_relay_kafka_queue_messages", Gauge, &[], "Records in the producer's queue."),
     m("im_relay_kafka_queue_bytes", Gauge, &[], "Bytes in the producer's queue."),

@@ -180,4 +180,14 @@ pub fn register_alerting_counters() {
     for r in Blocked::ALL {
         gauge!("im_relay_publish_blocked", "reason" => r.label()).set(0.0);
     }
+    // ImRelayQuarantining: every reason a callback is quarantined for, at 0.
+    use crate::error::Reason;
+    for r in [
+        Reason::InvalidJson,
+        Reason::CommandMismatch,
+        Reason::InvalidMessage,
+        Reason::RecordTooLarge,
+    ] {
+        counter!("im_relay_callbacks_quarantined_total", "reason" => r.label()).increment(0);
+    }
 }

@@ -253,3 +253,39 @@ impl Event for RecordsDropped {
         }
     }
 }
+
+/// What a topic's settings allow (`publish::durability`): exported, and a warning while they
+/// cannot keep an acknowledged record through a broker's loss.
+pub struct TopicDurability<'a>(pub &'a crate::publish::durability::Durability);
+
+impl Event for TopicDurability<'_> {
+    fn emit(&self) {
+        let d = self.0;
+        let topic = d.topic.clone();
+        gauge!("im_relay_kafka_brokers").set(d.brokers as f64);
+        gauge!("im_relay_kafka_topic_replication_factor", "topic" => topic.clone())
+            .set(d.replication_factor as f64);
+        if let Some(m) = d.min_insync_replicas {
+            gauge!("im_relay_kafka_topic_min_insync_replicas", "topic" => topic.clone())
+                .set(m as f64);
+        }
+        if let Some(u) = d.unclean_leader_election {
+            gauge!("im_relay_kafka_topic_unclean_leader_election", "topic" => topic.clone())
+                .set(f64::from(u8::from(u)));
+        }
+        let risks = d.risks();
+        gauge!("im_relay_kafka_topic_at_risk", "topic" => topic)
+            .set(f64::from(u8::from(!risks.is_empty())));
+        if !risks.is_empty() {
+            tracing::warn!(
+                topic = %d.topic,
+                replication_factor = d.replication_factor,
+                min_insync_replicas = d.min_insync_replicas,
+                unclean_leader_election = d.unclean_leader_election,
+                brokers = d.brokers,
+                risks = %risks.join(", "),
+                "topic cannot keep acknowledged records through a broker's loss"
+            );
+        }
+    }
+}

@@ -401,3 +401,37 @@ async fn a_load_balancer_checks_health_on_the_callback_port() {
     assert_eq!(app.records(1).await.len(), 1);
     app.stop().await;
 }
+
+/// The relay reads its topics' durability settings from the cluster and exports them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_topics_durability_is_read_from_the_cluster_and_exported() {
+    let broker = Broker::start();
+    let app = spawn_process_app(&broker, &[]).await;
+    let want = [
+        "im_relay_kafka_brokers 1".to_owned(),
+        format!(
+            "im_relay_kafka_topic_replication_factor{{topic=\"{}\"}} 1",
+            app.topic
+        ),
+        // One broker cannot do better: not at risk.
+        format!("im_relay_kafka_topic_at_risk{{topic=\"{}\"}} 0", app.topic),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let metrics = app.metrics().await;
+        if want.iter().all(|w| metrics.lines().any(|l| l == w)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "want {want:?} in:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("im_relay_kafka_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}
