@@ -7,9 +7,6 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# The commit, for im_relay_build_info (there is no .git in the build context).
-ARG GIT_SHA=unknown
-ENV IM_RELAY_GIT_SHA=$GIT_SHA
 # Everything the manifest names must be here: it declares a [[bench]] (benches/), and cargo
 # refuses a manifest whose targets are missing. scripts/docker-replay replays this stage in CI.
 COPY Cargo.toml Cargo.lock build.rs ./
@@ -21,6 +18,11 @@ RUN mkdir -p src \
  && touch src/lib.rs \
  && cargo build --locked --release --bin im-relay \
  && rm -rf src
+# The commit, for im_relay_build_info (there is no .git in the build context). After the
+# dependency layer: an argument changes every layer below it, and a new commit must not
+# rebuild librdkafka.
+ARG GIT_SHA=unknown
+ENV IM_RELAY_GIT_SHA=$GIT_SHA
 COPY src ./src
 # The records' JSON Schemas are compiled in (normalize::SCHEMAS).
 COPY schema ./schema
@@ -48,8 +50,9 @@ ENV MIMALLOC_ALLOW_THP=0 \
 # The durable spool: acknowledged callbacks not yet in Kafka. Keep it on a persistent volume.
 VOLUME ["/var/lib/im-relay/spool"]
 EXPOSE 8080 8081
-# Ready = serving and not draining; bash's /dev/tcp avoids shipping curl.
+# Ready = serving and not draining; bash's /dev/tcp avoids shipping curl. The port is the one
+# IM_RELAY_ADMIN_LISTEN names (its default here, or what the container is given).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8081 && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '200 OK' <&3"]
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${IM_RELAY_ADMIN_LISTEN##*:} && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '200 OK' <&3"]
 ENTRYPOINT ["im-relay"]
 CMD ["serve"]
