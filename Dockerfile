@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build: compile with the full Rust toolchain (librdkafka is built from source by
-# the rdkafka crate: it needs a C toolchain and OpenSSL headers), run on a slim base as non-root.
+# the rdkafka crate: it needs a C toolchain, OpenSSL's headers and libcurl's for OIDC), run on a
+# slim base as non-root.
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+ && apt-get install -y --no-install-recommends libssl-dev libcurl4-openssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Everything the manifest names must be here: it declares a [[bench]] (benches/), and cargo
@@ -33,7 +34,7 @@ RUN touch src/main.rs src/lib.rs \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 libcurl4 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay \
  && mkdir -p /var/lib/im-relay/spool \

@@ -31,13 +31,16 @@ ensure_cargo_deny() {
 }
 
 # Build dependencies of rdkafka's bundled librdkafka (C compiler, make, OpenSSL headers for
-# SASL/SSL). Installed with apt when missing and we are allowed to.
+# SASL/SSL, libcurl's for OIDC). Installed with apt when missing and we are allowed to.
 ensure_build_deps() {
   local missing=()
   command -v cc >/dev/null || missing+=(gcc)
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  # librdkafka's OAUTHBEARER/OIDC method fetches its tokens with libcurl.
+  compgen -G "/usr/include/*/curl/curl.h" >/dev/null || [ -f /usr/include/curl/curl.h ] ||
+    missing+=(libcurl4-openssl-dev)
   [ ${#missing[@]} -eq 0 ] && return 0
   say "installing build dependencies: ${missing[*]}"
   if [ "$(id -u)" -eq 0 ]; then

@@ -126,6 +126,10 @@ pub mod key {
     pub const TLS_KEY: &str = "tls_key";
     pub const KAFKA_SASL_USERNAME: &str = "kafka_sasl_username";
     pub const KAFKA_SASL_PASSWORD: &str = "kafka_sasl_password";
+    pub const KAFKA_OIDC_TOKEN_ENDPOINT_URL: &str = "kafka_oidc_token_endpoint_url";
+    pub const KAFKA_OIDC_CLIENT_ID: &str = "kafka_oidc_client_id";
+    pub const KAFKA_OIDC_CLIENT_SECRET: &str = "kafka_oidc_client_secret";
+    pub const KAFKA_OIDC_SCOPE: &str = "kafka_oidc_scope";
     pub const TENCENT_API_URL: &str = "tencent_api_url";
     pub const TENCENT_ADMIN: &str = "tencent_admin";
     pub const TENCENT_SECRET_KEY: &str = "tencent_secret_key";
@@ -431,10 +435,33 @@ pub(super) const SETTINGS: &[Setting] = &[
         Kafka,
         key::KAFKA_SASL_MECHANISM,
         None,
-        "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512",
+        "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER (with the kafka_oidc_* settings)",
     ),
     s(Kafka, key::KAFKA_SASL_USERNAME, None, "SASL user name"),
     secret(Kafka, key::KAFKA_SASL_PASSWORD, "SASL password"),
+    s(
+        Kafka,
+        key::KAFKA_OIDC_TOKEN_ENDPOINT_URL,
+        None,
+        "OAUTHBEARER: the identity provider's token endpoint (client credentials grant)",
+    ),
+    s(
+        Kafka,
+        key::KAFKA_OIDC_CLIENT_ID,
+        None,
+        "OAUTHBEARER: the client id",
+    ),
+    secret(
+        Kafka,
+        key::KAFKA_OIDC_CLIENT_SECRET,
+        "OAUTHBEARER: the client secret",
+    ),
+    s(
+        Kafka,
+        key::KAFKA_OIDC_SCOPE,
+        None,
+        "OAUTHBEARER: the scope asked for (optional)",
+    ),
     s(
         Kafka,
         key::KAFKA_SSL_CA_LOCATION,
@@ -486,7 +513,8 @@ pub fn serve_command() -> clap::Command {
     )
     .after_help(
         "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
-         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, IM_RELAY_TENCENT_SECRET_KEY, or the \
+         IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, IM_RELAY_KAFKA_OIDC_CLIENT_SECRET, \
+         IM_RELAY_TENCENT_SECRET_KEY, or the \
          same names ending in _FILE \
          naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
          IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",

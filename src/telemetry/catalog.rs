@@ -1,5 +1,5 @@
 //! Every metric the relay exports, in one table: the `# HELP` lines come from it, and the
-//! README's metric list is checked against it (and it against the code) by the tests below.
+//! metric list in docs/operations.md is checked against it (and it against the code) by the tests below.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -257,19 +257,23 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_lists_every_metric() {
+    fn the_operations_doc_lists_every_metric() {
         let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+                .unwrap();
         let (begin, end) = ("<!-- metrics:begin -->\n", "<!-- metrics:end -->");
-        let start = readme.find(begin).expect("README has the metrics markers") + begin.len();
+        let start = readme
+            .find(begin)
+            .expect("docs/operations.md has the metrics markers")
+            + begin.len();
         let stop = readme[start..]
             .find(end)
-            .expect("README closes the metrics list")
+            .expect("docs/operations.md closes the metrics list")
             + start;
         let want = format!("| metric | type | what |\n|---|---|---|\n{}", markdown());
         assert!(
             readme[start..stop] == want,
-            "README's metric list is stale; replace it with:\n{want}"
+            "docs/operations.md's metric list is stale; replace it with:\n{want}"
         );
     }
 }
