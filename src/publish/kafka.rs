@@ -19,7 +19,7 @@ use crate::telemetry::Event as _;
 use crate::telemetry::{Blocked, KafkaStatistics};
 
 /// What a Kafka error means for the record it hit. Unknown codes wait: dropping is never the
-/// default. The README's zero-loss section shows this table.
+/// default. docs/zero-loss.md shows this table.
 pub fn classify(error: &KafkaError) -> Failure {
     use RDKafkaErrorCode as C;
     let disposition = match error.rdkafka_error_code() {

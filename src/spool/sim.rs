@@ -505,7 +505,7 @@ struct BrokerState {
     /// Chance per send of a synchronous refusal (unknown topic, queue full), per mille.
     send_faults: u64,
     /// Records refused only with another record's batch: sent again alone, they may follow
-    /// newer records of their key that were in flight behind them (README).
+    /// newer records of their key that were in flight behind them (docs/zero-loss.md).
     batch_refused: BTreeSet<u64>,
     epoch: u64,
 }
@@ -837,7 +837,7 @@ impl Sim {
             // An injected fault during recovery: try again later. A sync that failed there
             // left pages clean that no later sync writes (and may have dropped them), and no
             // copy exists any more: after a kill -9, what came after the last good sync
-            // depends on the recovery's syncs (README: "Zero loss").
+            // depends on the recovery's syncs (docs/zero-loss.md).
             let mut disk = self.disk.state();
             let failed = std::mem::take(&mut disk.file_sync_failed);
             if std::mem::take(&mut disk.evicted) || failed {
@@ -964,7 +964,7 @@ impl Sim {
         // together), an odd one record by record; no extra draw, so seeds replay as before.
         let size = if n.is_multiple_of(2) { 2 } else { 1 };
         // Acknowledged while a failed sync is not made good: may be written again, after
-        // newer records (README), so not in the order check.
+        // newer records (docs/zero-loss.md), so not in the order check.
         let ordered = !run.shared.sync_failed.load(Ordering::SeqCst);
         let payloads: Vec<Vec<u8>> = entries.iter().map(|(_, p)| p.clone()).collect();
         let groups: Vec<&[Vec<u8>]> = payloads.chunks(size).collect();
@@ -1045,7 +1045,7 @@ impl Sim {
     fn observe_sync(&mut self) {
         // A sync failed, or was made good: the records written again may follow newer ones
         // read from where those first stood (pages dropped, or lost to a later power cut; a
-        // try on a full disk writes some of them, which are published at once). README: per
+        // try on a full disk writes some of them, which are published at once). docs/zero-loss.md: per
         // key, order is not promised across a failed sync in `interval` mode, so the records
         // so far leave the order check.
         let failed = self

@@ -175,7 +175,7 @@ pub fn describe() {
     }
 }
 
-/// The README's list: one line per metric.
+/// The list in docs/operations.md: one line per metric.
 pub fn markdown() -> String {
     METRICS
         .iter()

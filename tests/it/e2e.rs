@@ -345,6 +345,8 @@ fn callback_series(metrics: &str) -> Vec<String> {
             .any(|p| l.starts_with(p))
         })
         .map(str::to_owned)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect()
 }
 
