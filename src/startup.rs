@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -89,11 +89,20 @@ impl Application {
         // for a large backlog, and a liveness probe left unanswered kills the pod mid-scan.
         let ready = Arc::new(AtomicBool::new(true));
         let spool_slot = Arc::new(OnceLock::new());
-        let refused_slot = Arc::new(OnceLock::new());
+        let credentials_slot = Arc::new(OnceLock::new());
+        // With SASL, a broker's word on the credentials comes within seconds (librdkafka's
+        // statistics every 5 s): readiness waits that long for it, so a rollout whose new pod
+        // has a wrong password stops there rather than racing past it.
+        let sasl = matches!(
+            config.kafka.security_protocol,
+            crate::config::SecurityProtocol::SaslPlaintext
+                | crate::config::SecurityProtocol::SaslSsl
+        );
         let health = Health {
             ready: ready.clone(),
             spool: spool_slot.clone(),
-            credentials_refused: refused_slot.clone(),
+            credentials: credentials_slot.clone(),
+            confirm_by: sasl.then(|| std::time::Instant::now() + Duration::from_secs(15)),
             room_bytes: 4 * config.max_body_bytes as u64,
             append_timeout: config.spool_append_timeout,
         };
@@ -119,7 +128,7 @@ impl Application {
                 return Err(e);
             }
         };
-        let _ = refused_slot.set(p.publisher.credentials_refused());
+        let _ = credentials_slot.set(p.publisher.credentials());
         let _ = spool_slot.set(p.spool.clone());
         Ok(Application {
             config,
@@ -174,7 +183,7 @@ impl Application {
             damaged = r.damaged,
             "spool opened"
         );
-        telemetry::RecordsDropped(r.dropped).emit();
+        telemetry::RecordsDropped(r.dropped_ahead).emit();
         telemetry::SpoolSetAsideHeld(r.set_aside_held).emit();
         let publisher = Publisher::new(
             PublisherConfig {
@@ -413,8 +422,10 @@ struct Health {
     ready: Arc<AtomicBool>,
     /// Set once the spool is open; until then `/readyz` says `starting`.
     spool: Arc<OnceLock<Arc<spool::Shared>>>,
-    /// The publisher's word that Kafka refuses the credentials it started with.
-    credentials_refused: Arc<OnceLock<Arc<AtomicBool>>>,
+    /// What Kafka made of the credentials (`publish::CREDENTIALS_*`).
+    credentials: Arc<OnceLock<Arc<AtomicU8>>>,
+    /// With SASL: until then, credentials Kafka has not yet accepted keep `/readyz` red.
+    confirm_by: Option<std::time::Instant>,
     /// Room the spool must have left to count as able to take callbacks.
     room_bytes: u64,
     /// A spool write in progress for longer than this: the disk is hanging.
@@ -429,12 +440,24 @@ impl Health {
             Some(_) if !self.ready.load(Ordering::SeqCst) => Some("draining"),
             Some(spool) => spool
                 .trouble(self.room_bytes, self.append_timeout)
-                .or_else(|| {
-                    let refused = self.credentials_refused.get()?;
-                    refused
-                        .load(Ordering::Relaxed)
-                        .then_some("kafka refuses the credentials")
-                }),
+                .or_else(|| self.credentials_trouble()),
+        }
+    }
+}
+
+impl Health {
+    fn credentials_trouble(&self) -> Option<&'static str> {
+        use crate::publish::{CREDENTIALS_REFUSED, CREDENTIALS_UNKNOWN};
+        match self.credentials.get()?.load(Ordering::Relaxed) {
+            CREDENTIALS_REFUSED => Some("kafka refuses the credentials"),
+            CREDENTIALS_UNKNOWN
+                if self
+                    .confirm_by
+                    .is_some_and(|t| std::time::Instant::now() < t) =>
+            {
+                Some("starting: kafka has not accepted the credentials yet")
+            }
+            _ => None,
         }
     }
 }

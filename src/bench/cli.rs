@@ -111,9 +111,11 @@ pub fn main(flags: &clap::ArgMatches) -> ExitCode {
     // The relay's own Kafka security settings (IM_RELAY_KAFKA_SECURITY_PROTOCOL, SASL, CA)
     // reach the check from the environment, so no password is ever a flag; -X comes after.
     let env = |k: &str| std::env::var(k).ok();
-    let mut client = match crate::config::KafkaConfig::load(None, &env) {
-        Ok(kafka) => crate::config::connection_config(&kafka),
-        Err(e) => return usage(e.to_string()),
+    let verifying = flags.get_one::<String>("verify_brokers").is_some();
+    let mut client = match verifying.then(|| crate::config::KafkaConfig::load(None, &env)) {
+        Some(Ok(kafka)) => crate::config::connection_config(&kafka),
+        Some(Err(e)) => return usage(e.to_string()),
+        None => rdkafka::ClientConfig::new(),
     };
     for p in flags
         .get_many::<String>("verify_property")

@@ -278,13 +278,22 @@ impl Parser {
         if listen == admin_listen && listen.port() != 0 {
             self.fail(key::ADMIN_LISTEN, "must differ from listen");
         }
+        // Literal paths: the router would read `{…}`, `:x` or `*x` as a pattern (and panic on
+        // some), after the spool and the producer were opened.
+        let literal = |p: &str| {
+            p.starts_with('/')
+                && !p.contains(['{', '}'])
+                && !p.split('/').any(|seg| seg.starts_with([':', '*']))
+        };
+        const NOT_LITERAL: &str =
+            "must start with `/` and hold no `{`, `}` or segment starting with `:` or `*`";
         let callback_path = self.opt(key::CALLBACK_PATH).unwrap_or("").to_owned();
-        if !callback_path.starts_with('/') {
-            self.fail(key::CALLBACK_PATH, "must start with `/`");
+        if !literal(&callback_path) {
+            self.fail(key::CALLBACK_PATH, NOT_LITERAL);
         }
         let health_path = self.opt(key::HEALTH_PATH).unwrap_or("").to_owned();
-        if !health_path.starts_with('/') {
-            self.fail(key::HEALTH_PATH, "must start with `/`");
+        if !literal(&health_path) {
+            self.fail(key::HEALTH_PATH, NOT_LITERAL);
         } else if health_path == callback_path {
             self.fail(key::HEALTH_PATH, "must differ from callback_path");
         }
@@ -509,6 +518,31 @@ mod tests {
         assert_eq!(c.kafka.topic, "im.c2c.messages");
         assert_eq!(c.kafka.key, KeyMode::MsgKey);
         assert_eq!(c.kafka.compression, kafka::Compression::Zstd);
+    }
+
+    #[test]
+    fn paths_are_literal_and_the_health_path_is_not_the_callback_path() {
+        let with = |path: &str, health: &str| {
+            let env = [
+                ("IM_RELAY_SDK_APP_ID", "1400000000"),
+                ("IM_RELAY_TOKEN", "t"),
+                ("IM_RELAY_CALLBACK_PATH", path),
+                ("IM_RELAY_HEALTH_PATH", health),
+            ];
+            load(&[], &env)
+                .map(|c| c.health_path)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(with("/im/callback", "/healthz"), Ok("/healthz".into()));
+        assert_eq!(with("/im/callback", "/"), Ok("/".into()));
+        let same = with("/im/callback", "/im/callback").unwrap_err();
+        assert!(same.contains("must differ from callback_path"), "{same}");
+        for bad in ["healthz", "/{x}", "/a/:id", "/*rest"] {
+            let err = with("/im/callback", bad).unwrap_err();
+            assert!(err.contains("health_path"), "{bad}: {err}");
+            let err = with(bad, "/healthz").unwrap_err();
+            assert!(err.contains("callback_path"), "{bad}: {err}");
+        }
     }
 
     #[test]

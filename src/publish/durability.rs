@@ -49,30 +49,40 @@ impl Durability {
     }
 }
 
-/// Reads the settings of `topics` from the cluster.
+/// Reads the settings of `topics` from the cluster. Wholly on a blocking thread: librdkafka's
+/// client is created (reading CA files), asked for metadata, and destroyed (joining its
+/// threads) there, never on the threads that answer Tencent.
 pub async fn check(cfg: &KafkaConfig, topics: &[&str]) -> Result<Vec<Durability>, String> {
+    let cfg = cfg.clone();
+    let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || check_blocking(&handle, &cfg, &topics))
+        .await
+        .map_err(|e| format!("topic durability check: {e}"))?
+}
+
+fn check_blocking(
+    handle: &tokio::runtime::Handle,
+    cfg: &KafkaConfig,
+    topics: &[String],
+) -> Result<Vec<Durability>, String> {
     let admin: AdminClient<DefaultClientContext> = connection_config(cfg)
         .create()
         .map_err(|e| format!("kafka admin client: {e}"))?;
-    let admin = std::sync::Arc::new(admin);
     let timeout = Duration::from_secs(10);
-    // librdkafka's metadata call blocks: off the async threads.
-    let client = admin.clone();
-    let metadata =
-        tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout))
-            .await
-            .map_err(|e| format!("kafka metadata: {e}"))?
-            .map_err(|e| format!("kafka metadata: {e}"))?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, timeout)
+        .map_err(|e| format!("kafka metadata: {e}"))?;
     let brokers = metadata.brokers().len();
     let specifiers: Vec<_> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let options = AdminOptions::new().request_timeout(Some(timeout));
-    let configs = admin
-        .describe_configs(&specifiers, &options)
-        .await
+    let configs = handle
+        .block_on(admin.describe_configs(&specifiers, &options))
         .map_err(|e| format!("kafka describe configs: {e}"))?;
     let mut out = Vec::new();
     for (topic, config) in topics.iter().zip(configs) {
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == *topic) else {
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
             continue;
         };
         if t.partitions().is_empty() {
@@ -84,7 +94,7 @@ pub async fn check(cfg: &KafkaConfig, topics: &[&str]) -> Result<Vec<Durability>
             entry.value.clone()
         };
         out.push(Durability {
-            topic: (*topic).to_owned(),
+            topic: topic.clone(),
             replication_factor: t
                 .partitions()
                 .iter()

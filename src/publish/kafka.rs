@@ -98,6 +98,12 @@ impl ClientContext for Reporter {
 
     fn stats(&self, statistics: rdkafka::Statistics) {
         KafkaStatistics(&statistics).emit();
+        // UP: connected and, with SASL, authenticated.
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            let _ = self.events.send(Event::CredentialsAccepted {
+                generation: self.generation,
+            });
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -208,13 +214,6 @@ impl Sink for KafkaSink {
             .client()
             .fatal_error()
             .map(|(_, reason)| reason)
-    }
-
-    fn reachable(&mut self) -> bool {
-        self.producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(1))
-            .is_ok()
     }
 
     fn explain(&mut self, topic: &str) -> Option<Blocked> {

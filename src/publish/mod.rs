@@ -17,7 +17,7 @@ mod left;
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,6 +71,11 @@ pub enum Event {
     CredentialsRefused {
         generation: u64,
     },
+    /// A broker is up for this client (connected and, with SASL, authenticated): librdkafka's
+    /// statistics say so every few seconds, traffic or not.
+    CredentialsAccepted {
+        generation: u64,
+    },
     Stop,
 }
 
@@ -89,10 +94,6 @@ pub trait Sink {
     /// waits for the topic to appear). May block for a second.
     fn explain(&mut self, _topic: &str) -> Option<Blocked> {
         None
-    }
-    /// Whether a broker answers this client now (credentials accepted). May block a second.
-    fn reachable(&mut self) -> bool {
-        false
     }
 }
 
@@ -142,20 +143,22 @@ pub struct Publisher<S: Sink = KafkaSink> {
     /// What the metadata said about the last timeouts, and when it was asked.
     /// The last metadata answer per topic, and when it was asked.
     explained: BTreeMap<String, (Instant, Option<Blocked>)>,
-    /// Set while the brokers refuse the credentials and none has accepted them since this
-    /// process started: `/readyz` is red then (see `credentials_refused`).
-    refused_at_start: Arc<AtomicBool>,
-    /// Kafka has accepted this process's credentials at least once.
-    accepted_once: bool,
-    /// While the credentials are refused: when a broker is next asked whether they pass now.
-    next_probe: Option<Instant>,
+    /// What Kafka made of this process's credentials, shared with `/readyz` (see
+    /// `credentials`).
+    credentials: Arc<AtomicU8>,
+    /// A broker refused the credentials, and none has been up since.
+    refused_now: bool,
 }
+
+/// `Publisher::credentials`: no word from Kafka yet.
+pub const CREDENTIALS_UNKNOWN: u8 = 0;
+/// A broker was up for this process at least once (or took a record).
+pub const CREDENTIALS_ACCEPTED: u8 = 1;
+/// Refused, and never accepted since this process started.
+pub const CREDENTIALS_REFUSED: u8 = 2;
 
 /// The longest the loop sleeps with nothing to do (gauges are refreshed on its turns).
 const IDLE: Duration = Duration::from_millis(100);
-
-/// While the credentials are refused, how often a broker is asked whether they pass now.
-const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 impl Publisher<KafkaSink> {
     /// Creates the producer (so bad Kafka settings fail at startup) around an open spool.
@@ -215,25 +218,27 @@ impl<S: Sink> Publisher<S> {
             read_buf: VecDeque::new(),
             read_failing: false,
             explained: BTreeMap::new(),
-            refused_at_start: Arc::new(AtomicBool::new(false)),
-            accepted_once: false,
-            next_probe: None,
+            credentials: Arc::new(AtomicU8::new(CREDENTIALS_UNKNOWN)),
+            refused_now: false,
         }
     }
 
-    /// True while the brokers refuse the credentials and have not accepted them once since
-    /// start: a relay started with a wrong password is not ready, so a rollout with a bad
-    /// Secret stops at its first pod while the old ones serve. A relay that has published is
-    /// kept ready when credentials fail later: pulling every pod would refuse Tencent's
-    /// callbacks, which are never sent again; the spool holds them, the alert says why.
-    pub fn credentials_refused(&self) -> Arc<AtomicBool> {
-        self.refused_at_start.clone()
+    /// What Kafka made of the credentials (`CREDENTIALS_*`). `/readyz` is red while they are
+    /// refused and were never accepted since start: a relay started with a wrong password is
+    /// not ready, so a rollout with a bad Secret stops at its first pod while the old ones
+    /// serve. A relay a broker has accepted stays ready when credentials fail later: pulling
+    /// every pod would refuse Tencent's callbacks, which are never sent again; the spool holds
+    /// them, the blocked reason and its alert say why.
+    pub fn credentials(&self) -> Arc<AtomicU8> {
+        self.credentials.clone()
     }
 
     fn credentials_accepted(&mut self) {
-        self.accepted_once = true;
-        self.next_probe = None;
-        self.refused_at_start.store(false, Ordering::Relaxed);
+        self.credentials
+            .store(CREDENTIALS_ACCEPTED, Ordering::Relaxed);
+        if std::mem::take(&mut self.refused_now) {
+            self.unblock();
+        }
     }
 
     fn run(&mut self) {
@@ -276,16 +281,6 @@ impl<S: Sink> Publisher<S> {
         if self.rebuild && now >= self.rebuild_after {
             self.rebuild_sink(now);
         }
-        // Refused credentials and nothing to deliver: only asking tells when they pass again
-        // (a user created on the broker, an ACL fixed).
-        if self.next_probe.is_some_and(|at| now >= at) {
-            if self.sink.reachable() {
-                self.credentials_accepted();
-                self.unblock();
-            } else {
-                self.next_probe = Some(now + PROBE_EVERY);
-            }
-        }
         self.write_dead_letters(now);
         self.send_due(now);
         self.fill(now);
@@ -300,6 +295,7 @@ impl<S: Sink> Publisher<S> {
             Event::Delivered { generation, .. }
             | Event::Fatal { generation }
             | Event::CredentialsRefused { generation }
+            | Event::CredentialsAccepted { generation }
                 if generation != self.generation =>
             {
                 false
@@ -311,14 +307,22 @@ impl<S: Sink> Publisher<S> {
                 false
             }
             Event::CredentialsRefused { .. } => {
-                if !self.accepted_once {
-                    self.refused_at_start.store(true, Ordering::Relaxed);
-                }
-                self.next_probe.get_or_insert(now + PROBE_EVERY);
+                self.refused_now = true;
+                let _ = self.credentials.compare_exchange(
+                    CREDENTIALS_UNKNOWN,
+                    CREDENTIALS_REFUSED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 self.set_blocked(
                     Some(Blocked::AuthenticationFailed),
-                    &"the broker refused the SASL credentials (username, password, mechanism)",
+                    &"a broker refused the SASL credentials (user and password or mechanism, or \
+                      the OIDC token)",
                 );
+                false
+            }
+            Event::CredentialsAccepted { .. } => {
+                self.credentials_accepted();
                 false
             }
             Event::Delivered {
@@ -358,7 +362,7 @@ impl<S: Sink> Publisher<S> {
         match failure.disposition {
             Disposition::Wait(mut reason) => {
                 if reason == Blocked::BrokerUnavailable {
-                    reason = if self.next_probe.is_some() {
+                    reason = if self.refused_now {
                         // Timed out because no broker takes the credentials.
                         Blocked::AuthenticationFailed
                     } else {

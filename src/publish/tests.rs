@@ -290,6 +290,32 @@ async fn a_fatal_producer_state_reported_with_nothing_in_flight_rebuilds_the_pro
     h.stop();
 }
 
+/// Refused credentials block publishing with their reason at once; readiness hears of it only
+/// while no broker has accepted this process yet (a later refusal must not pull a serving
+/// relay: Tencent would lose the callbacks the spool could hold).
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_credentials_turn_readiness_red_only_before_a_broker_accepted_them() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (h, mut p) = unstarted(&[], |_, _| {});
+    let state = p.credentials();
+    let now = Instant::now();
+    assert_eq!(state.load(Relaxed), CREDENTIALS_UNKNOWN);
+    p.handle(Event::CredentialsRefused { generation: 0 }, now);
+    assert_eq!(state.load(Relaxed), CREDENTIALS_REFUSED);
+    assert_eq!(p.blocked, Some(Blocked::AuthenticationFailed));
+    // A report from a replaced producer says nothing about this one.
+    p.handle(Event::CredentialsAccepted { generation: 9 }, now);
+    assert_eq!(state.load(Relaxed), CREDENTIALS_REFUSED);
+    p.handle(Event::CredentialsAccepted { generation: 0 }, now);
+    assert_eq!(state.load(Relaxed), CREDENTIALS_ACCEPTED);
+    assert_eq!(p.blocked, None);
+    p.handle(Event::CredentialsRefused { generation: 0 }, now);
+    assert_eq!(state.load(Relaxed), CREDENTIALS_ACCEPTED, "stays ready");
+    assert_eq!(p.blocked, Some(Blocked::AuthenticationFailed));
+    drop(p);
+    h.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_refused_for_good_goes_to_the_quarantine_topic_with_its_reason() {
     let h = harness(|_, _| {});

@@ -145,6 +145,10 @@ pub struct Recovery {
     pub torn_bytes: u64,
     /// Records an operator dropped with `im-relay spool drop`.
     pub dropped: usize,
+    /// Of those, the ones beyond the committed position: dropped since the last start, which
+    /// this start skips (`im_relay_records_dropped_total` counts these, so a restart does not
+    /// count an old drop again).
+    pub dropped_ahead: usize,
     /// Segments that overlap an earlier one (or lie beyond any number this spool gives):
     /// `open` sets them aside in `FOREIGN_DIR` before it reads anything.
     pub overlapping: usize,

@@ -166,6 +166,7 @@ pub(super) fn scan_all(storage: &dyn Storage) -> io::Result<(Recovery, Vec<Segme
     let mut r = Recovery {
         committed,
         dropped: dropped.len(),
+        dropped_ahead: dropped.range(committed.saturating_add(1)..).count(),
         ..Recovery::default()
     };
     let mut scans = Vec::new();
