@@ -418,6 +418,14 @@ async fn the_topics_durability_is_read_from_the_cluster_and_exported() {
         // One broker cannot do better: not at risk.
         format!("im_relay_kafka_topic_at_risk{{topic=\"{}\"}} 0", app.topic),
     ];
+    // ImRelayRecordsLost reads the process's start time (from the metrics-process crate).
+    assert!(
+        app.metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("process_start_time_seconds ")),
+        "process_start_time_seconds is exported"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let metrics = app.metrics().await;
