@@ -30,7 +30,7 @@ pub use kafka::{
 pub use settings::Group;
 pub use settings::{backfill_command, serve_command, sync_command};
 use settings::{env_name, key, setting};
-pub use sync::{Database, SyncConfig};
+pub use sync::{Database, PgSsl, SslMode, SyncConfig, split_ssl};
 pub use tencent::{BackfillConfig, TencentConfig};
 
 /// A secret value: never printed, never compared in variable time by us.

@@ -23,11 +23,100 @@ pub struct SyncConfig {
 pub enum Database {
     /// An embedded file, created if missing.
     Sqlite(PathBuf),
-    /// A server: the URL as given (never with a password: that comes on its own).
+    /// A server: the URL as given, without `sslmode` and `sslrootcert` (never with a password:
+    /// that comes on its own).
     Postgres {
         url: String,
         password: Option<Secret>,
+        ssl: PgSsl,
     },
+}
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// TLS to PostgreSQL: `sslmode` (default `prefer`, as libpq) and `sslrootcert` (a PEM file, or
+/// `system`), taken out of the URL here: the `postgres` crate refuses the verify modes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSsl {
+    pub mode: SslMode,
+    pub root_cert: Option<String>,
+}
+
+const SSL_MODES: &[(&str, SslMode)] = &[
+    ("disable", SslMode::Disable),
+    ("prefer", SslMode::Prefer),
+    ("require", SslMode::Require),
+    ("verify-ca", SslMode::VerifyCa),
+    ("verify-full", SslMode::VerifyFull),
+];
+
+/// `url` without its `sslmode` and `sslrootcert` parameters, and what they said. Other
+/// parameters stay, in order.
+pub fn split_ssl(url: &str) -> Result<(String, PgSsl), String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut ssl = PgSsl {
+        mode: SslMode::Prefer,
+        root_cert: None,
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "sslmode" => {
+                ssl.mode = SSL_MODES
+                    .iter()
+                    .find(|(name, _)| *name == v)
+                    .map(|(_, m)| *m)
+                    .ok_or_else(|| {
+                        format!(
+                            "sslmode `{v}` is not one of disable, prefer, require, verify-ca, \
+                             verify-full"
+                        )
+                    })?;
+            }
+            "sslrootcert" => ssl.root_cert = Some(percent_decode(v)?),
+            _ => kept.push(pair),
+        }
+    }
+    if matches!(ssl.mode, SslMode::VerifyCa | SslMode::VerifyFull) && ssl.root_cert.is_none() {
+        return Err(
+            "sslmode verify-ca and verify-full need sslrootcert (a PEM file, or system)".into(),
+        );
+    }
+    if ssl.mode == SslMode::Disable && ssl.root_cert.is_some() {
+        return Err("sslrootcert is given but sslmode is disable".into());
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, ssl))
+}
+
+fn percent_decode(v: &str) -> Result<String, String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = v.get(i + 1..i + 3).ok_or("a `%` without two hex digits")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "a `%` without two hex digits")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "sslrootcert is not UTF-8".into())
 }
 
 impl Database {
@@ -35,7 +124,10 @@ impl Database {
     pub fn describe(&self) -> String {
         match self {
             Database::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Database::Postgres { url, .. } => url.clone(),
+            Database::Postgres { url, ssl, .. } => {
+                let mode = SSL_MODES.iter().find(|(_, m)| *m == ssl.mode);
+                format!("{url} (sslmode {})", mode.map_or("", |(name, _)| name))
+            }
         }
     }
 }
@@ -87,6 +179,21 @@ impl Parser {
             return Database::Sqlite(PathBuf::from(path));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let (url, ssl) = match split_ssl(&url) {
+                Ok(split) => split,
+                Err(e) => {
+                    self.fail(key::SYNC_DATABASE_URL, &e);
+                    return Database::Sqlite(PathBuf::new());
+                }
+            };
+            if let Some(root) = ssl.root_cert.as_deref().filter(|r| *r != "system")
+                && !std::path::Path::new(root).is_file()
+            {
+                self.fail(
+                    key::SYNC_DATABASE_URL,
+                    format!("sslrootcert {root} is not a readable file"),
+                );
+            }
             match url.parse::<postgres::Config>() {
                 // A password in the URL would show in `ps`, shell history and logs.
                 Ok(c) if c.get_password().is_some() => self.fail(
@@ -96,7 +203,7 @@ impl Parser {
                 Ok(_) => {}
                 Err(_) => self.fail(key::SYNC_DATABASE_URL, "is not a PostgreSQL URL"),
             }
-            return Database::Postgres { url, password };
+            return Database::Postgres { url, password, ssl };
         }
         self.fail(
             key::SYNC_DATABASE_URL,
@@ -144,7 +251,7 @@ mod tests {
             ("IM_RELAY_SYNC_DATABASE_PASSWORD", "hunter2"),
         ])
         .unwrap();
-        let Database::Postgres { url, password } = &c.database else {
+        let Database::Postgres { url, password, .. } = &c.database else {
             panic!("{c:?}")
         };
         assert_eq!(url, "postgres://sync@db:5433/im");
@@ -154,5 +261,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sqlite:// or postgres://"), "{err}");
+    }
+
+    /// libpq's `sslmode` words, which the `postgres` crate refuses beyond `require`: taken out
+    /// of the URL, the rest of it kept in order.
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_the_url_and_checked() {
+        let (url, ssl) = split_ssl(
+            "postgres://s@db/im?options=-c%20search_path%3Dchat&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://s@db/im?options=-c%20search_path%3Dchat&connect_timeout=3"
+        );
+        assert_eq!(ssl.mode, SslMode::VerifyFull);
+        assert_eq!(ssl.root_cert.as_deref(), Some("/etc/ca.pem"));
+        let (url, ssl) = split_ssl("postgres://s@db/im").unwrap();
+        assert_eq!(
+            (url.as_str(), ssl.mode),
+            ("postgres://s@db/im", SslMode::Prefer)
+        );
+        assert_eq!(
+            split_ssl("postgres://s@db/im?sslmode=require")
+                .unwrap()
+                .1
+                .mode,
+            SslMode::Require
+        );
+        for (bad, says) in [
+            ("postgres://s@db/im?sslmode=verify-ca", "need sslrootcert"),
+            ("postgres://s@db/im?sslmode=always", "not one of disable"),
+            (
+                "postgres://s@db/im?sslmode=disable&sslrootcert=system",
+                "sslmode is disable",
+            ),
+        ] {
+            let err = split_ssl(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = load(&[(
+            "IM_RELAY_SYNC_DATABASE_URL",
+            "postgres://s@db/im?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a readable file"), "{err}");
+        let c = load(&[(
+            "IM_RELAY_SYNC_DATABASE_URL",
+            "postgres://s@db/im?sslmode=verify-full&sslrootcert=system",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.database.describe(),
+            "postgres://s@db/im (sslmode verify-full)"
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod change;
 pub mod store;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -56,9 +56,10 @@ pub trait Store: Send {
 pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
     match db {
         Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
-        Database::Postgres { url, password } => Ok(Box::new(Postgres::open(
+        Database::Postgres { url, password, ssl } => Ok(Box::new(Postgres::open(
             url,
             password.as_ref().map(|p| p.expose().to_owned()),
+            ssl,
         )?)),
     }
 }
@@ -394,6 +395,8 @@ impl Store for Sqlite {
 
 struct Postgres {
     config: postgres::Config,
+    /// `None`: `sslmode=disable`.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<postgres::Client>,
     sql: [String; 3],
 }
@@ -403,15 +406,38 @@ fn pg_error(e: postgres::Error) -> StoreError {
     let data = e
         .code()
         .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
-    StoreError {
-        data,
-        message: format!("postgres: {e}"),
+    // The cause is in the source chain ("error performing TLS handshake" alone says not which
+    // certificate, "db error" not which refusal).
+    let mut message = format!("postgres: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
     }
+    StoreError { data, message }
 }
 
 impl Postgres {
-    fn open(url: &str, password: Option<String>) -> Result<Postgres, StoreError> {
+    fn open(
+        url: &str,
+        password: Option<String>,
+        ssl: &crate::config::PgSsl,
+    ) -> Result<Postgres, StoreError> {
+        use crate::config::SslMode;
         let mut config: postgres::Config = url.parse().map_err(pg_error)?;
+        let tls = super::tls::connector(ssl).map_err(|message| StoreError {
+            data: false,
+            message: format!("postgres TLS: {message}"),
+        })?;
+        config.ssl_mode(match ssl.mode {
+            SslMode::Disable => postgres::config::SslMode::Disable,
+            SslMode::Prefer => postgres::config::SslMode::Prefer,
+            _ => postgres::config::SslMode::Require,
+        });
         if let Some(p) = password {
             config.password(p);
         }
@@ -424,9 +450,15 @@ impl Postgres {
         config.keepalives_interval(Duration::from_secs(5));
         config.keepalives_retries(3);
         config.tcp_user_timeout(Duration::from_secs(30));
-        config.options("-c statement_timeout=60000");
+        // Added to the URL's own `options`, not in their place.
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c statement_timeout=60000"),
+            None => "-c statement_timeout=60000".to_owned(),
+        };
+        config.options(&options);
         let mut s = Postgres {
             config,
+            tls,
             client: None,
             sql: statements(),
         };
@@ -437,7 +469,11 @@ impl Postgres {
     /// The connection, made again after it was lost.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.as_ref().is_none_or(postgres::Client::is_closed) {
-            self.client = Some(self.config.connect(postgres::NoTls).map_err(pg_error)?);
+            let client = match &self.tls {
+                Some(tls) => self.config.connect(tls.clone()),
+                None => self.config.connect(postgres::NoTls),
+            };
+            self.client = Some(client.map_err(pg_error)?);
         }
         Ok(self.client.as_mut().expect("just connected"))
     }

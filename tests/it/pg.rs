@@ -2,6 +2,8 @@
 //! directory as an unprivileged user (PostgreSQL refuses to run as root). One shared server
 //! per test run (a database per test); a test that takes the server down starts its own.
 //! A missing PostgreSQL fails the test — `./scripts/test` installs it — it never skips.
+//! It asks for a password (SCRAM, `initdb -A scram-sha-256`) and serves TLS with a
+//! certificate for `localhost` that a CA of the test's own signed (`ca`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +18,8 @@ pub const PASSWORD: &str = "im-relay-test-password";
 
 pub struct Postgres {
     pub port: u16,
+    /// The CA that signed the server's certificate (PEM).
+    pub ca: PathBuf,
     data: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
@@ -94,6 +98,7 @@ impl Postgres {
         std::fs::create_dir_all(&data).unwrap();
         let pwfile = root.join("pwfile");
         std::fs::write(&pwfile, PASSWORD).unwrap();
+        let ca = write_certificates(&root);
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "nobody:nogroup"])
@@ -108,7 +113,7 @@ impl Postgres {
             .arg(&data)
             .args([
                 "-A",
-                "trust",
+                "scram-sha-256",
                 "-U",
                 "postgres",
                 "-E",
@@ -116,6 +121,7 @@ impl Postgres {
                 "--locale=C",
                 "--no-sync",
             ])
+            .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("initdb runs");
         assert!(
@@ -125,6 +131,7 @@ impl Postgres {
         );
         let mut pg = Postgres {
             port: free_port(),
+            ca,
             data,
             bin,
             child: None,
@@ -135,6 +142,7 @@ impl Postgres {
 
     /// Starts (or starts again) the server on its data directory and port.
     pub fn run(&mut self) {
+        let root = self.data.parent().unwrap().to_path_buf();
         let log = std::fs::File::create(self.data.parent().unwrap().join("server.log")).unwrap();
         let child = as_postgres_user(&self.bin.join("postgres"))
             .arg("-D")
@@ -149,6 +157,17 @@ impl Postgres {
             .arg(&self.data)
             // Test data: durability is what sync's own commit order proves, not the disk's.
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(["-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!(
+                "ssl_cert_file={}",
+                root.join("server.crt").display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "ssl_key_file={}",
+                root.join("server.key").display()
+            ))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -202,6 +221,38 @@ impl Drop for Postgres {
         }
         let _ = std::fs::remove_dir_all(self.data.parent().unwrap());
     }
+}
+
+/// A CA, and the server's certificate for `localhost` and 127.0.0.1 that it signed, in `root`
+/// (the key readable by the server's user only, as PostgreSQL demands). Returns the CA's path.
+fn write_certificates(root: &Path) -> PathBuf {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "im-relay test PostgreSQL CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let ca = root.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(root.join("server.crt"), leaf.pem()).unwrap();
+    let key_file = root.join("server.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    ca
 }
 
 /// `url` with the password in it, for the tests' own clients.

@@ -451,6 +451,88 @@ async fn a_database_down_stops_the_sync_until_it_is_back() {
     .unwrap();
 }
 
+/// Managed PostgreSQL wants TLS and a password: `sync` verifies the server against the CA
+/// `sslrootcert` names (`verify-full`: chain and host name), its connection is encrypted (the
+/// server says so), and a wrong CA or a wrong password keeps it unready with the reason in
+/// its log. Before: `NoTls` only, and `sslmode=verify-full` refused as not a URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_reaches_postgresql_over_verified_tls_and_refusals_say_why() {
+    let (database, ca) = tokio::task::spawn_blocking(|| {
+        let pg = Postgres::shared();
+        (pg.database(), pg.ca.clone())
+    })
+    .await
+    .unwrap();
+    let broker = Broker::start();
+    let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let expected = produce_messages(&bootstrap, &topic, 20);
+        // By the name on the server's certificate.
+        let by_name = database.replace("@127.0.0.1:", "@localhost:");
+        let tls_url = |ca: &std::path::Path| {
+            format!("{by_name}?sslmode=verify-full&sslrootcert={}", ca.display())
+        };
+        let mut env = sync_env(&bootstrap, &topic, &tls_url(&ca));
+        let sync = start_sync(&env, &dir.path().join("sync.log"));
+        converge(&mut Pg(database.clone()), &expected, &bootstrap, &topic);
+        let name = database.rsplit('/').next().unwrap().to_owned();
+        let encrypted = Pg(database.clone()).query(&format!(
+            "SELECT s.ssl::text FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = '{name}' AND a.application_name = 'im-relay-sync'"
+        ));
+        assert_eq!(
+            encrypted,
+            Some(vec![vec![Cell::Text(Some("true".into()))]]),
+            "sync's connection is TLS"
+        );
+        assert!(sync.terminate().success());
+
+        // A CA that did not sign the server's certificate: refused, and the log says why.
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let other_ca = dir.path().join("other-ca.pem");
+        std::fs::write(&other_ca, other.cert.pem()).unwrap();
+        env.insert("IM_RELAY_SYNC_DATABASE_URL".into(), tls_url(&other_ca));
+        env.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
+        let log = dir.path().join("wrong-ca.log");
+        let refused = RelayProcess::spawn_command("sync", &env, &log);
+        wait_for_log(&log, "invalid peer certificate");
+        assert_ne!(refused.ready(), Some(true));
+        drop(refused);
+
+        // A wrong password: refused by the server (SCRAM), and said so.
+        env.insert("IM_RELAY_SYNC_DATABASE_URL".into(), tls_url(&ca));
+        env.insert(
+            "IM_RELAY_SYNC_DATABASE_PASSWORD".into(),
+            "not-the-password".into(),
+        );
+        env.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
+        let log = dir.path().join("wrong-password.log");
+        let refused = RelayProcess::spawn_command("sync", &env, &log);
+        wait_for_log(&log, "password authentication failed");
+        assert_ne!(refused.ready(), Some(true));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains("not-the-password"),
+            "the password is never logged"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+fn wait_for_log(log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{what}` in the log: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Records applied per second, SQLite and PostgreSQL (`./scripts/bench-sync`; not in CI).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement: ./scripts/bench-sync"]
