@@ -113,6 +113,7 @@ pub mod key {
     pub const SYNC_GROUP: &str = "sync_group";
     pub const SYNC_ADMIN_LISTEN: &str = "sync_admin_listen";
     pub const SYNC_BATCH_MAX: &str = "sync_batch_max";
+    pub const SYNC_SCHEMA: &str = "sync_schema";
     pub const KEY: &str = "key";
     pub const KAFKA_COMPRESSION: &str = "kafka_compression";
     pub const KAFKA_LINGER_MS: &str = "kafka_linger_ms";
@@ -493,6 +494,12 @@ pub(super) const SETTINGS: &[Setting] = &[
         key::SYNC_BATCH_MAX,
         Some("500"),
         "records applied per database transaction, at most",
+    ),
+    s(
+        Sync,
+        key::SYNC_SCHEMA,
+        None,
+        "PostgreSQL: the schema sync's tables live in (created if missing) [default: the search path's]",
     ),
 ];
 

@@ -29,6 +29,8 @@ pub enum Database {
         url: String,
         password: Option<Secret>,
         ssl: PgSsl,
+        /// The schema of sync's tables (`sync_schema`); `None`: the search path's first.
+        schema: Option<String>,
     },
 }
 
@@ -176,6 +178,9 @@ impl Parser {
                     "is for PostgreSQL; SQLite has none",
                 );
             }
+            if self.opt(key::SYNC_SCHEMA).is_some() {
+                self.fail(key::SYNC_SCHEMA, "is for PostgreSQL; SQLite has none");
+            }
             return Database::Sqlite(PathBuf::from(path));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -203,7 +208,27 @@ impl Parser {
                 Ok(_) => {}
                 Err(_) => self.fail(key::SYNC_DATABASE_URL, "is not a PostgreSQL URL"),
             }
-            return Database::Postgres { url, password, ssl };
+            let schema = self.opt(key::SYNC_SCHEMA).map(str::to_owned);
+            // An identifier as PostgreSQL folds it: used unquoted in the search path.
+            if let Some(s) = &schema
+                && (s.is_empty()
+                    || s.len() > 63
+                    || !s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+            {
+                self.fail(
+                    key::SYNC_SCHEMA,
+                    "must be a lower-case identifier (a-z, 0-9, _; 63 at most)",
+                );
+            }
+            return Database::Postgres {
+                url,
+                password,
+                ssl,
+                schema,
+            };
         }
         self.fail(
             key::SYNC_DATABASE_URL,

@@ -50,6 +50,9 @@ impl SyncHealth {
 pub enum SyncError {
     #[error("kafka consumer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A database sync cannot use, whatever the wait.
+    #[error("database: {0}")]
+    Database(String),
 }
 
 /// The topics the records live on: the messages topic and any per-kind one.
@@ -93,6 +96,7 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
         loop {
             match store::open(&cfg.database) {
                 Ok(s) => break s,
+                Err(e) if e.fatal => return Err(SyncError::Database(e.message)),
                 Err(e) => {
                     health.database_down.store(true, Ordering::Relaxed);
                     SyncDatabaseFailed { error: &e }.emit();

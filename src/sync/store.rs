@@ -35,10 +35,28 @@ pub enum Item {
 
 /// Why a batch was not applied. `data`: this item can never be stored (it goes to the
 /// dead-letter table); otherwise the database is unreachable or busy and the batch waits.
+/// `fatal`: the database is not one sync can use whatever the wait (tables of the same names
+/// that are not its own): sync stops with the reason.
 #[derive(Debug)]
 pub struct StoreError {
     pub data: bool,
+    pub fatal: bool,
     pub message: String,
+}
+
+/// The tables migration 1 makes: finding one where no migration ran means another
+/// application's table stands in the way.
+const OWN_TABLES: [&str; 3] = ["messages", "read_marks", "dead_letters"];
+
+fn not_ours(table: &str) -> StoreError {
+    StoreError {
+        data: false,
+        fatal: true,
+        message: format!(
+            "a table `{table}` exists but is not im-relay's (no im_relay_migrations record): \
+             give sync a database of its own, or a schema (IM_RELAY_SYNC_SCHEMA, PostgreSQL)"
+        ),
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -56,10 +74,16 @@ pub trait Store: Send {
 pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
     match db {
         Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
-        Database::Postgres { url, password, ssl } => Ok(Box::new(Postgres::open(
+        Database::Postgres {
+            url,
+            password,
+            ssl,
+            schema,
+        } => Ok(Box::new(Postgres::open(
             url,
             password.as_ref().map(|p| p.expose().to_owned()),
             ssl,
+            schema.clone(),
         )?)),
     }
 }
@@ -310,6 +334,7 @@ fn sqlite_error(e: rusqlite::Error) -> StoreError {
     );
     StoreError {
         data,
+        fatal: false,
         message: format!("sqlite: {e}"),
     }
 }
@@ -347,6 +372,20 @@ impl Sqlite {
                 |r| r.get(0),
             )
             .map_err(sqlite_error)?;
+        if done == 0 {
+            for table in OWN_TABLES {
+                let found: i64 = tx
+                    .query_row(
+                        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        [table],
+                        |r| r.get(0),
+                    )
+                    .map_err(sqlite_error)?;
+                if found > 0 {
+                    return Err(not_ours(table));
+                }
+            }
+        }
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
             tx.execute_batch(&sql.replace("{bytes}", "BLOB"))
                 .map_err(sqlite_error)?;
@@ -395,6 +434,8 @@ impl Store for Sqlite {
 
 struct Postgres {
     config: postgres::Config,
+    /// `sync_schema`, made if missing.
+    schema: Option<String>,
     /// `None`: `sslmode=disable`.
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<postgres::Client>,
@@ -418,7 +459,11 @@ fn pg_error(e: postgres::Error) -> StoreError {
         }
         cause = c.source();
     }
-    StoreError { data, message }
+    StoreError {
+        data,
+        fatal: false,
+        message,
+    }
 }
 
 impl Postgres {
@@ -426,11 +471,13 @@ impl Postgres {
         url: &str,
         password: Option<String>,
         ssl: &crate::config::PgSsl,
+        schema: Option<String>,
     ) -> Result<Postgres, StoreError> {
         use crate::config::SslMode;
         let mut config: postgres::Config = url.parse().map_err(pg_error)?;
         let tls = super::tls::connector(ssl).map_err(|message| StoreError {
             data: false,
+            fatal: true,
             message: format!("postgres TLS: {message}"),
         })?;
         config.ssl_mode(match ssl.mode {
@@ -451,13 +498,18 @@ impl Postgres {
         config.keepalives_retries(3);
         config.tcp_user_timeout(Duration::from_secs(30));
         // Added to the URL's own `options`, not in their place.
+        let mut ours = "-c statement_timeout=60000".to_owned();
+        if let Some(schema) = &schema {
+            ours.push_str(&format!(" -c search_path={schema}"));
+        }
         let options = match config.get_options() {
-            Some(given) => format!("{given} -c statement_timeout=60000"),
-            None => "-c statement_timeout=60000".to_owned(),
+            Some(given) => format!("{given} {ours}"),
+            None => ours,
         };
         config.options(&options);
         let mut s = Postgres {
             config,
+            schema,
             tls,
             client: None,
             sql: statements(),
@@ -479,11 +531,17 @@ impl Postgres {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
+        let schema = self.schema.clone();
         let client = self.client()?;
         let mut tx = client.transaction().map_err(pg_error)?;
         // Two syncs starting together: one migrates, the other waits and finds it done.
         tx.execute("SELECT pg_advisory_xact_lock(7302241)", &[])
             .map_err(pg_error)?;
+        if let Some(schema) = &schema {
+            // Checked by the configuration: a lower-case identifier.
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .map_err(pg_error)?;
+        }
         tx.batch_execute(MIGRATIONS_TABLE).map_err(pg_error)?;
         let done: i64 = tx
             .query_one(
@@ -492,6 +550,22 @@ impl Postgres {
             )
             .map_err(pg_error)?
             .get(0);
+        if done == 0 {
+            for table in OWN_TABLES {
+                // In the search path's first schema, where migration 1 would make it.
+                let found: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_tables \
+                         WHERE schemaname = current_schema() AND tablename = $1)",
+                        &[&table],
+                    )
+                    .map_err(pg_error)?
+                    .get(0);
+                if found {
+                    return Err(not_ours(table));
+                }
+            }
+        }
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
             tx.batch_execute(&sql.replace("{bytes}", "BYTEA"))
                 .map_err(pg_error)?;

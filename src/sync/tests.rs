@@ -294,3 +294,42 @@ fn what_sync_cannot_apply_says_why() {
     );
     assert_eq!(elements, r#"[{"type":"text","text":"é\u0001"}]"#);
 }
+
+/// Another application's `read_marks` in the file: a stop with the reason, not a retry loop;
+/// the file is left as it was. A second open of sync's own file migrates nothing again.
+#[test]
+fn a_table_of_the_same_name_that_is_not_syncs_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE read_marks (x TEXT)")
+        .unwrap();
+    let err = match store::open(&Database::Sqlite(path.clone())) {
+        Err(e) => e,
+        Ok(_) => panic!("opened a file whose read_marks is not sync's"),
+    };
+    assert!(err.fatal, "{}", err.message);
+    assert!(
+        err.message
+            .contains("`read_marks` exists but is not im-relay's"),
+        "{}",
+        err.message
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let ours: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'messages'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(ours, 0, "nothing made beside it");
+
+    let own = dir.path().join("own.db");
+    drop(store::open(&Database::Sqlite(own.clone())).unwrap());
+    assert!(
+        store::open(&Database::Sqlite(own)).is_ok(),
+        "its own tables are no clash"
+    );
+}

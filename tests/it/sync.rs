@@ -521,6 +521,66 @@ async fn sync_reaches_postgresql_over_verified_tls_and_refusals_say_why() {
     .unwrap();
 }
 
+/// A database where another application already has a `messages` table: sync stops at once
+/// with the reason (before: "relation already exists", retried for ever), and runs beside it
+/// in a schema of its own (`IM_RELAY_SYNC_SCHEMA`), the other table untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_that_is_not_syncs_is_a_clear_stop_and_a_schema_of_its_own_avoids_it() {
+    let database = tokio::task::spawn_blocking(|| {
+        let database = Postgres::shared().database();
+        let mut c =
+            postgres::Client::connect(&crate::pg::with_password(&database), postgres::NoTls)
+                .unwrap();
+        c.batch_execute(
+            "CREATE TABLE messages (body TEXT); INSERT INTO messages VALUES ('theirs')",
+        )
+        .unwrap();
+        database
+    })
+    .await
+    .unwrap();
+    let broker = Broker::start();
+    let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let expected = produce_messages(&bootstrap, &topic, 10);
+        let mut env = sync_env(&bootstrap, &topic, &database);
+        let log = dir.path().join("clash.log");
+        let mut stopped = RelayProcess::spawn_command("sync", &env, &log);
+        let status = stopped.exited_within(Duration::from_secs(30));
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "sync stops: {status:?}"
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("exists but is not im-relay's"), "{text}");
+
+        env.insert("IM_RELAY_SYNC_SCHEMA".into(), "im_relay".into());
+        env.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
+        let _sync = start_sync(&env, &dir.path().join("schema.log"));
+        let count = |sql: &str| {
+            Pg(database.clone())
+                .query(sql)
+                .and_then(|rows| rows.first()?.first().cloned())
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count("SELECT COUNT(*)::BIGINT FROM im_relay.messages")
+            != Some(Cell::Int(Some(expected.len() as i64)))
+        {
+            assert!(Instant::now() < deadline, "sync did not fill its schema");
+            nudge(&bootstrap, &topic);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            count("SELECT body FROM public.messages"),
+            Some(Cell::Text(Some("theirs".into()))),
+            "the other application's table is untouched"
+        );
+    })
+    .await
+    .unwrap();
+}
+
 fn wait_for_log(log: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
