@@ -193,6 +193,19 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
         body_bytes: bytes.len(),
     }
     .emit();
+    // Routed on the query's command before the body is looked at: a command not relayed is
+    // answered `OK` whatever its body — before-callbacks above all, whose answer could block or
+    // change the message (https://www.tencentcloud.com/document/product/1047/34354).
+    let command = match &query.command {
+        CallbackCommand::Relayed(r) if receiver.relay_commands.contains(r) => *r,
+        other => {
+            CallbackIgnored {
+                command: other.as_str(),
+            }
+            .emit();
+            return Ok(Outcome::Ignored);
+        }
+    };
     if bytes.is_empty() {
         return Err(Reason::EmptyBody.into());
     }
@@ -214,6 +227,7 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
     }
     let outcome = relay(
         receiver,
+        command,
         &query,
         raw_query,
         &bytes,
@@ -230,6 +244,7 @@ async fn handle(receiver: &Receiver, request: Request) -> Result<Outcome, Reject
 /// From an authenticated body to a spooled record (or a quarantined body).
 async fn relay(
     receiver: &Receiver,
+    command: Relayed,
     query: &CallbackQuery<'_>,
     raw_query: &str,
     bytes: &Bytes,
@@ -263,18 +278,6 @@ async fn relay(
         Some(Json::String(c)) if c.as_ref() == query.command.as_str() => {}
         Some(_) => return quarantine(Reason::CommandMismatch.into()).keep().await,
     }
-    let command = match &query.command {
-        CallbackCommand::Relayed(r) if receiver.relay_commands.contains(r) => *r,
-        // Before-callbacks too: answered `OK` at once, as a recorder must (its answer could
-        // block or change the message).
-        other => {
-            CallbackIgnored {
-                command: other.as_str(),
-            }
-            .emit();
-            return Ok(Outcome::Ignored);
-        }
-    };
     let ctx = normalize::Context {
         sdk_app_id: query.sdk_app_id,
         client_ip: query.client_ip.as_deref(),

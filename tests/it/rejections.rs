@@ -133,7 +133,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             Reason::CommandMismatch,
-            signed_query("Group.CallbackAfterSendMsg", TOKEN, t),
+            signed_query("C2C.CallbackAfterMsgWithDraw", TOKEN, t),
             good.clone(),
         ),
         case(
@@ -549,4 +549,31 @@ async fn a_replayed_request_is_answered_but_not_processed_again() {
             .contains("im_relay_callbacks_total{outcome=\"replayed\"} 1")
     );
     app.stop().await;
+}
+
+/// A command the relay does not relay is answered `OK` whatever its body, never quarantined:
+/// a before-send callback's answer decides whether the message is sent (Tencent's webhook
+/// overview, https://www.tencentcloud.com/document/product/1047/34354). Before: a body that
+/// was not JSON, or empty, got 400 (and was quarantined), and Tencent could hold the message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_not_relayed_is_answered_ok_whatever_its_body() {
+    let app = InProcess::new(&[]);
+    for body in [
+        "not json",
+        "",
+        "[1, 2]",
+        r#"{"CallbackCommand": "C2C.CallbackAfterSendMsg"}"#,
+    ] {
+        for command in ["C2C.CallbackBeforeSendMsg", "Group.CallbackAfterSendMsg"] {
+            assert_eq!(
+                app.post_command(command, body).await,
+                (200, ok_body()),
+                "{command} {body:?}"
+            );
+        }
+    }
+    assert!(
+        app.spooled().is_empty(),
+        "nothing spooled, nothing quarantined"
+    );
 }
