@@ -73,6 +73,25 @@ pub struct MessageFacts {
     /// When the edit happened, with the edit's version: the latest edit's wins.
     pub edited_at: Option<(i64, Version)>,
     pub read_at: Option<i64>,
+    /// The message's own facts (from its record; events say nothing of them): Tencent's
+    /// sequence number (history orders by time, then by it), the send result (0 = delivered,
+    /// else the error Tencent gave, e.g. a word filter's), and whether it was online-only (a
+    /// typing signal, never in history).
+    pub msg_seq: Option<i64>,
+    pub send_result: Option<i64>,
+    pub online_only: Option<bool>,
+}
+
+impl MessageFacts {
+    /// The conversation, whichever way the message went: the two accounts in byte order.
+    pub fn conversation(&self) -> (&str, &str) {
+        let (a, b) = (self.from_account.as_str(), self.to_account.as_str());
+        if a.as_bytes() <= b.as_bytes() {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +124,9 @@ struct Wire {
     peer_account: Option<String>,
     last_read_time: Option<i64>,
     received_at: Option<String>,
+    msg_seq: Option<i64>,
+    send_result: Option<i64>,
+    online_only: Option<bool>,
 }
 
 fn need<T>(v: Option<T>, field: &str) -> Result<T, String> {
@@ -165,6 +187,9 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
             recalled_at: None,
             edited_at: None,
             read_at: None,
+            msg_seq: None,
+            send_result: None,
+            online_only: None,
         };
         let raw = |v: Option<Box<RawValue>>| {
             v.map(|r| r.get().to_owned())
@@ -172,6 +197,9 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
         };
         match kind {
             Kind::Message => {
+                facts.msg_seq = w.msg_seq;
+                facts.send_result = w.send_result;
+                facts.online_only = w.online_only;
                 let own = Version { time: -1, id: w.id };
                 let elements = need(raw(w.elements), "elements")?;
                 facts.elements = Some((elements, own.clone()));

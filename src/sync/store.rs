@@ -88,9 +88,10 @@ pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
     }
 }
 
-/// Migrations, in order; `{bytes}` is the dialect's binary type. Never edit one that shipped:
-/// add the next.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
+/// Migrations, in order; `{bytes}` is the dialect's binary type, `{c}` what makes a text
+/// comparison byte-wise (SQLite's is already). Never edit one that shipped: add the next.
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
     1,
     "messages, read marks, dead letters",
     "CREATE TABLE messages (
@@ -133,7 +134,25 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         failed_at BIGINT NOT NULL,
         PRIMARY KEY (topic, kafka_partition, kafka_offset)
     );",
-)];
+    ),
+    (
+        2,
+        "delivery status, online-only, sequence, conversation, updated_at",
+        // conv_low/conv_high: the two accounts in byte order, so one index serves a
+        // conversation's history whichever way each message went.
+        "ALTER TABLE messages ADD COLUMN msg_seq BIGINT;
+    ALTER TABLE messages ADD COLUMN send_result BIGINT;
+    ALTER TABLE messages ADD COLUMN online_only BIGINT;
+    ALTER TABLE messages ADD COLUMN conv_low TEXT;
+    ALTER TABLE messages ADD COLUMN conv_high TEXT;
+    ALTER TABLE messages ADD COLUMN updated_at BIGINT;
+    UPDATE messages SET
+        conv_low = CASE WHEN from_account{c} <= to_account{c} THEN from_account ELSE to_account END,
+        conv_high = CASE WHEN from_account{c} <= to_account{c} THEN to_account ELSE from_account END;
+    CREATE INDEX messages_by_conversation_history
+        ON messages (sdk_app_id, conv_low, conv_high, msg_time, msg_seq);",
+    ),
+];
 
 /// `new` replaces `old` when it says something and `old` is absent or earlier: by time, then
 /// id, then (two different edits in the same millisecond share an id) by `value` when given.
@@ -204,22 +223,30 @@ fn merge_message_sql() -> String {
         "INSERT INTO messages (sdk_app_id, id, msg_key, from_account, to_account, arrived, \
              msg_time, elements, elements_version_time, elements_version_id, cloud_custom_data, \
              ccd_version_time, ccd_version_id, recalled_at, edited_at, edit_version_time, \
-             edit_version_id, read_at) \
+             edit_version_id, read_at, msg_seq, send_result, online_only, conv_low, conv_high, \
+             updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18) \
+             $18, $19, $20, $21, $22, $23, $24) \
          ON CONFLICT (sdk_app_id, id) DO UPDATE SET \
-             {}, {}, {}, \
+             {}, {}, {}, {}, {}, \
              arrived = CASE WHEN excluded.arrived = 1 THEN 1 ELSE messages.arrived END, \
-             {}, {}, {}, {}, {}, {}",
+             {}, {}, {}, {}, {}, {}, {}, {}, {}, updated_at = excluded.updated_at",
         party("msg_key"),
         party("from_account"),
         party("to_account"),
+        party("conv_low"),
+        party("conv_high"),
         least("msg_time"),
         versioned("elements", "elements"),
         versioned("cloud_custom_data", "ccd"),
         least("recalled_at"),
         edited_at(),
         least("read_at"),
+        // The message's own facts; copies that differ (a callback's and a backfill's) give
+        // the least, whatever their order.
+        least("msg_seq"),
+        least("send_result"),
+        least("online_only"),
     )
 }
 
@@ -277,6 +304,7 @@ fn statement(item: &Item) -> (usize, Vec<Param<'_>>) {
 
 fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
     use Param::{Int, Text};
+    let (low, high) = f.conversation();
     let (elements, e_time, e_id) = match &f.elements {
         Some((e, v)) => (Some(e.as_str()), Some(v.time), Some(v.id.as_str())),
         None => (None, None, None),
@@ -308,6 +336,12 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
         Int(ed_time),
         Text(ed_id),
         Int(f.read_at),
+        Int(f.msg_seq),
+        Int(f.send_result),
+        Int(f.online_only.map(i64::from)),
+        Text(Some(low)),
+        Text(Some(high)),
+        Int(Some(unix_millis() as i64)),
     ]
 }
 
@@ -387,7 +421,7 @@ impl Sqlite {
             }
         }
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
-            tx.execute_batch(&sql.replace("{bytes}", "BLOB"))
+            tx.execute_batch(&sql.replace("{bytes}", "BLOB").replace("{c}", ""))
                 .map_err(sqlite_error)?;
             tx.execute(
                 "INSERT INTO im_relay_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
@@ -567,8 +601,11 @@ impl Postgres {
             }
         }
         for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
-            tx.batch_execute(&sql.replace("{bytes}", "BYTEA"))
-                .map_err(pg_error)?;
+            tx.batch_execute(
+                &sql.replace("{bytes}", "BYTEA")
+                    .replace("{c}", " COLLATE \"C\""),
+            )
+            .map_err(pg_error)?;
             tx.execute(
                 "INSERT INTO im_relay_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                 &[version, name, &(unix_millis() as i64)],

@@ -145,11 +145,15 @@ fn dump(path: &Path) -> Vec<String> {
         "SELECT * FROM read_marks ORDER BY sdk_app_id, reader, peer",
     ] {
         let mut stmt = conn.prepare(q).unwrap();
-        let n = stmt.column_count();
+        // `updated_at` is when a row was last written: not a fact of the records.
+        let keep: Vec<usize> = (0..stmt.column_count())
+            .filter(|&i| stmt.column_name(i).unwrap() != "updated_at")
+            .collect();
         let rows = stmt
             .query_map([], |r| {
-                let cols: Vec<String> = (0..n)
-                    .map(|i| match r.get_ref(i).unwrap() {
+                let cols: Vec<String> = keep
+                    .iter()
+                    .map(|&i| match r.get_ref(i).unwrap() {
                         rusqlite::types::ValueRef::Text(t) => {
                             format!("Text({:?})", String::from_utf8_lossy(t))
                         }
@@ -332,4 +336,109 @@ fn a_table_of_the_same_name_that_is_not_syncs_stops_it() {
         store::open(&Database::Sqlite(own)).is_ok(),
         "its own tables are no clash"
     );
+}
+
+/// The message's own facts get columns of their own: a message Tencent's word filter stopped
+/// (`SendMsgResult` ≠ 0) and a typing signal (`OnlineOnlyFlag: 1`) are told apart from history,
+/// the sequence number orders a second's messages, and both directions of a conversation share
+/// `conv_low`/`conv_high` (byte order). Before: none of these columns existed.
+#[test]
+fn delivery_status_online_only_sequence_and_conversation_are_columns() {
+    let text = json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hi"}}]);
+    let send = |from: &str, to: &str, key: &str, seq: i64, result: i64, online: i64| {
+        json!({"From_Account": from, "To_Account": to, "MsgKey": key, "MsgSeq": seq,
+               "MsgRandom": 1, "MsgTime": 1_700_000_000, "MsgBody": text,
+               "SendMsgResult": result, "OnlineOnlyFlag": online})
+    };
+    let values: Vec<Vec<u8>> = [
+        send("zoe", "adam", "k1", 7, 0, 0),
+        send("adam", "zoe", "k2", 8, 80001, 0),
+        send("zoe", "adam", "k3", 9, 0, 1),
+    ]
+    .into_iter()
+    .flat_map(|b| normalize::normalize_map(&ctx(), Relayed::AfterSendMsg, &body(b)).unwrap())
+    .map(|out| out.value)
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sync.db");
+    let mut store = store::open(&Database::Sqlite(path.clone())).unwrap();
+    store.apply(&changes(&values)).unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT msg_key, msg_seq, send_result, online_only, conv_low, conv_high, \
+             updated_at IS NOT NULL FROM messages ORDER BY msg_key",
+        )
+        .unwrap();
+    let rows: Vec<(String, i64, i64, i64, String, String, bool)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let row = |k: &str, seq, result, online| {
+        (
+            k.to_owned(),
+            seq,
+            result,
+            online,
+            "adam".to_owned(),
+            "zoe".to_owned(),
+            true,
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            row("k1", 7, 0, 0),
+            row("k2", 8, 80001, 0),
+            row("k3", 9, 0, 1)
+        ]
+    );
+}
+
+/// A database made before these columns: migration 2 adds them and fills the conversation of
+/// the rows already there.
+#[test]
+fn an_older_database_gains_the_columns_with_its_rows_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE im_relay_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, \
+             applied_at BIGINT NOT NULL)",
+        )
+        .unwrap();
+        let (version, name, sql) = store::MIGRATIONS[0];
+        conn.execute_batch(&sql.replace("{bytes}", "BLOB")).unwrap();
+        conn.execute(
+            "INSERT INTO im_relay_migrations VALUES (?1, ?2, 0)",
+            rusqlite::params![version, name],
+        )
+        .unwrap();
+        conn.execute_batch(
+            "INSERT INTO messages (sdk_app_id, id, msg_key, from_account, to_account, arrived) \
+             VALUES (1, '1:bob:carol:k', 'k', 'carol', 'bob', 1)",
+        )
+        .unwrap();
+    }
+    drop(store::open(&Database::Sqlite(path.clone())).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let conv: (String, String) = conn
+        .query_row("SELECT conv_low, conv_high FROM messages", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(conv, ("bob".to_owned(), "carol".to_owned()));
 }
