@@ -69,10 +69,12 @@ pub fn split_ssl(url: &str) -> Result<(String, PgSsl), String> {
         root_cert: None,
     };
     let mut kept = Vec::new();
+    let mut mode_given = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "sslmode" => {
+                mode_given = true;
                 ssl.mode = SSL_MODES
                     .iter()
                     .find(|(name, _)| *name == v)
@@ -86,6 +88,15 @@ pub fn split_ssl(url: &str) -> Result<(String, PgSsl), String> {
             }
             "sslrootcert" => ssl.root_cert = Some(percent_decode(v)?),
             _ => kept.push(pair),
+        }
+    }
+    // Anyone can get a publicly trusted certificate for a name of their own: with the host's
+    // roots only the name proves who answers (libpq 16 likewise).
+    if ssl.root_cert.as_deref() == Some("system") {
+        if !mode_given {
+            ssl.mode = SslMode::VerifyFull;
+        } else if ssl.mode != SslMode::VerifyFull {
+            return Err("sslrootcert=system needs sslmode=verify-full".into());
         }
     }
     if matches!(ssl.mode, SslMode::VerifyCa | SslMode::VerifyFull) && ssl.root_cert.is_none() {
@@ -212,6 +223,7 @@ impl Parser {
             // An identifier as PostgreSQL folds it: used unquoted in the search path.
             if let Some(s) = &schema
                 && (s.is_empty()
+                    || s.starts_with("pg_")
                     || s.len() > 63
                     || !s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
                     || !s
@@ -220,7 +232,7 @@ impl Parser {
             {
                 self.fail(
                     key::SYNC_SCHEMA,
-                    "must be a lower-case identifier (a-z, 0-9, _; 63 at most)",
+                    "must be a lower-case identifier (a-z, 0-9, _; 63 at most; not pg_…)",
                 );
             }
             return Database::Postgres {
@@ -314,11 +326,18 @@ mod tests {
                 .mode,
             SslMode::Require
         );
+        // The host's roots prove nothing without the name: verify-full, or nothing.
+        let (_, ssl) = split_ssl("postgres://s@db/im?sslrootcert=system").unwrap();
+        assert_eq!(ssl.mode, SslMode::VerifyFull);
         for (bad, says) in [
+            (
+                "postgres://s@db/im?sslmode=require&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
             ("postgres://s@db/im?sslmode=verify-ca", "need sslrootcert"),
             ("postgres://s@db/im?sslmode=always", "not one of disable"),
             (
-                "postgres://s@db/im?sslmode=disable&sslrootcert=system",
+                "postgres://s@db/im?sslmode=disable&sslrootcert=/etc/ca.pem",
                 "sslmode is disable",
             ),
         ] {

@@ -127,6 +127,7 @@ struct Wire {
     msg_seq: Option<i64>,
     send_result: Option<i64>,
     online_only: Option<bool>,
+    source: Option<String>,
 }
 
 fn need<T>(v: Option<T>, field: &str) -> Result<T, String> {
@@ -200,6 +201,13 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
                 facts.msg_seq = w.msg_seq;
                 facts.send_result = w.send_result;
                 facts.online_only = w.online_only;
+                // Tencent's history holds only delivered messages that were not online-only
+                // (https://www.tencentcloud.com/document/product/1047/35478): a copy fetched
+                // from it says so by being there.
+                if w.source.as_deref() == Some("backfill") {
+                    facts.send_result = facts.send_result.or(Some(0));
+                    facts.online_only = facts.online_only.or(Some(false));
+                }
                 let own = Version { time: -1, id: w.id };
                 let elements = need(raw(w.elements), "elements")?;
                 facts.elements = Some((elements, own.clone()));

@@ -44,9 +44,15 @@ pub struct StoreError {
     pub message: String,
 }
 
-/// The tables migration 1 makes: finding one where no migration ran means another
-/// application's table stands in the way.
-const OWN_TABLES: [&str; 3] = ["messages", "read_marks", "dead_letters"];
+/// The relations the migrations make: finding one where no migration ran means another
+/// application's table (or view, or index) stands in the way.
+const OWN_TABLES: [&str; 5] = [
+    "messages",
+    "read_marks",
+    "dead_letters",
+    "messages_by_conversation",
+    "messages_by_conversation_history",
+];
 
 fn not_ours(table: &str) -> StoreError {
     StoreError {
@@ -410,7 +416,7 @@ impl Sqlite {
             for table in OWN_TABLES {
                 let found: i64 = tx
                     .query_row(
-                        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        "SELECT COUNT(*) FROM sqlite_master WHERE name = ?1",
                         [table],
                         |r| r.get(0),
                     )
@@ -508,16 +514,34 @@ impl Postgres {
         schema: Option<String>,
     ) -> Result<Postgres, StoreError> {
         use crate::config::SslMode;
+        use postgres::config::Host;
         let mut config: postgres::Config = url.parse().map_err(pg_error)?;
-        let tls = super::tls::connector(ssl).map_err(|message| StoreError {
+        let config_error = |message: String| StoreError {
             data: false,
             fatal: true,
             message: format!("postgres TLS: {message}"),
-        })?;
-        config.ssl_mode(match ssl.mode {
-            SslMode::Disable => postgres::config::SslMode::Disable,
-            SslMode::Prefer => postgres::config::SslMode::Prefer,
-            _ => postgres::config::SslMode::Require,
+        };
+        let hosts = config.get_hosts();
+        let sockets = hosts.iter().filter(|h| matches!(h, Host::Unix(_))).count();
+        // As libpq: no TLS over a Unix socket. A certificate is checked against `host`, so
+        // TLS needs one (`hostaddr` alone names no certificate).
+        let tls = if ssl.mode == SslMode::Disable || (sockets > 0 && sockets == hosts.len()) {
+            None
+        } else if sockets > 0 {
+            return Err(config_error(
+                "a Unix socket beside TCP hosts: give one kind, or sslmode=disable".into(),
+            ));
+        } else if hosts.is_empty() {
+            return Err(config_error(
+                "hostaddr without host: give host= (the name on the server's certificate)".into(),
+            ));
+        } else {
+            super::tls::connector(ssl).map_err(config_error)?
+        };
+        config.ssl_mode(match (&tls, ssl.mode) {
+            (None, _) => postgres::config::SslMode::Disable,
+            (Some(_), SslMode::Prefer) => postgres::config::SslMode::Prefer,
+            (Some(_), _) => postgres::config::SslMode::Require,
         });
         if let Some(p) = password {
             config.password(p);
@@ -571,10 +595,25 @@ impl Postgres {
         // Two syncs starting together: one migrates, the other waits and finds it done.
         tx.execute("SELECT pg_advisory_xact_lock(7302241)", &[])
             .map_err(pg_error)?;
+        // A migration over a large table (an UPDATE of every row, an index) may take longer
+        // than the statement timeout every other statement gets.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .map_err(pg_error)?;
         if let Some(schema) = &schema {
-            // Checked by the configuration: a lower-case identifier.
-            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-                .map_err(pg_error)?;
+            // Made only when missing: CREATE SCHEMA IF NOT EXISTS asks for the database's
+            // CREATE privilege even when the schema exists (a DBA may have made it for us).
+            let exists: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[schema],
+                )
+                .map_err(pg_error)?
+                .get(0);
+            if !exists {
+                // Checked by the configuration: a lower-case identifier; quoted all the same.
+                tx.batch_execute(&format!("CREATE SCHEMA \"{schema}\""))
+                    .map_err(pg_error)?;
+            }
         }
         tx.batch_execute(MIGRATIONS_TABLE).map_err(pg_error)?;
         let done: i64 = tx
@@ -589,8 +628,8 @@ impl Postgres {
                 // In the search path's first schema, where migration 1 would make it.
                 let found: bool = tx
                     .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_tables \
-                         WHERE schemaname = current_schema() AND tablename = $1)",
+                        "SELECT EXISTS (SELECT 1 FROM pg_class \
+                         WHERE relnamespace = current_schema()::regnamespace AND relname = $1)",
                         &[&table],
                     )
                     .map_err(pg_error)?

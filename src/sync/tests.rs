@@ -407,6 +407,27 @@ fn delivery_status_online_only_sequence_and_conversation_are_columns() {
     );
 }
 
+/// A copy fetched from Tencent's history (`source: backfill`) has no send result or online
+/// flag, but history holds only delivered messages that were not online-only: it says so.
+#[test]
+fn a_backfilled_copy_counts_as_delivered_and_not_online_only() {
+    let b = body(
+        json!({"From_Account": "a", "To_Account": "b", "MsgKey": "k", "MsgSeq": 3,
+        "MsgRandom": 1, "MsgTime": 1_700_000_000,
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hi"}}]}),
+    );
+    let mut ctx = ctx();
+    ctx.source = Source::Backfill;
+    let out = normalize::normalize_map(&ctx, Relayed::AfterSendMsg, &b).unwrap();
+    let (_, Change::Message(facts)) = change::parse(&out[0].value).unwrap() else {
+        panic!("a message")
+    };
+    assert_eq!(
+        (facts.send_result, facts.online_only),
+        (Some(0), Some(false))
+    );
+}
+
 /// A database made before these columns: migration 2 adds them and fills the conversation of
 /// the rows already there.
 #[test]
