@@ -226,30 +226,12 @@ impl Drop for Postgres {
 /// A CA, and the server's certificate for `localhost` and 127.0.0.1 that it signed, in `root`
 /// (the key readable by the server's user only, as PostgreSQL demands). Returns the CA's path.
 fn write_certificates(root: &Path) -> PathBuf {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    };
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name = DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "im-relay test PostgreSQL CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    leaf.distinguished_name = DistinguishedName::new();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let pki = crate::common::private_ca("im-relay test PostgreSQL CA", &["localhost", "127.0.0.1"]);
     let ca = root.join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
-    std::fs::write(root.join("server.crt"), leaf.pem()).unwrap();
+    std::fs::write(&ca, pki.ca_pem).unwrap();
+    std::fs::write(root.join("server.crt"), pki.cert_pem).unwrap();
     let key_file = root.join("server.key");
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&key_file, pki.key_pem).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     ca

@@ -37,14 +37,6 @@ fn stunnel_bin() -> &'static str {
     panic!("no stunnel4: ./scripts/test installs Debian's stunnel4 (apt-get install stunnel4)")
 }
 
-fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 impl SecureBroker {
     /// Users are made on `sqlite://` storage while the broker is open, then it restarts with
     /// `--authentication` (tansu has no other way to make them).
@@ -66,7 +58,7 @@ impl SecureBroker {
                 c.arg("--authentication");
             }
             let child = c.spawn().expect("tansu starts");
-            wait_port(inner, "tansu");
+            wait_listening(inner, "tansu");
             child
         };
         let mut open = tansu(false, &format!("tcp://127.0.0.1:{inner}"));
@@ -104,27 +96,11 @@ impl SecureBroker {
         open.wait().unwrap();
 
         // The private CA and the certificate it signs for `localhost`.
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct names: a leaf whose subject is its issuer's reads as self-signed.
-        ca_params.distinguished_name = rcgen::DistinguishedName::new();
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "im-relay test CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        leaf.distinguished_name = rcgen::DistinguishedName::new();
-        leaf.distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        let pki = private_ca("im-relay test CA", &["localhost"]);
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, ca_cert.pem()).unwrap();
-        std::fs::write(dir.path().join("broker.pem"), leaf.pem()).unwrap();
-        std::fs::write(dir.path().join("broker.key"), leaf_key.serialize_pem()).unwrap();
+        std::fs::write(&ca, pki.ca_pem).unwrap();
+        std::fs::write(dir.path().join("broker.pem"), pki.cert_pem).unwrap();
+        std::fs::write(dir.path().join("broker.key"), pki.key_pem).unwrap();
         let conf = dir.path().join("stunnel.conf");
         std::fs::write(
             &conf,
@@ -142,7 +118,7 @@ impl SecureBroker {
             .stderr(std::fs::File::create(dir.path().join("stunnel.log")).unwrap())
             .spawn()
             .expect("stunnel starts");
-        wait_port(port, "stunnel");
+        wait_listening(port, "stunnel");
         SecureBroker {
             broker,
             stunnel,
@@ -240,12 +216,6 @@ async fn post(env: &HashMap<String, String>, key: &str) -> u16 {
         .as_u16()
 }
 
-fn gauge(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
-
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -300,7 +270,7 @@ async fn scram_over_tls_from_a_private_ca_and_wrong_credentials_wait_not_lose() 
         assert_eq!(post(&env, key).await, 200, "acknowledged into the spool");
     }
     wait_for("the blocked reason", Duration::from_secs(20), || {
-        gauge(
+        series_value(
             &relay.metrics(),
             "im_relay_publish_blocked{reason=\"authentication_failed\"}",
         ) == Some(1.0)
@@ -313,10 +283,10 @@ async fn scram_over_tls_from_a_private_ca_and_wrong_credentials_wait_not_lose() 
     );
     // The gauges follow every few seconds.
     wait_for("the backlog gauge", Duration::from_secs(15), || {
-        gauge(&relay.metrics(), "im_relay_spool_backlog_records") == Some(5.0)
+        series_value(&relay.metrics(), "im_relay_spool_backlog_records") == Some(5.0)
     });
     assert_eq!(
-        gauge(&relay.metrics(), "im_relay_records_published_total").unwrap_or(0.0),
+        series_value(&relay.metrics(), "im_relay_records_published_total").unwrap_or(0.0),
         0.0
     );
     let text = std::fs::read_to_string(&log).unwrap();
@@ -335,15 +305,15 @@ async fn scram_over_tls_from_a_private_ca_and_wrong_credentials_wait_not_lose() 
     env.extend(k.settings("SCRAM-SHA-512", USER_512.0, USER_512.1));
     let relay = RelayProcess::start(&env, &log);
     wait_for("the backlog delivered", Duration::from_secs(30), || {
-        gauge(&relay.metrics(), "im_relay_spool_backlog_records") == Some(0.0)
+        series_value(&relay.metrics(), "im_relay_spool_backlog_records") == Some(0.0)
     });
     let metrics = relay.metrics();
     assert_eq!(
-        gauge(&metrics, "im_relay_records_published_total"),
+        series_value(&metrics, "im_relay_records_published_total"),
         Some(5.0)
     );
     assert_eq!(
-        gauge(
+        series_value(
             &metrics,
             "im_relay_publish_blocked{reason=\"authentication_failed\"}"
         ),

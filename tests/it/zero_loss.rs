@@ -479,10 +479,7 @@ async fn serves_again_and_delivers(
 }
 
 fn metric(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(f64::NAN, |v| v.trim().parse().unwrap())
+    series_value(metrics, series).unwrap_or(f64::NAN)
 }
 
 /// Nothing acknowledged was given up: the loss counters are there, at 0.
