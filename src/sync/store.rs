@@ -161,19 +161,22 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 /// `new` replaces `old` when it says something and `old` is absent or earlier: by time, then
-/// id, then (two different edits in the same millisecond share an id) by `value` when given.
+/// id, then (two different edits in the same millisecond share an id; copies of one message
+/// share its version) by `value` when given — a value beats none, then the byte-wise greater.
+/// Every text comparison is byte-wise (`{c}`), so no collation picks the winner.
 fn newer(col: &str, value: Option<&str>) -> String {
     let tie = value.map_or(String::new(), |v| {
         format!(
             " OR (excluded.{col}_version_id = messages.{col}_version_id \
-               AND excluded.{v} > messages.{v})"
+               AND excluded.{v} IS NOT NULL \
+               AND (messages.{v} IS NULL OR excluded.{v}{{c}} > messages.{v}{{c}}))"
         )
     });
     format!(
         "(excluded.{col}_version_time IS NOT NULL AND (messages.{col}_version_time IS NULL \
          OR excluded.{col}_version_time > messages.{col}_version_time \
          OR (excluded.{col}_version_time = messages.{col}_version_time \
-             AND (excluded.{col}_version_id > messages.{col}_version_id{tie}))))"
+             AND (excluded.{col}_version_id{{c}} > messages.{col}_version_id{{c}}{tie}))))"
     )
 }
 
@@ -219,11 +222,15 @@ fn least(col: &str) -> String {
 
 /// The one statement every message fact goes through.
 fn merge_message_sql() -> String {
-    // The message's own parties win over what an event said before it arrived.
+    // The parties (and the key, and the conversation made of them): the message's own copy
+    // over what an event said, and between copies that differ (two senders sharing a
+    // `MsgKey`), the byte-wise least (from, to) — whatever came first.
+    let better = "(excluded.arrived > messages.arrived OR (excluded.arrived = messages.arrived \
+         AND (excluded.from_account{c} < messages.from_account{c} \
+         OR (excluded.from_account = messages.from_account \
+             AND excluded.to_account{c} < messages.to_account{c}))))";
     let party = |col: &str| {
-        format!(
-            "{col} = CASE WHEN excluded.arrived = 1 THEN excluded.{col} ELSE messages.{col} END"
-        )
+        format!("{col} = CASE WHEN {better} THEN excluded.{col} ELSE messages.{col} END")
     };
     format!(
         "INSERT INTO messages (sdk_app_id, id, msg_key, from_account, to_account, arrived, \
@@ -393,7 +400,7 @@ impl Sqlite {
         let mut s = Sqlite {
             conn,
             // SQLite numbers parameters `?N`.
-            sql: statements().map(|q| q.replace('$', "?")),
+            sql: statements().map(|q| q.replace('$', "?").replace("{c}", "")),
         };
         s.migrate()?;
         Ok(s)
@@ -570,7 +577,7 @@ impl Postgres {
             schema,
             tls,
             client: None,
-            sql: statements(),
+            sql: statements().map(|q| q.replace("{c}", " COLLATE \"C\"")),
         };
         s.migrate()?;
         Ok(s)

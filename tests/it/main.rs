@@ -15,6 +15,7 @@ mod e2e;
 mod lifecycle;
 mod limits;
 mod memory;
+mod merge;
 mod metrics;
 mod pg;
 mod rejections;

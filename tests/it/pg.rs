@@ -209,6 +209,19 @@ impl Postgres {
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(&name)
     }
+
+    /// A new, empty database whose collation is ICU's `locale` (this machine has only C
+    /// locales; PostgreSQL carries ICU's own).
+    pub fn database_icu(&self, locale: &str) -> String {
+        let name = format!("t_{}", unique().replace('-', "_"));
+        let url = with_password(&self.url("postgres"));
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{locale}'"
+        ))
+        .unwrap();
+        self.url(&name)
+    }
 }
 
 impl Drop for Postgres {

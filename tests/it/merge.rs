@@ -1,0 +1,371 @@
+//! The sync's merge is a function of the *set* of records: copies of one message that differ
+//! (a callback's and a backfill's, one without custom data, two senders in opposite
+//! directions sharing a `MsgKey`), its edits, recall, receipt and read reports — applied in
+//! any order and any batching — end in the same row, and the same row on every backend:
+//! SQLite, PostgreSQL, and PostgreSQL whose database collation is ICU's `en-US` (where
+//! `'a' < 'B'`, unlike bytes).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use im_relay::config::{Database, PgSsl, SslMode};
+use im_relay::normalize::{
+    EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA, SCHEMA,
+};
+use im_relay::sync::change;
+use im_relay::sync::store::{self, Item, Store};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{Value, json};
+
+use crate::pg::Postgres;
+
+/// Texts whose order differs between bytes and a linguistic collation.
+const TEXTS: [&str; 4] = ["a", "B", "\u{e9}", "b"];
+const CCDS: [&str; 3] = ["\"x\"", "\"Y\"", "\"\u{e9}\""];
+const EDIT_IDS: [&str; 3] = ["e-a", "e-B", "e-\u{e9}"];
+const ID: &str = "1400:alice:bob:K";
+
+/// One copy of the message itself.
+#[derive(Debug, Clone)]
+struct Copy {
+    reverse: bool,
+    text: usize,
+    ccd: Option<usize>,
+    seq: Option<i64>,
+    result: Option<i64>,
+    online: Option<bool>,
+    backfill: bool,
+    time: i64,
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Recall(i64),
+    Receipt(i64),
+    Edit {
+        id: usize,
+        at: Option<i64>,
+        text: Option<usize>,
+        ccd: Option<usize>,
+        arrived_s: i64,
+        reverse: bool,
+    },
+    Report {
+        reverse: bool,
+        t: i64,
+    },
+}
+
+fn copy() -> impl Strategy<Value = Copy> {
+    (
+        any::<bool>(),
+        0..TEXTS.len(),
+        prop::option::of(0..CCDS.len()),
+        prop::option::of(1..4i64),
+        prop::option::of(prop::sample::select(vec![0i64, 80001])),
+        prop::option::of(any::<bool>()),
+        any::<bool>(),
+        1_700_000_000..1_700_000_003i64,
+    )
+        .prop_map(
+            |(reverse, text, ccd, seq, result, online, backfill, time)| Copy {
+                reverse,
+                text,
+                ccd,
+                seq,
+                result,
+                online,
+                backfill,
+                time,
+            },
+        )
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (0..3i64).prop_map(|t| Event::Recall(1_700_000_100_000 + t)),
+        (0..3i64).prop_map(|t| Event::Receipt(1_700_000_200_000 + t)),
+        (
+            0..EDIT_IDS.len(),
+            prop::option::of(0..2i64),
+            prop::option::of(0..TEXTS.len()),
+            prop::option::of(0..CCDS.len()),
+            0..3i64,
+            any::<bool>(),
+        )
+            .prop_map(|(id, at, text, ccd, arrived_s, reverse)| Event::Edit {
+                id,
+                at: at.map(|a| 1_700_000_300_000 + a),
+                text,
+                ccd,
+                arrived_s,
+                reverse,
+            }),
+        (any::<bool>(), 0..3i64).prop_map(|(reverse, t)| Event::Report {
+            reverse,
+            t: 1_700_000_000 + t
+        }),
+    ]
+}
+
+fn parties(reverse: bool) -> (&'static str, &'static str) {
+    if reverse {
+        ("bob", "alice")
+    } else {
+        ("alice", "bob")
+    }
+}
+
+fn elements(text: usize) -> Value {
+    json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": TEXTS[text]}}])
+}
+
+/// The record value the relay (or backfill) would have published.
+fn record(app: i64, r: &Result<Copy, Event>) -> Vec<u8> {
+    let mut v = match r {
+        Ok(c) => {
+            let (from, to) = parties(c.reverse);
+            let mut v = json!({"schema": SCHEMA, "id": ID, "msg_key": "K",
+                "from_account": from, "to_account": to, "msg_time": c.time,
+                "elements": elements(c.text),
+                "source": if c.backfill { "backfill" } else { "callback" }});
+            if let Some(i) = c.ccd {
+                v["cloud_custom_data"] = serde_json::from_str(CCDS[i]).unwrap();
+            }
+            for (k, x) in [("msg_seq", c.seq), ("send_result", c.result)] {
+                if let Some(x) = x {
+                    v[k] = json!(x);
+                }
+            }
+            if let Some(o) = c.online {
+                v["online_only"] = json!(o);
+            }
+            v
+        }
+        Err(Event::Recall(at)) => json!({"schema": RECALL_SCHEMA, "id": "r",
+            "message_id": ID, "msg_key": "K", "from_account": "alice", "to_account": "bob",
+            "event_time_ms": at}),
+        Err(Event::Receipt(at)) => json!({"schema": READ_RECEIPT_SCHEMA, "id": "rc",
+            "message_id": ID, "msg_key": "K", "from_account": "alice", "to_account": "bob",
+            "event_time_ms": at}),
+        Err(Event::Edit {
+            id,
+            at,
+            text,
+            ccd,
+            arrived_s,
+            reverse,
+        }) => {
+            let (from, to) = parties(*reverse);
+            let mut v = json!({"schema": EDIT_SCHEMA, "id": EDIT_IDS[*id], "message_id": ID,
+                "msg_key": "K", "from_account": from, "to_account": to,
+                "received_at": format!("2026-11-28T01:00:0{arrived_s}Z")});
+            if let Some(at) = at {
+                v["event_time_ms"] = json!(at);
+            }
+            if let Some(t) = text {
+                v["elements"] = elements(*t);
+            }
+            if let Some(c) = ccd {
+                v["cloud_custom_data"] = serde_json::from_str(CCDS[*c]).unwrap();
+            }
+            v
+        }
+        Err(Event::Report { reverse, t }) => {
+            let (reader, peer) = parties(*reverse);
+            json!({"schema": READ_REPORT_SCHEMA, "id": "rp", "report_account": reader,
+                "peer_account": peer, "last_read_time": t})
+        }
+    };
+    v["sdk_app_id"] = json!(app);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn items(app: i64, records: &[Result<Copy, Event>]) -> Vec<Item> {
+    records
+        .iter()
+        .map(|r| {
+            Item::Change(
+                change::parse(&record(app, r))
+                    .expect("a record sync reads")
+                    .1,
+            )
+        })
+        .collect()
+}
+
+/// Every column of the app's rows but `updated_at` (when, not what), as text.
+const MESSAGE_COLUMNS: &str = "id, msg_key, from_account, to_account, arrived, msg_time, \
+     elements, cloud_custom_data, recalled_at, edited_at, read_at, elements_version_time, \
+     elements_version_id, ccd_version_time, ccd_version_id, edit_version_time, edit_version_id, \
+     msg_seq, send_result, online_only, conv_low, conv_high";
+
+fn queries(app: i64) -> [String; 2] {
+    [
+        format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE sdk_app_id = {app}"),
+        format!("SELECT reader, peer, last_read_time FROM read_marks WHERE sdk_app_id = {app}"),
+    ]
+}
+
+/// A backend under test: its store and a reader of its rows.
+struct Backend {
+    name: &'static str,
+    store: Box<dyn Store>,
+    rows: Box<dyn FnMut(i64) -> Vec<String>>,
+}
+
+fn sqlite(dir: &std::path::Path) -> Backend {
+    let path = dir.join("merge.db");
+    let store = store::open(&Database::Sqlite(path.clone())).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    Backend {
+        name: "sqlite",
+        store,
+        rows: Box::new(move |app| {
+            let mut out = Vec::new();
+            for q in queries(app) {
+                let mut stmt = conn.prepare(&q).unwrap();
+                let n = stmt.column_count();
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((0..n)
+                            .map(|i| match r.get_ref(i).unwrap() {
+                                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                                rusqlite::types::ValueRef::Text(t) => {
+                                    String::from_utf8(t.to_vec()).unwrap()
+                                }
+                                rusqlite::types::ValueRef::Null => "NULL".into(),
+                                other => format!("{other:?}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join("|"))
+                    })
+                    .unwrap();
+                out.extend(rows.map(Result::unwrap));
+            }
+            out.sort();
+            out
+        }),
+    }
+}
+
+fn postgres(name: &'static str, url: String) -> Backend {
+    let url = crate::pg::with_password(&url);
+    let store = store::open(&Database::Postgres {
+        url: url.clone(),
+        password: None,
+        ssl: PgSsl {
+            mode: SslMode::Disable,
+            root_cert: None,
+        },
+        schema: None,
+    })
+    .unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    Backend {
+        name,
+        store,
+        rows: Box::new(move |app| {
+            let mut out = Vec::new();
+            for q in queries(app) {
+                for r in client.query(&q, &[]).unwrap() {
+                    let cells: Vec<String> = (0..r.len())
+                        .map(|i| match *r.columns()[i].type_() {
+                            postgres::types::Type::INT8 => r
+                                .get::<_, Option<i64>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            _ => r.get::<_, Option<String>>(i).unwrap_or("NULL".into()),
+                        })
+                        .collect();
+                    out.push(cells.join("|"));
+                }
+            }
+            out.sort();
+            out
+        }),
+    }
+}
+
+#[test]
+fn the_merge_is_a_function_of_the_set_of_records_on_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::shared();
+    // The ICU collation is real: it orders `a` before `B`, bytes do not.
+    let icu = pg.database_icu("en-US");
+    let mut c =
+        postgres::Client::connect(&crate::pg::with_password(&icu), postgres::NoTls).unwrap();
+    let linguistic: bool = c.query_one("SELECT 'a' < 'B'", &[]).unwrap().get(0);
+    assert!(linguistic, "the ICU database compares linguistically");
+    let backends = std::cell::RefCell::new([
+        sqlite(dir.path()),
+        postgres("postgresql (C)", pg.database()),
+        postgres("postgresql (ICU en-US)", icu),
+    ]);
+    static APP: AtomicI64 = AtomicI64::new(1);
+    let strategy = (
+        prop::collection::vec(copy(), 1..4),
+        prop::collection::vec(event(), 0..5),
+    )
+        .prop_flat_map(|(copies, events)| {
+            let all: Vec<Result<Copy, Event>> = copies
+                .into_iter()
+                .map(Ok)
+                .chain(events.into_iter().map(Err))
+                .collect();
+            let n = all.len();
+            (
+                Just(all.clone()),
+                Just(all).prop_shuffle(),
+                prop::collection::vec(1..4usize, n),
+            )
+        });
+    let cases = if std::env::var_os("IM_RELAY_MERGE_CASES").is_some() {
+        std::env::var("IM_RELAY_MERGE_CASES")
+            .unwrap()
+            .parse()
+            .unwrap()
+    } else {
+        48
+    };
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&strategy, |(records, shuffled, cuts)| {
+        let mut first: Option<(&str, Vec<String>)> = None;
+        for b in backends.borrow_mut().iter_mut() {
+            // As generated, one transaction; shuffled, in batches of the cut sizes.
+            let (a, s) = (
+                APP.fetch_add(2, Ordering::Relaxed),
+                APP.fetch_add(2, Ordering::Relaxed),
+            );
+            b.store.apply(&items(a, &records)).unwrap();
+            let mut rest = &items(s, &shuffled)[..];
+            for n in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (head, tail) = rest.split_at((*n).min(rest.len()));
+                b.store.apply(head).unwrap();
+                rest = tail;
+            }
+            let (in_order, any_order) = ((b.rows)(a), (b.rows)(s));
+            prop_assert_eq!(&any_order, &in_order, "{}: order changed the row", b.name);
+            match &first {
+                None => first = Some((b.name, in_order)),
+                Some((name, rows)) => prop_assert_eq!(
+                    &in_order,
+                    rows,
+                    "{} and {} keep different rows",
+                    b.name,
+                    name
+                ),
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
