@@ -20,7 +20,7 @@ use crate::config::{SyncConfig, connection_config};
 use crate::record::Target;
 use crate::telemetry::Event as _;
 use crate::telemetry::{
-    SyncApplied, SyncCommitFailed, SyncDatabaseFailed, SyncDeadLettered, SyncLag,
+    SyncApplied, SyncCommitFailed, SyncConflict, SyncDatabaseFailed, SyncDeadLettered, SyncLag,
 };
 use change::Kind;
 use store::{DeadLetter, Item, Store, StoreError};
@@ -245,6 +245,7 @@ fn apply(
 ) -> Option<Vec<Item>> {
     let mut items = batch.items.clone();
     let mut attempt = 0;
+    let mut conflicts = 0;
     loop {
         let result = store.apply(&items);
         let error = match result {
@@ -265,6 +266,12 @@ fn apply(
             }
             Err(e) => e,
         };
+        if error.conflict && conflicts < 10 {
+            // Another replica's transaction: not the database failing.
+            conflicts += 1;
+            SyncConflict { error: &error }.emit();
+            continue;
+        }
         if error.data {
             // Find the items the database refuses, one transaction each; if that finds none
             // (the refusal was not about one item), wait and try again like any failure.

@@ -1,7 +1,7 @@
 //! The tables, in SQLite or PostgreSQL: versioned migrations, and one transaction per batch of
-//! changes. The SQL is shared; each change is one upsert whose `DO UPDATE` merges the fact in
-//! (min, max, latest version), so applying a batch twice — after a crash, a redelivery — leaves
-//! the same rows.
+//! changes. The SQL is shared; changes go in multi-row upserts (`plan`) whose `DO UPDATE`
+//! merges each fact in (min, max, latest version), so applying a batch twice — after a crash,
+//! a redelivery — leaves the same rows.
 //!
 //! Times are integer Unix milliseconds. `elements` and `cloud_custom_data` are JSON text, byte
 //! for byte as in the record (not `jsonb`): a `\u0000` inside stays escaped, which is text
@@ -36,11 +36,13 @@ pub enum Item {
 /// Why a batch was not applied. `data`: this item can never be stored (it goes to the
 /// dead-letter table); otherwise the database is unreachable or busy and the batch waits.
 /// `fatal`: the database is not one sync can use whatever the wait (tables of the same names
-/// that are not its own): sync stops with the reason.
+/// that are not its own): sync stops with the reason. `conflict`: another writer's transaction
+/// got in the way (a deadlock, a serialization failure): the batch is tried again at once.
 #[derive(Debug)]
 pub struct StoreError {
     pub data: bool,
     pub fatal: bool,
+    pub conflict: bool,
     pub message: String,
 }
 
@@ -58,6 +60,7 @@ fn not_ours(table: &str) -> StoreError {
     StoreError {
         data: false,
         fatal: true,
+        conflict: false,
         message: format!(
             "a table `{table}` exists but is not im-relay's (no im_relay_migrations record): \
              give sync a database of its own, or a schema (IM_RELAY_SYNC_SCHEMA, PostgreSQL)"
@@ -238,8 +241,7 @@ fn merge_message_sql() -> String {
              ccd_version_time, ccd_version_id, recalled_at, edited_at, edit_version_time, \
              edit_version_id, read_at, msg_seq, send_result, online_only, conv_low, conv_high, \
              updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20, $21, $22, $23, $24) \
+         VALUES {{values}} \
          ON CONFLICT (sdk_app_id, id) DO UPDATE SET \
              {}, {}, {}, {}, {}, \
              arrived = CASE WHEN excluded.arrived = 1 THEN 1 ELSE messages.arrived END, \
@@ -264,14 +266,14 @@ fn merge_message_sql() -> String {
 }
 
 const MERGE_READ_MARK: &str = "INSERT INTO read_marks (sdk_app_id, reader, peer, last_read_time) \
-     VALUES ($1, $2, $3, $4) \
+     VALUES {values} \
      ON CONFLICT (sdk_app_id, reader, peer) DO UPDATE SET last_read_time = \
          CASE WHEN excluded.last_read_time > read_marks.last_read_time \
          THEN excluded.last_read_time ELSE read_marks.last_read_time END";
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, \
          record_key, payload, error, failed_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     VALUES {values} \
      ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING";
 
 /// A statement parameter, in the types both drivers take.
@@ -281,38 +283,117 @@ enum Param<'a> {
     Bytes(Option<&'a [u8]>),
 }
 
-/// Which statement an item runs, with its parameters.
-fn statement(item: &Item) -> (usize, Vec<Param<'_>>) {
+/// An item's parameters, in its statement's column order.
+fn params(item: &Item) -> Vec<Param<'_>> {
     use Param::{Bytes, Int, Text};
     match item {
-        Item::Change(Change::Message(f)) => (0, message_params(f)),
+        Item::Change(Change::Message(f)) => message_params(f),
         Item::Change(Change::ReadMark {
             sdk_app_id,
             reader,
             peer,
             last_read_time,
-        }) => (
-            1,
-            vec![
-                Int(Some(*sdk_app_id)),
-                Text(Some(reader)),
-                Text(Some(peer)),
-                Int(Some(*last_read_time)),
-            ],
-        ),
-        Item::DeadLetter(d) => (
-            2,
-            vec![
-                Text(Some(&d.topic)),
-                Int(Some(i64::from(d.partition))),
-                Int(Some(d.offset)),
-                Bytes(d.key.as_deref()),
-                Bytes(Some(&d.payload)),
-                Text(Some(&d.error)),
-                Int(Some(unix_millis() as i64)),
-            ],
-        ),
+        }) => vec![
+            Int(Some(*sdk_app_id)),
+            Text(Some(reader)),
+            Text(Some(peer)),
+            Int(Some(*last_read_time)),
+        ],
+        Item::DeadLetter(d) => vec![
+            Text(Some(&d.topic)),
+            Int(Some(i64::from(d.partition))),
+            Int(Some(d.offset)),
+            Bytes(d.key.as_deref()),
+            Bytes(Some(&d.payload)),
+            Text(Some(&d.error)),
+            Int(Some(unix_millis() as i64)),
+        ],
     }
+}
+
+/// The row an item writes: its statement (the variant's order: messages, read marks, dead
+/// letters) and its primary key.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Message(i64, &'a str),
+    ReadMark(i64, &'a str, &'a str),
+    DeadLetter(&'a str, i32, i64),
+}
+
+impl Key<'_> {
+    fn of(item: &Item) -> Key<'_> {
+        match item {
+            Item::Change(Change::Message(f)) => Key::Message(f.sdk_app_id, &f.id),
+            Item::Change(Change::ReadMark {
+                sdk_app_id,
+                reader,
+                peer,
+                ..
+            }) => Key::ReadMark(*sdk_app_id, reader, peer),
+            Item::DeadLetter(d) => Key::DeadLetter(&d.topic, d.partition, d.offset),
+        }
+    }
+
+    /// Index into `statements()` and `WIDTHS`.
+    fn statement(&self) -> usize {
+        match self {
+            Key::Message(..) => 0,
+            Key::ReadMark(..) => 1,
+            Key::DeadLetter(..) => 2,
+        }
+    }
+}
+
+/// Parameters per row of each statement.
+const WIDTHS: [usize; 3] = [24, 4, 7];
+
+/// Rows per statement: enough to spare the round trips, few enough for SQLite's 32,766
+/// parameters.
+const ROWS: usize = 256;
+
+/// The statements a batch runs, `(statement, rows)`: up to `ROWS` rows each, no row twice in
+/// one (an upsert cannot touch a row twice; a repeated key goes to a later round), keys
+/// ascending, so two writers take row locks in the same order and cannot deadlock (a later
+/// round only meets rows the first already locked). Order changes nothing else: the merge
+/// is a function of the set of records.
+fn plan(items: &[Item]) -> Vec<(usize, Vec<&Item>)> {
+    let mut keyed: Vec<(Key<'_>, &Item)> = items.iter().map(|i| (Key::of(i), i)).collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut round = vec![0usize; keyed.len()];
+    for i in 1..keyed.len() {
+        if keyed[i].0 == keyed[i - 1].0 {
+            round[i] = round[i - 1] + 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..keyed.len()).collect();
+    order.sort_by_key(|&i| round[i]);
+    let mut out: Vec<(usize, Vec<&Item>)> = Vec::new();
+    let mut last = None;
+    for i in order {
+        let which = keyed[i].0.statement();
+        match out.last_mut() {
+            Some((_, rows)) if last == Some((round[i], which)) && rows.len() < ROWS => {
+                rows.push(keyed[i].1);
+            }
+            _ => out.push((which, vec![keyed[i].1])),
+        }
+        last = Some((round[i], which));
+    }
+    out
+}
+
+/// Statement `which` for `rows` rows, its parameters written `{mark}N`.
+fn sql(template: &str, which: usize, rows: usize, mark: char) -> String {
+    let width = WIDTHS[which];
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let cols: Vec<String> = (1..=width)
+                .map(|c| format!("{mark}{}", r * width + c))
+                .collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect();
+    template.replace("{values}", &values.join(", "))
 }
 
 fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
@@ -382,6 +463,7 @@ fn sqlite_error(e: rusqlite::Error) -> StoreError {
     StoreError {
         data,
         fatal: false,
+        conflict: false,
         message: format!("sqlite: {e}"),
     }
 }
@@ -397,10 +479,12 @@ impl Sqlite {
             .map_err(sqlite_error)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(sqlite_error)?;
+        // One statement per (kind, row count) a batch uses.
+        conn.set_prepared_statement_cache_capacity(64);
         let mut s = Sqlite {
             conn,
             // SQLite numbers parameters `?N`.
-            sql: statements().map(|q| q.replace('$', "?").replace("{c}", "")),
+            sql: statements().map(|q| q.replace("{c}", "")),
         };
         s.migrate()?;
         Ok(s)
@@ -455,11 +539,12 @@ const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS im_relay_migrations (
 impl Store for Sqlite {
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(sqlite_error)?;
-        for item in items {
-            let (which, params) = statement(item);
-            let mut stmt = tx.prepare_cached(&self.sql[which]).map_err(sqlite_error)?;
-            let values: Vec<rusqlite::types::Value> = params
-                .into_iter()
+        for (which, rows) in plan(items) {
+            let q = sql(&self.sql[which], which, rows.len(), '?');
+            let mut stmt = tx.prepare_cached(&q).map_err(sqlite_error)?;
+            let values: Vec<rusqlite::types::Value> = rows
+                .iter()
+                .flat_map(|item| params(item))
                 .map(|p| match p {
                     Param::Int(v) => v.map_or(rusqlite::types::Value::Null, Into::into),
                     Param::Text(v) => v.map_or(rusqlite::types::Value::Null, |t| {
@@ -487,6 +572,8 @@ struct Postgres {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<postgres::Client>,
     sql: [String; 3],
+    /// Statements prepared on `client`, by (statement, rows).
+    prepared: std::collections::HashMap<(usize, usize), postgres::Statement>,
 }
 
 fn pg_error(e: postgres::Error) -> StoreError {
@@ -494,6 +581,10 @@ fn pg_error(e: postgres::Error) -> StoreError {
     let data = e
         .code()
         .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+    // 40P01 deadlock_detected, 40001 serialization_failure: retry, nothing is wrong.
+    let conflict = e
+        .code()
+        .is_some_and(|c| matches!(c.code(), "40P01" | "40001"));
     // The cause is in the source chain ("error performing TLS handshake" alone says not which
     // certificate, "db error" not which refusal).
     let mut message = format!("postgres: {e}");
@@ -509,6 +600,7 @@ fn pg_error(e: postgres::Error) -> StoreError {
     StoreError {
         data,
         fatal: false,
+        conflict,
         message,
     }
 }
@@ -526,6 +618,7 @@ impl Postgres {
         let config_error = |message: String| StoreError {
             data: false,
             fatal: true,
+            conflict: false,
             message: format!("postgres TLS: {message}"),
         };
         let hosts = config.get_hosts();
@@ -577,6 +670,7 @@ impl Postgres {
             schema,
             tls,
             client: None,
+            prepared: Default::default(),
             sql: statements().map(|q| q.replace("{c}", " COLLATE \"C\"")),
         };
         s.migrate()?;
@@ -586,6 +680,8 @@ impl Postgres {
     /// The connection, made again after it was lost.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.as_ref().is_none_or(postgres::Client::is_closed) {
+            // Statements live on their connection.
+            self.prepared.clear();
             let client = match &self.tls {
                 Some(tls) => self.config.connect(tls.clone()),
                 None => self.config.connect(postgres::NoTls),
@@ -664,18 +760,32 @@ impl Postgres {
 
 impl Store for Postgres {
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
-        let sql = self.sql.clone();
-        let client = self.client()?;
-        let mut tx = client.transaction().map_err(pg_error)?;
-        let prepared: Vec<postgres::Statement> = sql
-            .iter()
-            .map(|q| tx.prepare(q))
-            .collect::<Result<_, _>>()
+        self.client()?;
+        let Postgres {
+            client,
+            prepared,
+            sql: templates,
+            ..
+        } = self;
+        let mut tx = client
+            .as_mut()
+            .expect("connected above")
+            .transaction()
             .map_err(pg_error)?;
-        for item in items {
-            let (which, params) = statement(item);
-            let boxed: Vec<Box<dyn postgres::types::ToSql + Sync + '_>> = params
-                .into_iter()
+        for (which, rows) in plan(items) {
+            let statement = match prepared.get(&(which, rows.len())) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = tx
+                        .prepare(&sql(&templates[which], which, rows.len(), '$'))
+                        .map_err(pg_error)?;
+                    prepared.insert((which, rows.len()), s.clone());
+                    s
+                }
+            };
+            let boxed: Vec<Box<dyn postgres::types::ToSql + Sync + '_>> = rows
+                .iter()
+                .flat_map(|item| params(item))
                 .map(|p| -> Box<dyn postgres::types::ToSql + Sync + '_> {
                     match p {
                         Param::Int(v) => Box::new(v),
@@ -686,7 +796,7 @@ impl Store for Postgres {
                 .collect();
             let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                 boxed.iter().map(|b| b.as_ref()).collect();
-            tx.execute(&prepared[which], &refs).map_err(pg_error)?;
+            tx.execute(&statement, &refs).map_err(pg_error)?;
         }
         tx.commit().map_err(pg_error)
     }

@@ -150,6 +150,8 @@ pub const METRICS: &[Metric] = &[
         "Failed attempts to reach or write the database; the batch waits, offsets are not committed."),
     m("im_relay_sync_commit_failures_total", Counter, &[],
         "Offset commits that failed after a batch was applied (the batch comes again: same rows)."),
+    m("im_relay_sync_conflicts_total", Counter, &[],
+        "Transactions another writer got in the way of (deadlock, serialization failure), applied again at once."),
     m("im_relay_sync_lag_records", Gauge, &[],
         "Records on sync's partitions not yet applied."),
 ];

@@ -51,6 +51,19 @@ impl Event for SyncDatabaseFailed<'_> {
     }
 }
 
+/// Another writer's transaction got in the way (a deadlock, a serialization failure): the
+/// batch is applied again at once.
+pub struct SyncConflict<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl Event for SyncConflict<'_> {
+    fn emit(&self) {
+        counter!("im_relay_sync_conflicts_total").increment(1);
+        tracing::info!(error = %self.error, "transaction conflict; applying the batch again");
+    }
+}
+
 /// Committing offsets failed: the batch will be applied again (same rows).
 pub struct SyncCommitFailed<'a> {
     pub error: &'a rdkafka::error::KafkaError,
@@ -78,6 +91,7 @@ pub fn register_sync_counters() {
         "im_relay_sync_dead_letters_total",
         "im_relay_sync_database_errors_total",
         "im_relay_sync_commit_failures_total",
+        "im_relay_sync_conflicts_total",
     ] {
         counter!(name).increment(0);
     }

@@ -570,12 +570,22 @@ impl RelayProcess {
         env: &HashMap<String, String>,
         log: &std::path::Path,
     ) -> RelayProcess {
+        RelayProcess::spawn_binary(env!("CARGO_BIN_EXE_im-relay").as_ref(), command, env, log)
+    }
+
+    /// `spawn_command` with another build of the binary (a benchmark's baseline).
+    pub fn spawn_binary(
+        binary: &std::path::Path,
+        command: &str,
+        env: &HashMap<String, String>,
+        log: &std::path::Path,
+    ) -> RelayProcess {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_im-relay"))
+        let child = Command::new(binary)
             .arg(command)
             .env_clear()
             .envs(env)

@@ -23,6 +23,8 @@ pub struct Postgres {
     data: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
+    /// Commits reach the disk (a benchmark's server); the tests' servers skip it.
+    fsync: bool,
 }
 
 /// Where Debian puts the server binaries (`initdb` and `postgres` are not on the PATH).
@@ -92,6 +94,15 @@ impl Postgres {
 
     /// A server of its own, stopped and removed when dropped.
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// A server of its own whose commits are synced to disk, as in production.
+    pub fn start_durable() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(fsync: bool) -> Postgres {
         let bin = bin_dir();
         let root = std::env::temp_dir().join(format!("im-relay-pg-{}", unique()));
         let data = root.join("data");
@@ -135,6 +146,7 @@ impl Postgres {
             data,
             bin,
             child: None,
+            fsync,
         };
         pg.run();
         pg
@@ -156,7 +168,8 @@ impl Postgres {
             .arg("-k")
             .arg(&self.data)
             // Test data: durability is what sync's own commit order proves, not the disk's.
-            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(["-c", if self.fsync { "fsync=on" } else { "fsync=off" }])
+            .args(["-c", "max_connections=200"])
             .args(["-c", "ssl=on"])
             .arg("-c")
             .arg(format!(

@@ -328,10 +328,16 @@ async fn sync_keeps_postgresql_equal_to_the_conversation() {
 /// consumer resuming from a committed offset mid-batch would silently skip records there —
 /// the broker's bug, not the sync's; Apache Kafka returns the whole batch.
 fn produce_messages(bootstrap: &str, topic: &str, n: usize) -> Vec<String> {
+    produce_batched(bootstrap, topic, n, 1)
+}
+
+/// `produce_messages` with up to `per_batch` records in a produce batch: for a benchmark that
+/// never resumes mid-batch, so the broker is measured, not one batch per record.
+fn produce_batched(bootstrap: &str, topic: &str, n: usize, per_batch: usize) -> Vec<String> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("queue.buffering.max.messages", "1000000")
-        .set("batch.num.messages", "1")
+        .set("batch.num.messages", per_batch.to_string())
         .create()
         .expect("producer");
     let mut expected = Vec::new();
@@ -593,61 +599,112 @@ fn wait_for_log(log: &Path, what: &str) {
     }
 }
 
-/// Records applied per second, SQLite and PostgreSQL (`./scripts/bench-sync`; not in CI).
+/// Records applied per second into SQLite and into PostgreSQL with `fsync=on`, beside what the
+/// broker delivers to a consumer that only counts (`./scripts/bench-sync`; not in CI). Timed
+/// from the first applied record (the group join left out) to the last; with
+/// `SYNC_BENCH_BEFORE` (another build of the binary) that build is measured in the same run.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement: ./scripts/bench-sync"]
 async fn sync_throughput() {
     let n: usize = std::env::var("SYNC_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(100_000);
     let broker = Broker::start();
     let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
     tokio::task::spawn_blocking(move || {
         // n messages and an edit of each: 2n records, every one a write.
-        let expected = produce_messages(&bootstrap, &topic, n);
-        let pg = Postgres::start();
+        let expected = produce_batched(&bootstrap, &topic, n, 1000);
+        let records = 2 * n;
+        let consumed = consume_only(&bootstrap, &topic, records);
+        eprintln!(
+            "SYNC_BENCH consume-only: {records} records in {consumed:.2} s = {:.0} records/s",
+            records as f64 / consumed
+        );
+        let pg = Postgres::start_durable();
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("bench.db");
-        let targets = [
-            ("sqlite", format!("sqlite://{}", file.display())),
-            ("postgres", pg.database()),
-        ];
-        for (name, url) in targets {
-            let mut env = sync_env(&bootstrap, &topic, &url);
-            env.remove("IM_RELAY_SYNC_BATCH_MAX");
-            let started = Instant::now();
-            let sync = start_sync(&env, &dir.path().join("sync.log"));
-            let mut db: Box<dyn Tables> = match name {
-                "sqlite" => Box::new(Sqlite(&file)),
-                _ => Box::new(Pg(url.clone())),
-            };
-            let done = "SELECT COUNT(*) FROM messages WHERE edited_at IS NOT NULL AND arrived = 1";
-            let deadline = Instant::now() + Duration::from_secs(600);
-            loop {
-                let rows = match db.query(done).as_deref() {
-                    Some([row]) => match row[0] {
-                        Cell::Int(Some(c)) => c as usize,
-                        _ => 0,
-                    },
-                    _ => 0,
+        let mut builds = vec![(
+            "after",
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_im-relay")),
+        )];
+        if let Some(before) = std::env::var_os("SYNC_BENCH_BEFORE") {
+            builds.insert(0, ("before", before.into()));
+        }
+        for (build, binary) in &builds {
+            for name in ["sqlite", "postgres"] {
+                let file = dir.path().join(format!("{build}.db"));
+                let url = match name {
+                    "sqlite" => format!("sqlite://{}", file.display()),
+                    _ => pg.database(),
                 };
-                if rows == n {
-                    break;
+                let mut env = sync_env(&bootstrap, &topic, &url);
+                env.remove("IM_RELAY_SYNC_BATCH_MAX");
+                let log = dir.path().join("sync.log");
+                let sync = RelayProcess::spawn_binary(binary, "sync", &env, &log);
+                let applied = || {
+                    sync.get("/metrics").map_or(0, |(_, m)| {
+                        m.lines()
+                            .filter(|l| l.starts_with("im_relay_sync_applied_total{"))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .sum::<f64>() as usize
+                    })
+                };
+                let deadline = Instant::now() + Duration::from_secs(900);
+                let (mut first, mut at_first) = (None, 0);
+                loop {
+                    let done = applied();
+                    if done > 0 && first.is_none() {
+                        first = Some(Instant::now());
+                        at_first = done;
+                    }
+                    if done >= records {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{build} {name}: {done} of {records}"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                assert!(Instant::now() < deadline, "{name}: {rows} of {n}");
-                std::thread::sleep(Duration::from_millis(20));
+                let secs = first.unwrap().elapsed().as_secs_f64();
+                eprintln!(
+                    "SYNC_BENCH {build} {name}: {} records in {secs:.2} s = {:.0} records/s",
+                    records - at_first,
+                    (records - at_first) as f64 / secs
+                );
+                let mut db: Box<dyn Tables> = match name {
+                    "sqlite" => Box::new(Sqlite(&file)),
+                    _ => Box::new(Pg(url.clone())),
+                };
+                assert_eq!(db.state().unwrap_or_default(), expected);
+                drop(sync);
             }
-            let secs = started.elapsed().as_secs_f64();
-            eprintln!(
-                "SYNC_BENCH {name}: {} records in {secs:.2} s = {:.0} records/s (start-up included)",
-                2 * n,
-                (2 * n) as f64 / secs
-            );
-            assert_eq!(db.state().unwrap_or_default(), expected);
-            drop(sync);
         }
     })
     .await
     .unwrap();
+}
+
+/// Seconds a consumer that does nothing but count takes from the first of `records` to the
+/// last: what the broker can deliver, the ceiling of any sync.
+fn consume_only(bootstrap: &str, topic: &str, records: usize) -> f64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("count-{}", unique()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let (mut seen, mut first) = (0, None);
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while seen < records {
+        assert!(Instant::now() < deadline, "consumed {seen} of {records}");
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+    }
+    first.unwrap().elapsed().as_secs_f64()
 }
