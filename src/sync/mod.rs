@@ -1,29 +1,36 @@
 //! `im-relay sync`: the downstream half. Consumes the topic(s) in a consumer group and keeps a
-//! database equal to the conversations' state: one transaction per poll batch, the offsets
-//! committed only after it; a database that is down stops the consuming (nothing is
-//! committed) until it is back; a record that cannot be applied goes to the `dead_letters`
-//! table — counted, logged, never skipped silently.
+//! database equal to the conversations' state: one transaction per poll batch, holding the
+//! rows and where the batch ends on each partition — the database, not the group, says where
+//! sync resumes, so a new or restored database is filled from where *it* stands. A database
+//! that is down stops the consuming until it is back; a record that cannot be applied goes to
+//! the `dead_letters` table; records the broker deleted before sync read them are counted and
+//! logged with their offsets — nothing is skipped silently.
 
 pub mod change;
 pub mod store;
 mod tls;
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{SyncConfig, connection_config};
 use crate::record::Target;
 use crate::telemetry::Event as _;
 use crate::telemetry::{
-    SyncApplied, SyncCommitFailed, SyncConflict, SyncDatabaseFailed, SyncDeadLettered, SyncLag,
+    SyncApplied, SyncCommitFailed, SyncConflict, SyncConsumerError, SyncDatabaseFailed,
+    SyncDeadLettered, SyncLag, SyncSkipped,
 };
 use change::Kind;
-use store::{DeadLetter, Item, Store, StoreError};
+use store::{Claim, DeadLetter, Item, Owner, Position, Store, StoreError};
 
 /// What `/readyz` reports for a running sync.
 #[derive(Default)]
@@ -91,32 +98,38 @@ fn nap(d: Duration, stop: &AtomicBool) -> bool {
 /// Runs until `stop` is set: the batch in hand is finished (applied and committed) first.
 pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(), SyncError> {
     crate::telemetry::register_sync_counters();
-    let mut store = {
-        let mut attempt = 0;
-        loop {
-            match store::open(&cfg.database) {
-                Ok(s) => break s,
-                Err(e) if e.fatal => return Err(SyncError::Database(e.message)),
-                Err(e) => {
-                    health.database_down.store(true, Ordering::Relaxed);
-                    SyncDatabaseFailed { error: &e }.emit();
-                    attempt += 1;
-                    if !nap(backoff(attempt), stop) {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+    let topics = topics(cfg);
+    let owner = Owner {
+        group: cfg.group.clone(),
+        topics: topics.join(","),
+    };
+    let Some((store, claim)) = retry_database(stop, health, || {
+        let mut store = store::open(&cfg.database)?;
+        let claim = store.claim(&owner)?;
+        Ok((store, claim))
+    })?
+    else {
+        return Ok(());
     };
     health.database_down.store(false, Ordering::Relaxed);
-    let consumer: BaseConsumer = connection_config(&cfg.kafka)
+    let placement = Placement {
+        store: Mutex::new(store),
+        group: cfg.group.clone(),
+        positions: Mutex::new(BTreeMap::new()),
+        fatal: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<Placement> = connection_config(&cfg.kafka)
         .set("group.id", &cfg.group)
         .set("client.id", "im-relay-sync")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    let topics = topics(cfg);
+        // Retention overtaking sync is an error it handles (counted, logged), not a silent
+        // jump to the oldest record.
+        .set("auto.offset.reset", "error")
+        .create_with_context(placement)?;
+    if claim == Claim::Adopted {
+        adopt_group_offsets(&consumer, &topics, stop, health)?;
+    }
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     health.started.store(true, Ordering::Relaxed);
@@ -124,13 +137,42 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
         database = %cfg.database.describe(),
         group = %cfg.group,
         topics = ?topics,
+        claim = ?claim,
         "sync started"
     );
     let mut lag_checked = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let batch = poll_batch(&consumer, cfg.batch_max, stop)?;
+        if let Some(why) = consumer
+            .context()
+            .fatal
+            .lock()
+            .expect("not poisoned")
+            .take()
+        {
+            return Err(SyncError::Database(why));
+        }
+        if batch.reset {
+            skip_deleted(&consumer)?;
+        }
         if !batch.messages.is_empty() {
-            let Some(applied) = apply(store.as_mut(), &batch, stop, health) else {
+            let ends: Vec<Item> = batch
+                .messages
+                .iter()
+                .map(|((topic, partition), last)| {
+                    Item::Offset(Position {
+                        group: cfg.group.clone(),
+                        topic: topic.clone(),
+                        partition: *partition,
+                        next: last + 1,
+                    })
+                })
+                .collect();
+            let applied = {
+                let mut store = consumer.context().store.lock().expect("not poisoned");
+                apply(store.as_mut(), &batch, &ends, stop, health)
+            };
+            let Some(applied) = applied else {
                 // Stopped while the database was down: nothing committed, all redelivered.
                 break;
             };
@@ -147,6 +189,12 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
                 }
                 .emit();
             }
+            let mut positions = consumer.context().positions.lock().expect("not poisoned");
+            for ((topic, partition), last) in &batch.messages {
+                positions.insert((topic.clone(), *partition), last + 1);
+            }
+            drop(positions);
+            // The group's offsets too, for lag tools; the database's are the ones sync reads.
             commit(&consumer, &batch.messages);
         }
         if lag_checked.elapsed() >= Duration::from_secs(5) {
@@ -158,6 +206,280 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
     Ok(())
 }
 
+/// `attempt` until the database answers (`None`: asked to stop first); a `fatal` error ends it.
+fn retry_database<T>(
+    stop: &AtomicBool,
+    health: &SyncHealth,
+    mut attempt: impl FnMut() -> Result<T, StoreError>,
+) -> Result<Option<T>, SyncError> {
+    let mut tries = 0;
+    loop {
+        match attempt() {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.fatal => return Err(SyncError::Database(e.message)),
+            Err(e) => {
+                health.database_down.store(true, Ordering::Relaxed);
+                SyncDatabaseFailed { error: &e }.emit();
+                tries += 1;
+                if !nap(backoff(tries), stop) {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The consumer's context: each assignment starts where the database says.
+struct Placement {
+    store: Mutex<Box<dyn Store>>,
+    group: String,
+    /// (topic, partition) → the next offset, for the assigned partitions the database knows.
+    positions: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Why sync must stop, found inside a callback.
+    fatal: Mutex<Option<String>>,
+}
+
+impl ClientContext for Placement {}
+
+impl ConsumerContext for Placement {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Placement>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.place(tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let mut positions = self.positions.lock().expect("not poisoned");
+                for e in tpl.elements() {
+                    positions.remove(&(e.topic().to_owned(), e.partition()));
+                }
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            *self.fatal.lock().expect("not poisoned") = Some(format!("assignment failed: {e}"));
+        }
+    }
+}
+
+impl Placement {
+    /// Sets each assigned partition's offset to the database's position, or its beginning
+    /// when the database has none (it has never held a record of it).
+    fn place(&self, tpl: &mut TopicPartitionList) {
+        let kept = {
+            let mut store = self.store.lock().expect("not poisoned");
+            let mut tries = 0;
+            loop {
+                match store.positions(&self.group) {
+                    Ok(kept) => break kept,
+                    // A rebalance cannot wait long (max.poll.interval.ms): a restart will.
+                    Err(e) if tries >= 5 || e.fatal => {
+                        *self.fatal.lock().expect("not poisoned") = Some(format!(
+                            "reading the database's offsets at a rebalance: {e}"
+                        ));
+                        return;
+                    }
+                    Err(e) => {
+                        SyncDatabaseFailed { error: &e }.emit();
+                        tries += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        };
+        let kept: BTreeMap<(String, i32), i64> =
+            kept.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        let assigned: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let mut positions = self.positions.lock().expect("not poisoned");
+        for (topic, partition) in assigned {
+            let offset = match kept.get(&(topic.clone(), partition)) {
+                Some(&next) => {
+                    positions.insert((topic.clone(), partition), next);
+                    Offset::Offset(next)
+                }
+                None => Offset::Beginning,
+            };
+            tracing::info!(%topic, partition, ?offset, "partition assigned: resuming where the database stands");
+            if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                tracing::warn!(error = %e, "cannot set an assigned partition's offset");
+            }
+        }
+    }
+}
+
+/// A database written before offsets were kept in it: the group's committed offsets become
+/// its positions, once, so sync goes on where it was instead of starting over.
+fn adopt_group_offsets(
+    consumer: &BaseConsumer<Placement>,
+    topics: &[String],
+    stop: &AtomicBool,
+    health: &SyncHealth,
+) -> Result<(), SyncError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
+    let group = consumer.context().group.clone();
+    let items: Vec<Item> = committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(next) => Some(Item::Offset(Position {
+                group: group.clone(),
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                next,
+            })),
+            _ => None,
+        })
+        .collect();
+    tracing::info!(
+        partitions = items.len(),
+        "a database from before offsets were kept in it: adopting the group's committed offsets"
+    );
+    let mut store = consumer.context().store.lock().expect("not poisoned");
+    retry_database(stop, health, || store.apply(&items))?;
+    Ok(())
+}
+
+/// Where a partition stands against what the broker still holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// `next` is readable (or the next to be written).
+    Continue,
+    /// Records `from..to` were deleted (retention) before sync read them.
+    Skip { from: i64, to: i64 },
+    /// `next` is past the partition's end: the topic was made again, or the database is
+    /// another topic's.
+    Ahead { next: i64, high: i64 },
+}
+
+pub fn resume(next: i64, low: i64, high: i64) -> Resume {
+    if next < low {
+        Resume::Skip {
+            from: next,
+            to: low,
+        }
+    } else if next > high {
+        Resume::Ahead { next, high }
+    } else {
+        Resume::Continue
+    }
+}
+
+/// A partition's low and high watermarks (a broker; a fake in the tests: no broker here can
+/// delete records).
+pub trait Watermarks {
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String>;
+}
+
+impl<C: ConsumerContext> Watermarks for BaseConsumer<C> {
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String> {
+        self.fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The partitions whose position the broker no longer holds: `(topic, partition, from, to)`
+/// to skip; `Err` when a position is past a partition's end (sync must not guess).
+pub fn deleted(
+    positions: &BTreeMap<(String, i32), i64>,
+    source: &dyn Watermarks,
+) -> Result<Vec<(String, i32, i64, i64)>, String> {
+    let mut skips = Vec::new();
+    for ((topic, partition), next) in positions {
+        let (low, high) = match source.watermarks(topic, *partition) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "cannot read watermarks");
+                continue;
+            }
+        };
+        match resume(*next, low, high) {
+            Resume::Continue => {}
+            Resume::Skip { from, to } => skips.push((topic.clone(), *partition, from, to)),
+            Resume::Ahead { next, high } => {
+                return Err(format!(
+                    "the database's position on {topic}/{partition} is {next}, past the \
+                     partition's end ({high}): the topic was made again, or the database is \
+                     another cluster's — give sync a new database (or `DELETE FROM \
+                     im_relay_offsets` to read the topic from its beginning)"
+                ));
+            }
+        }
+    }
+    Ok(skips)
+}
+
+/// After librdkafka found a position out of range: count and log what the broker deleted,
+/// record the new position in the database, and go on from the oldest record left.
+fn skip_deleted(consumer: &BaseConsumer<Placement>) -> Result<(), SyncError> {
+    let ctx = consumer.context();
+    let positions = ctx.positions.lock().expect("not poisoned").clone();
+    let skips = deleted(&positions, consumer).map_err(SyncError::Database)?;
+    for (topic, partition, from, to) in skips {
+        SyncSkipped {
+            topic: &topic,
+            partition,
+            from,
+            to,
+        }
+        .emit();
+        let item = Item::Offset(Position {
+            group: ctx.group.clone(),
+            topic: topic.clone(),
+            partition,
+            next: to,
+        });
+        // If this write fails the skip is found (and counted) again after a restart.
+        if let Err(e) = ctx.store.lock().expect("not poisoned").apply(&[item]) {
+            SyncDatabaseFailed { error: &e }.emit();
+        }
+        ctx.positions
+            .lock()
+            .expect("not poisoned")
+            .insert((topic.clone(), partition), to);
+        consumer.seek(
+            &topic,
+            partition,
+            Offset::Offset(to),
+            Duration::from_secs(10),
+        )?;
+    }
+    Ok(())
+}
+
 struct Batch {
     items: Vec<Item>,
     /// Where each item came from, for a dead letter made later.
@@ -166,6 +488,8 @@ struct Batch {
     messages: BTreeMap<(String, i32), i64>,
     /// Each item's kind (`None`: a dead letter from the start).
     kinds: Vec<Option<Kind>>,
+    /// librdkafka found a position out of range (records deleted before they were read).
+    reset: bool,
 }
 
 /// A dead letter for `origin`; the error is stored as text, so a NUL (PostgreSQL's `text`
@@ -178,12 +502,17 @@ fn dead_letter(origin: &DeadLetter, error: &str) -> Item {
 }
 
 /// Up to `max` records, waiting at most 200 ms once the first is in.
-fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<Batch, SyncError> {
+fn poll_batch<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    max: usize,
+    stop: &AtomicBool,
+) -> Result<Batch, SyncError> {
     let mut batch = Batch {
         items: Vec::new(),
         origins: Vec::new(),
         messages: BTreeMap::new(),
         kinds: Vec::new(),
+        reset: false,
     };
     let deadline = Instant::now() + Duration::from_millis(200);
     while batch.items.len() < max && !stop.load(Ordering::Relaxed) {
@@ -198,7 +527,14 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
             Ok(m) => m,
             Err(e) => {
                 // librdkafka retries by itself; the batch in hand is not held back by it.
-                tracing::warn!(error = %e, "kafka consumer error");
+                SyncConsumerError { error: &e }.emit();
+                if matches!(
+                    e,
+                    KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+                ) {
+                    batch.reset = true;
+                    break;
+                }
                 if Instant::now() >= deadline {
                     break;
                 }
@@ -234,12 +570,14 @@ fn poll_batch(consumer: &BaseConsumer, max: usize, stop: &AtomicBool) -> Result<
     Ok(batch)
 }
 
-/// Applies the batch in one transaction, retrying while the database is unreachable. A data
+/// Applies the batch and its partitions' new positions (`ends`) in one transaction, retrying
+/// while the database is unreachable. A data
 /// error (an item the database refuses for good) sends that item to the dead-letter table and
 /// applies the rest. The items as applied; `None` when asked to stop before.
 fn apply(
     store: &mut dyn Store,
     batch: &Batch,
+    ends: &[Item],
     stop: &AtomicBool,
     health: &SyncHealth,
 ) -> Option<Vec<Item>> {
@@ -247,7 +585,7 @@ fn apply(
     let mut attempt = 0;
     let mut conflicts = 0;
     loop {
-        let result = store.apply(&items);
+        let result = store.apply(&[&items[..], ends].concat());
         let error = match result {
             Ok(()) => {
                 health.database_down.store(false, Ordering::Relaxed);
@@ -322,7 +660,7 @@ fn isolate(
 }
 
 /// Commits the offsets after the batch: what was applied is not read again.
-fn commit(consumer: &BaseConsumer, messages: &BTreeMap<(String, i32), i64>) {
+fn commit<C: ConsumerContext>(consumer: &BaseConsumer<C>, messages: &BTreeMap<(String, i32), i64>) {
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in messages {
         if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1)) {
@@ -337,7 +675,7 @@ fn commit(consumer: &BaseConsumer, messages: &BTreeMap<(String, i32), i64>) {
 }
 
 /// Records on the assigned partitions not yet consumed.
-fn lag(consumer: &BaseConsumer) -> i64 {
+fn lag<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> i64 {
     let Ok(position) = consumer.position() else {
         return 0;
     };

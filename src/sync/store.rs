@@ -8,6 +8,8 @@
 //! PostgreSQL can store.
 
 use std::fmt;
+
+use rusqlite::OptionalExtension;
 use std::time::Duration;
 
 use crate::config::Database;
@@ -31,6 +33,38 @@ pub struct DeadLetter {
 pub enum Item {
     Change(Change),
     DeadLetter(DeadLetter),
+    /// Where the batch ends on a partition, written with its rows: the database, not the
+    /// consumer group, says where sync resumes.
+    Offset(Position),
+}
+
+/// The next offset sync reads on a partition, for its consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+}
+
+/// Whose the database is: the consumer group and topics that first wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub group: String,
+    /// The topics, sorted, comma-separated.
+    pub topics: String,
+}
+
+/// What `claim` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The database is this group's and topics'.
+    Ours,
+    /// New to sync: every partition starts at its beginning.
+    New,
+    /// Written before offsets were kept here (migration 3): partitions without an offset in the
+    /// database resume at the group's committed one.
+    Adopted,
 }
 
 /// Why a batch was not applied. `data`: this item can never be stored (it goes to the
@@ -77,7 +111,42 @@ impl fmt::Display for StoreError {
 pub trait Store: Send {
     /// Applies `items` in one transaction: all or none.
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError>;
+
+    /// The group's positions kept in the database: (topic, partition) → next offset.
+    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError>;
+
+    /// Makes the database `owner`'s, or says it is another's (a `fatal` error).
+    fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError>;
 }
+
+/// The claim's decision, shared by the backends: `found` is the owner row, `rows` whether
+/// `messages` holds any.
+fn decide_claim(owner: &Owner, found: Option<Owner>, rows: bool) -> Result<Claim, StoreError> {
+    match found {
+        Some(f) if f == *owner => Ok(Claim::Ours),
+        Some(f) => Err(StoreError {
+            data: false,
+            fatal: true,
+            conflict: false,
+            message: format!(
+                "this database belongs to consumer group `{}` reading [{}], not to `{}` \
+                 reading [{}]: two deployments must not share one database (give each its own, \
+                 or its own schema); to move it on purpose, `DELETE FROM im_relay_owner` first",
+                f.group, f.topics, owner.group, owner.topics
+            ),
+        }),
+        None if rows => Ok(Claim::Adopted),
+        None => Ok(Claim::New),
+    }
+}
+
+const READ_OWNER: &str = "SELECT consumer_group, topics FROM im_relay_owner WHERE id = 1";
+const HAS_ROWS: &str =
+    "SELECT EXISTS (SELECT 1 FROM messages) OR EXISTS (SELECT 1 FROM read_marks)";
+const WRITE_OWNER: &str =
+    "INSERT INTO im_relay_owner (id, consumer_group, topics, claimed_at) VALUES ($1, $2, $3, $4)";
+const READ_POSITIONS: &str = "SELECT topic, kafka_partition, next_offset FROM im_relay_offsets \
+     WHERE consumer_group = $1";
 
 /// Opens the database and brings its tables up to the latest migration.
 pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
@@ -160,6 +229,24 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         conv_high = CASE WHEN from_account{c} <= to_account{c} THEN to_account ELSE from_account END;
     CREATE INDEX messages_by_conversation_history
         ON messages (sdk_app_id, conv_low, conv_high, msg_time, msg_seq);",
+    ),
+    (
+        3,
+        "offsets kept with the rows, the database's owner",
+        "CREATE TABLE im_relay_offsets (
+        consumer_group TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        kafka_partition BIGINT NOT NULL,
+        next_offset BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (consumer_group, topic, kafka_partition)
+    );
+    CREATE TABLE im_relay_owner (
+        id BIGINT PRIMARY KEY,
+        consumer_group TEXT NOT NULL,
+        topics TEXT NOT NULL,
+        claimed_at BIGINT NOT NULL
+    );",
     ),
 ];
 
@@ -271,6 +358,14 @@ const MERGE_READ_MARK: &str = "INSERT INTO read_marks (sdk_app_id, reader, peer,
          CASE WHEN excluded.last_read_time > read_marks.last_read_time \
          THEN excluded.last_read_time ELSE read_marks.last_read_time END";
 
+// Latest writer wins, not the greatest: a topic made again starts at 0, and going back only
+// means records applied twice (the same rows).
+const WRITE_OFFSET: &str = "INSERT INTO im_relay_offsets (consumer_group, topic, \
+         kafka_partition, next_offset, updated_at) \
+     VALUES {values} \
+     ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET \
+         next_offset = excluded.next_offset, updated_at = excluded.updated_at";
+
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, \
          record_key, payload, error, failed_at) \
      VALUES {values} \
@@ -299,6 +394,13 @@ fn params(item: &Item) -> Vec<Param<'_>> {
             Text(Some(peer)),
             Int(Some(*last_read_time)),
         ],
+        Item::Offset(p) => vec![
+            Text(Some(&p.group)),
+            Text(Some(&p.topic)),
+            Int(Some(i64::from(p.partition))),
+            Int(Some(p.next)),
+            Int(Some(unix_millis() as i64)),
+        ],
         Item::DeadLetter(d) => vec![
             Text(Some(&d.topic)),
             Int(Some(i64::from(d.partition))),
@@ -318,6 +420,7 @@ enum Key<'a> {
     Message(i64, &'a str),
     ReadMark(i64, &'a str, &'a str),
     DeadLetter(&'a str, i32, i64),
+    Offset(&'a str, &'a str, i32),
 }
 
 impl Key<'_> {
@@ -331,6 +434,7 @@ impl Key<'_> {
                 ..
             }) => Key::ReadMark(*sdk_app_id, reader, peer),
             Item::DeadLetter(d) => Key::DeadLetter(&d.topic, d.partition, d.offset),
+            Item::Offset(p) => Key::Offset(&p.group, &p.topic, p.partition),
         }
     }
 
@@ -340,12 +444,13 @@ impl Key<'_> {
             Key::Message(..) => 0,
             Key::ReadMark(..) => 1,
             Key::DeadLetter(..) => 2,
+            Key::Offset(..) => 3,
         }
     }
 }
 
 /// Parameters per row of each statement.
-const WIDTHS: [usize; 3] = [24, 4, 7];
+const WIDTHS: [usize; 4] = [24, 4, 7, 5];
 
 /// Rows per statement: enough to spare the round trips, few enough for SQLite's 32,766
 /// parameters.
@@ -439,11 +544,12 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
     ]
 }
 
-fn statements() -> [String; 3] {
+fn statements() -> [String; 4] {
     [
         merge_message_sql(),
         MERGE_READ_MARK.to_owned(),
         INSERT_DEAD_LETTER.to_owned(),
+        WRITE_OFFSET.to_owned(),
     ]
 }
 
@@ -451,7 +557,7 @@ fn statements() -> [String; 3] {
 
 struct Sqlite {
     conn: rusqlite::Connection,
-    sql: [String; 3],
+    sql: [String; 4],
 }
 
 fn sqlite_error(e: rusqlite::Error) -> StoreError {
@@ -560,6 +666,46 @@ impl Store for Sqlite {
         }
         tx.commit().map_err(sqlite_error)
     }
+
+    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&READ_POSITIONS.replace('$', "?"))
+            .map_err(sqlite_error)?;
+        let rows = stmt
+            .query_map([group], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(sqlite_error)?;
+        rows.collect::<Result<_, _>>().map_err(sqlite_error)
+    }
+
+    fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sqlite_error)?;
+        let found = tx
+            .query_row(READ_OWNER, [], |r| {
+                Ok(Owner {
+                    group: r.get(0)?,
+                    topics: r.get(1)?,
+                })
+            })
+            .optional()
+            .map_err(sqlite_error)?;
+        let rows: bool = tx
+            .query_row(HAS_ROWS, [], |r| r.get(0))
+            .map_err(sqlite_error)?;
+        let claim = decide_claim(owner, found, rows)?;
+        if claim != Claim::Ours {
+            tx.execute(
+                &WRITE_OWNER.replace('$', "?"),
+                rusqlite::params![1, owner.group, owner.topics, unix_millis() as i64],
+            )
+            .map_err(sqlite_error)?;
+        }
+        tx.commit().map_err(sqlite_error)?;
+        Ok(claim)
+    }
 }
 
 // --- PostgreSQL ---------------------------------------------------------------------------
@@ -571,7 +717,7 @@ struct Postgres {
     /// `None`: `sslmode=disable`.
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<postgres::Client>,
-    sql: [String; 3],
+    sql: [String; 4],
     /// Statements prepared on `client`, by (statement, rows).
     prepared: std::collections::HashMap<(usize, usize), postgres::Statement>,
 }
@@ -799,5 +945,49 @@ impl Store for Postgres {
             tx.execute(&statement, &refs).map_err(pg_error)?;
         }
         tx.commit().map_err(pg_error)
+    }
+
+    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let rows = self
+            .client()?
+            .query(READ_POSITIONS, &[&group])
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                let partition: i64 = r.get(1);
+                let partition = i32::try_from(partition).map_err(|_| StoreError {
+                    data: false,
+                    fatal: true,
+                    conflict: false,
+                    message: format!("im_relay_offsets holds partition {partition}"),
+                })?;
+                Ok((r.get(0), partition, r.get(2)))
+            })
+            .collect()
+    }
+
+    fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError> {
+        let mut tx = self.client()?.transaction().map_err(pg_error)?;
+        // Two syncs starting together on one database: one claims, the other sees it.
+        tx.execute("LOCK TABLE im_relay_owner IN EXCLUSIVE MODE", &[])
+            .map_err(pg_error)?;
+        let found = tx
+            .query_opt(READ_OWNER, &[])
+            .map_err(pg_error)?
+            .map(|r| Owner {
+                group: r.get(0),
+                topics: r.get(1),
+            });
+        let rows: bool = tx.query_one(HAS_ROWS, &[]).map_err(pg_error)?.get(0);
+        let claim = decide_claim(owner, found, rows)?;
+        if claim != Claim::Ours {
+            tx.execute(
+                WRITE_OWNER,
+                &[&1i64, &owner.group, &owner.topics, &(unix_millis() as i64)],
+            )
+            .map_err(pg_error)?;
+        }
+        tx.commit().map_err(pg_error)?;
+        Ok(claim)
     }
 }

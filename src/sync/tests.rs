@@ -463,3 +463,83 @@ fn an_older_database_gains_the_columns_with_its_rows_conversation() {
         .unwrap();
     assert_eq!(conv, ("bob".to_owned(), "carol".to_owned()));
 }
+
+/// A broker that can delete records, as far as the gap decision sees one: no broker here can
+/// (tansu's `delete_records` is unimplemented; the mock cluster has none).
+struct FakeWatermarks(std::collections::BTreeMap<(String, i32), (i64, i64)>);
+
+impl super::Watermarks for FakeWatermarks {
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String> {
+        self.0
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .ok_or_else(|| "unknown partition".into())
+    }
+}
+
+#[test]
+fn records_deleted_before_sync_read_them_are_a_counted_skip_and_a_position_past_the_end_a_stop() {
+    use super::{Resume, deleted, resume};
+    assert_eq!(resume(10, 0, 20), Resume::Continue);
+    assert_eq!(
+        resume(20, 0, 20),
+        Resume::Continue,
+        "at the end: the next to be written"
+    );
+    assert_eq!(resume(10, 10, 20), Resume::Continue);
+    assert_eq!(resume(3, 10, 20), Resume::Skip { from: 3, to: 10 });
+    assert_eq!(resume(25, 0, 20), Resume::Ahead { next: 25, high: 20 });
+    let t = |p: i32| ("im.c2c".to_owned(), p);
+    let broker = FakeWatermarks([(t(0), (0, 50)), (t(1), (40, 90)), (t(2), (7, 7))].into());
+    // Partition 1 lost 15..40 to retention; 0 and 2 are fine; 3 cannot be asked (skipped).
+    let positions = [(t(0), 50), (t(1), 15), (t(2), 7), (t(3), 4)].into();
+    assert_eq!(
+        deleted(&positions, &broker).unwrap(),
+        vec![("im.c2c".to_owned(), 1, 15, 40)]
+    );
+    let ahead = [(t(0), 51)].into();
+    let e = deleted(&ahead, &broker).unwrap_err();
+    assert!(e.contains("past the partition's end (50)"), "{e}");
+}
+
+#[test]
+fn a_database_is_one_group_s_and_one_topic_set_s() {
+    use store::{Claim, Owner};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::Sqlite(dir.path().join("sync.db"));
+    let owner = |group: &str, topics: &str| Owner {
+        group: group.into(),
+        topics: topics.into(),
+    };
+    let mut store = store::open(&db).unwrap();
+    assert_eq!(store.claim(&owner("g", "a,b")).unwrap(), Claim::New);
+    assert_eq!(store.claim(&owner("g", "a,b")).unwrap(), Claim::Ours);
+    for other in [owner("h", "a,b"), owner("g", "a")] {
+        let e = store.claim(&other).unwrap_err();
+        assert!(
+            e.fatal
+                && e.message
+                    .contains("belongs to consumer group `g` reading [a,b]"),
+            "{e}"
+        );
+    }
+    // Positions are the group's, written with the rows.
+    let at = |next| {
+        Item::Offset(store::Position {
+            group: "g".into(),
+            topic: "a".into(),
+            partition: 0,
+            next,
+        })
+    };
+    store.apply(&[at(5)]).unwrap();
+    store.apply(&[at(9)]).unwrap();
+    assert_eq!(store.positions("g").unwrap(), vec![("a".to_owned(), 0, 9)]);
+    assert!(store.positions("h").unwrap().is_empty());
+    // A database written before offsets were kept here adopts the group's.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::Sqlite(dir.path().join("old.db"));
+    let mut store = store::open(&db).unwrap();
+    store.apply(&changes(&conversation()[..1])).unwrap();
+    assert_eq!(store.claim(&owner("g", "a")).unwrap(), Claim::Adopted);
+}

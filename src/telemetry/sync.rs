@@ -64,6 +64,42 @@ impl Event for SyncConflict<'_> {
     }
 }
 
+/// The consumer reported an error (librdkafka retries by itself; a position out of range is
+/// handled as `SyncSkipped`).
+pub struct SyncConsumerError<'a> {
+    pub error: &'a rdkafka::error::KafkaError,
+}
+
+impl Event for SyncConsumerError<'_> {
+    fn emit(&self) {
+        counter!("im_relay_sync_consumer_errors_total").increment(1);
+        tracing::warn!(error = %self.error, "kafka consumer error");
+    }
+}
+
+/// Records the broker deleted (retention) before sync read them: `from..to` on a partition,
+/// never to be in the database.
+pub struct SyncSkipped<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+}
+
+impl Event for SyncSkipped<'_> {
+    fn emit(&self) {
+        counter!("im_relay_sync_skipped_records_total").increment((self.to - self.from) as u64);
+        tracing::error!(
+            topic = self.topic,
+            partition = self.partition,
+            from_offset = self.from,
+            to_offset = self.to,
+            "records deleted by the broker before sync read them: offsets from_offset..to_offset \
+             are not in the database (backfill can restore what Tencent still holds)"
+        );
+    }
+}
+
 /// Committing offsets failed: the batch will be applied again (same rows).
 pub struct SyncCommitFailed<'a> {
     pub error: &'a rdkafka::error::KafkaError,
@@ -92,6 +128,8 @@ pub fn register_sync_counters() {
         "im_relay_sync_database_errors_total",
         "im_relay_sync_commit_failures_total",
         "im_relay_sync_conflicts_total",
+        "im_relay_sync_consumer_errors_total",
+        "im_relay_sync_skipped_records_total",
     ] {
         counter!(name).increment(0);
     }

@@ -708,3 +708,49 @@ fn consume_only(bootstrap: &str, topic: &str, records: usize) -> f64 {
     }
     first.unwrap().elapsed().as_secs_f64()
 }
+
+/// Offsets live in the database, written with the rows: a new database under the same group
+/// is filled from the topic's beginning (with the offsets only in the group, it stayed empty
+/// for ever), and a database another group wrote is refused with the reason instead of
+/// splitting the topic between two deployments.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_database_under_the_same_group_is_filled_and_another_group_s_is_refused() {
+    let broker = Broker::start();
+    let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let expected = produce_messages(&bootstrap, &topic, 50);
+        let first = dir.path().join("first.db");
+        let env = sync_env(&bootstrap, &topic, &format!("sqlite://{}", first.display()));
+        let sync = start_sync(&env, &dir.path().join("first.log"));
+        converge(&mut Sqlite(&first), &expected, &bootstrap, &topic);
+        drop(sync);
+        // The same group (its offsets committed at the end of the topic), a new database.
+        let second = dir.path().join("second.db");
+        let mut same_group = env.clone();
+        same_group.insert(
+            "IM_RELAY_SYNC_DATABASE_URL".into(),
+            format!("sqlite://{}", second.display()),
+        );
+        let sync = start_sync(&same_group, &dir.path().join("second.log"));
+        converge(&mut Sqlite(&second), &expected, &bootstrap, &topic);
+        drop(sync);
+        // Another deployment's group on the first database.
+        let mut other = env.clone();
+        other.insert("IM_RELAY_SYNC_GROUP".into(), "another-deployment".into());
+        let log = dir.path().join("other.log");
+        let mut sync = RelayProcess::spawn_command("sync", &other, &log);
+        let status = sync
+            .exited_within(Duration::from_secs(30))
+            .expect("sync stops");
+        assert!(!status.success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("belongs to consumer group `sync-")
+                && text.contains("another-deployment"),
+            "{text}"
+        );
+    })
+    .await
+    .unwrap();
+}
