@@ -362,7 +362,12 @@ const MSG_INFO_FIELDS: &[&str] = &["From_Account", "To_Account", "MsgKey", "MsgI
 
 /// `C2C.CallbackAfterMsgReadReceipt`: one record per message it covers, each keyed like that
 /// message. A message is read once, so each id is the message's id and `#read_receipt`.
-pub fn read_receipt(ctx: &Context<'_>, body: &Object<'_>) -> Result<Vec<Output>, NormalizeError> {
+/// An entry that cannot be read does not cost the others theirs: it is set aside with why
+/// (the second list); only a receipt none of whose entries can be read is an error.
+pub fn read_receipt(
+    ctx: &Context<'_>,
+    body: &Object<'_>,
+) -> Result<(Vec<Output>, Vec<String>), NormalizeError> {
     let b = Obj(body);
     let infos = required("C2CMsgInfo", b.array("C2CMsgInfo")?)?;
     if infos.is_empty() {
@@ -377,7 +382,42 @@ pub fn read_receipt(ctx: &Context<'_>, body: &Object<'_>) -> Result<Vec<Output>,
     let extra = b.extra(READ_RECEIPT_FIELDS);
     let received_at = received_at(ctx);
     let mut out = Vec::with_capacity(infos.len());
-    for info in infos {
+    let mut set_aside = Vec::new();
+    let mut first_error = None;
+    for (n, info) in infos.iter().enumerate() {
+        match receipt_entry(
+            ctx,
+            info,
+            operator,
+            peer,
+            event_time_ms,
+            &extra,
+            &received_at,
+        ) {
+            Ok(record) => out.push(record),
+            Err(e) => {
+                set_aside.push(format!("C2CMsgInfo[{n}]: {e}"));
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if out.is_empty() => Err(e),
+        _ => Ok((out, set_aside)),
+    }
+}
+
+/// One entry of a read receipt's `C2CMsgInfo`.
+fn receipt_entry(
+    ctx: &Context<'_>,
+    info: &Json<'_>,
+    operator: Option<&str>,
+    peer: Option<&str>,
+    event_time_ms: Option<i64>,
+    extra: &Extra,
+    received_at: &str,
+) -> Result<Output, NormalizeError> {
+    {
         let Json::Object(info) = info else {
             return Err(FieldError {
                 field: "C2CMsgInfo",
@@ -402,7 +442,7 @@ pub fn read_receipt(ctx: &Context<'_>, body: &Object<'_>) -> Result<Vec<Output>,
             from_account: from,
             to_account: to,
             event_time_ms,
-            arrival: arrival(ctx, &received_at),
+            arrival: arrival(ctx, received_at),
             extra: extra.clone(),
             info_extra: i.extra(MSG_INFO_FIELDS),
         };
@@ -413,10 +453,9 @@ pub fn read_receipt(ctx: &Context<'_>, body: &Object<'_>) -> Result<Vec<Output>,
             event_type: READ_RECEIPT_TYPE,
             command: Relayed::AfterMsgReadReceipt,
             event_time_ms,
-            received_at: &received_at,
+            received_at,
             untyped_elements: 0,
         };
-        out.push(made.output(ctx, &record));
+        Ok(made.output(ctx, &record))
     }
-    Ok(out)
 }

@@ -188,17 +188,35 @@ fn id_error(field: &'static str) -> impl Fn(crate::domain::IdError) -> FieldErro
 }
 
 /// Turns one callback body of `command` into its Kafka records (one, or for a read receipt
-/// one per message it covers; never none).
+/// one per message it covers; never none). A part that cannot be read fails the whole.
 pub fn normalize(
     ctx: &Context<'_>,
     command: Relayed,
     body: &Object<'_>,
 ) -> Result<Vec<Output>, NormalizeError> {
+    match normalize_parts(ctx, command, body)? {
+        (out, set_aside) if set_aside.is_empty() => Ok(out),
+        (_, set_aside) => Err(FieldError {
+            field: "C2CMsgInfo",
+            problem: Problem::Invalid(set_aside.join("; ")),
+        }),
+    }
+}
+
+/// `normalize`, keeping what can be read of a callback made of parts (a read receipt's
+/// entries): its records, and why each part set aside was (empty: nothing was). An error only
+/// when nothing can be read.
+pub fn normalize_parts(
+    ctx: &Context<'_>,
+    command: Relayed,
+    body: &Object<'_>,
+) -> Result<(Vec<Output>, Vec<String>), NormalizeError> {
+    let one = |o| (vec![o], Vec::new());
     match command {
-        Relayed::AfterSendMsg => after_send(ctx, body).map(|o| vec![o]),
-        Relayed::AfterMsgWithDraw => lifecycle::recall(ctx, body).map(|o| vec![o]),
-        Relayed::AfterModifyMsg => lifecycle::edit(ctx, body).map(|o| vec![o]),
-        Relayed::AfterMsgReport => lifecycle::read_report(ctx, body).map(|o| vec![o]),
+        Relayed::AfterSendMsg => after_send(ctx, body).map(one),
+        Relayed::AfterMsgWithDraw => lifecycle::recall(ctx, body).map(one),
+        Relayed::AfterModifyMsg => lifecycle::edit(ctx, body).map(one),
+        Relayed::AfterMsgReport => lifecycle::read_report(ctx, body).map(one),
         Relayed::AfterMsgReadReceipt => lifecycle::read_receipt(ctx, body),
     }
 }

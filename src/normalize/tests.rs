@@ -655,6 +655,44 @@ mod lifecycle {
     }
 
     #[test]
+    fn a_read_receipt_s_readable_entries_are_kept_and_its_bad_ones_set_aside_with_why() {
+        let good = json!({"From_Account": "a", "To_Account": "b", "MsgKey": "1_2_3"});
+        let mut b = body(READ_RECEIPT);
+        b.insert(
+            "C2CMsgInfo".into(),
+            json!([good, {"From_Account": "a", "To_Account": "b"}, 7]),
+        );
+        let (out, set_aside) = normalize_parts(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgReadReceipt,
+            &Object::from_map(&b),
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].key, "1_2_3");
+        assert_eq!(
+            set_aside,
+            [
+                "C2CMsgInfo[1]: MsgKey is missing",
+                "C2CMsgInfo[2]: C2CMsgInfo must hold objects only"
+            ]
+        );
+        // The strict form refuses it; a receipt with nothing readable is refused by both.
+        let strict = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterMsgReadReceipt, &b);
+        assert!(strict.unwrap_err().to_string().contains("C2CMsgInfo[1]"));
+        b.insert("C2CMsgInfo".into(), json!([7]));
+        let none = normalize_parts(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgReadReceipt,
+            &Object::from_map(&b),
+        );
+        assert_eq!(
+            none.map(|_| ()).unwrap_err().to_string(),
+            "C2CMsgInfo must hold objects only"
+        );
+    }
+
+    #[test]
     fn elements_that_are_not_objects_are_refused_by_every_command_that_has_them() {
         for (command, text) in [
             (Relayed::AfterSendMsg, DOC_SAMPLE),

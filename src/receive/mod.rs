@@ -286,7 +286,7 @@ async fn relay(
         key_mode: receiver.key_mode,
         source: Source::Callback,
     };
-    let records = match normalize::normalize(&ctx, command, &body) {
+    let (records, set_aside) = match normalize::normalize_parts(&ctx, command, &body) {
         Ok(r) => r,
         Err(e) => {
             let r = Rejection::with_detail(Reason::InvalidMessage, e.to_string());
@@ -304,7 +304,14 @@ async fn relay(
     // A retried read receipt may add messages to what an earlier one covered: only the new
     // ones are appended, each once (a receipt may name a message twice).
     let fresh = lock(&receiver.dedup).unseen(records, |r| r.id.as_str(), now);
-    if fresh.is_empty() {
+    // Parts that could not be read (a read receipt's bad entries) go to quarantine in the same
+    // write as the records of the others, which are answered for: `OK`.
+    let partly = (!set_aside.is_empty()).then(|| {
+        let r = Rejection::with_detail(Reason::InvalidMessage, set_aside.join("; "));
+        let entry = quarantine(r.clone()).entry();
+        (r, entry)
+    });
+    if fresh.is_empty() && partly.is_none() {
         return Ok(Outcome::Duplicate);
     }
     let records = fresh.len();
@@ -323,7 +330,13 @@ async fn relay(
         ids.push(key);
         stats.extend(r.stats);
     }
+    if let Some((_, entry)) = &partly {
+        entries.push(entry.clone());
+    }
     append(receiver, entries).await?;
+    if let Some((r, _)) = partly {
+        CallbackQuarantined { reason: r.reason }.emit();
+    }
     {
         let mut dedup = lock(&receiver.dedup);
         for key in ids {
@@ -381,7 +394,17 @@ impl Quarantine<'_> {
     /// Spools the raw callback with its reason; answers with the rejection (or 503 when even
     /// that cannot be stored, so a retrying sender tries again).
     async fn keep(self) -> Result<Outcome, Rejection> {
-        let entry = Record::quarantined(
+        append(self.receiver, vec![self.entry()]).await?;
+        CallbackQuarantined {
+            reason: self.rejection.reason,
+        }
+        .emit();
+        Err(self.rejection)
+    }
+
+    /// The spool entry: the raw callback with its reason.
+    fn entry(&self) -> Vec<u8> {
+        Record::quarantined(
             self.body,
             &Quarantined {
                 reason: self.rejection.reason.label(),
@@ -391,13 +414,8 @@ impl Quarantine<'_> {
                 raw_query: self.raw_query,
                 received_at: self.received_at,
             },
-        );
-        append(self.receiver, vec![entry.encode()]).await?;
-        CallbackQuarantined {
-            reason: self.rejection.reason,
-        }
-        .emit();
-        Err(self.rejection)
+        )
+        .encode()
     }
 }
 

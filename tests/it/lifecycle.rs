@@ -256,3 +256,32 @@ async fn a_receipt_naming_a_message_twice_spools_it_once() {
     assert_eq!(app.post_command(RECEIPT, &body).await, (200, ok_body()));
     assert_eq!(app.spooled().len(), 1);
 }
+
+/// A read receipt with one entry that cannot be read: the others are relayed, the bad one is
+/// quarantined (the raw body, with which entry and why) in the same write, and Tencent gets
+/// `OK` — before, the whole receipt was refused with 400 and every read in it lost.
+#[tokio::test]
+async fn a_receipt_s_good_entries_are_relayed_and_its_bad_one_quarantined() {
+    let app = InProcess::new(&[]);
+    let good = json!({"From_Account": "alice", "To_Account": "bob", "MsgKey": "m5"});
+    let bad = json!({"From_Account": "alice", "To_Account": "bob"});
+    let body = json!({"Operator_Account": "bob", "Peer_Account": "alice",
+                      "C2CMsgInfo": [good, bad], "EventTime": 1})
+    .to_string();
+    assert_eq!(app.post_command(RECEIPT, &body).await, (200, ok_body()));
+    let spooled = app.spooled();
+    assert_eq!(spooled.len(), 2, "{spooled:?}");
+    assert_eq!(spooled[0].target, im_relay::record::Target::ReadReceipts);
+    assert_eq!(spooled[0].key.as_deref(), Some(&b"m5"[..]));
+    assert_eq!(spooled[1].target, im_relay::record::Target::Quarantine);
+    let reason = spooled[1]
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        reason.contains("C2CMsgInfo[1]: MsgKey is missing"),
+        "{reason}"
+    );
+}
