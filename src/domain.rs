@@ -74,15 +74,19 @@ pub enum Relayed {
     AfterMsgReport,
     /// https://cloud.tencent.com/document/product/269/128223
     AfterMsgReadReceipt,
+    /// A reader cleared every unread message (one-to-one and group; the group part is not
+    /// relayed).
+    AfterMsgReadAll,
 }
 
 impl Relayed {
-    pub const ALL: [Relayed; 5] = [
+    pub const ALL: [Relayed; 6] = [
         Relayed::AfterSendMsg,
         Relayed::AfterMsgWithDraw,
         Relayed::AfterModifyMsg,
         Relayed::AfterMsgReport,
         Relayed::AfterMsgReadReceipt,
+        Relayed::AfterMsgReadAll,
     ];
 
     /// Tencent's spelling (note `AfterModifyMsg`, not `AfterMsgModify`).
@@ -93,6 +97,7 @@ impl Relayed {
             Relayed::AfterModifyMsg => "C2C.CallbackAfterModifyMsg",
             Relayed::AfterMsgReport => "C2C.CallbackAfterMsgReport",
             Relayed::AfterMsgReadReceipt => "C2C.CallbackAfterMsgReadReceipt",
+            Relayed::AfterMsgReadAll => "C2C.CallbackAfterMsgReadAll",
         }
     }
 
@@ -108,6 +113,7 @@ impl Relayed {
             Relayed::AfterModifyMsg => "c2c_after_modify_msg",
             Relayed::AfterMsgReport => "c2c_after_msg_report",
             Relayed::AfterMsgReadReceipt => "c2c_after_msg_read_receipt",
+            Relayed::AfterMsgReadAll => "c2c_after_msg_read_all",
         }
     }
 }
@@ -135,7 +141,6 @@ impl CallbackCommand {
             CallbackCommand::Other(s) => match s.as_str() {
                 "C2C.CallbackBeforeSendMsg" => "c2c_before_send_msg",
                 "C2C.CallbackAfterC2CMsgExtension" => "c2c_after_msg_extension",
-                "C2C.CallbackAfterMsgReadAll" => "c2c_after_msg_read_all",
                 "Group.CallbackAfterSendMsg" => "group_after_send_msg",
                 "Group.CallbackBeforeSendMsg" => "group_before_send_msg",
                 "State.StateChange" => "state_change",

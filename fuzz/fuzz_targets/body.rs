@@ -1,4 +1,4 @@
-//! Any body, under each of the five relayed commands: the strict JSON reader and the
+//! Any body, under each of the six relayed commands: the strict JSON reader and the
 //! normalizer answer, never panic, and every record they produce is JSON again, carrying its
 //! id and a key. Seeds for each command are in the corpus (the `tests/fixtures` bodies).
 #![no_main]

@@ -240,7 +240,8 @@ pub(super) const SETTINGS: &[Setting] = &[
         key::RELAY_COMMANDS,
         Some(
             "C2C.CallbackAfterSendMsg,C2C.CallbackAfterMsgWithDraw,C2C.CallbackAfterModifyMsg,\
-             C2C.CallbackAfterMsgReport,C2C.CallbackAfterMsgReadReceipt",
+             C2C.CallbackAfterMsgReport,C2C.CallbackAfterMsgReadReceipt,\
+             C2C.CallbackAfterMsgReadAll",
         ),
         "callbacks relayed, comma-separated; any other is answered OK and not published",
     ),

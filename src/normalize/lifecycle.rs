@@ -32,6 +32,8 @@ pub const EDIT_TYPE: &str = "com.tencent.im.c2c.after_modify_msg.v1";
 pub const READ_REPORT_SCHEMA: &str = "im-relay.c2c-read-report.v1";
 pub const READ_REPORT_TYPE: &str = "com.tencent.im.c2c.after_msg_report.v1";
 pub const READ_RECEIPT_SCHEMA: &str = "im-relay.c2c-read-receipt.v1";
+pub const READ_ALL_SCHEMA: &str = "im-relay.c2c-read-all.v1";
+pub const READ_ALL_TYPE: &str = "com.tencent.im.c2c.after_msg_read_all.v1";
 pub const READ_RECEIPT_TYPE: &str = "com.tencent.im.c2c.after_msg_read_receipt.v1";
 
 /// What every lifecycle record starts with.
@@ -99,6 +101,17 @@ struct ReadReport<'a> {
     peer_account: UserId<'a>,
     last_read_time: i64,
     unread_msg_num: Option<i64>,
+    event_time_ms: Option<i64>,
+    #[serde(flatten)]
+    arrival: Arrival<'a>,
+    extra: Extra<'a>,
+}
+
+#[derive(Serialize)]
+struct ReadAll<'a> {
+    #[serde(flatten)]
+    common: Common<'a>,
+    report_account: UserId<'a>,
     event_time_ms: Option<i64>,
     #[serde(flatten)]
     arrival: Arrival<'a>,
@@ -344,6 +357,46 @@ pub fn read_report(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, Norma
         key: conversation.clone(),
         event_type: READ_REPORT_TYPE,
         command: Relayed::AfterMsgReport,
+        event_time_ms,
+        received_at: &received_at,
+        untyped_elements: 0,
+    };
+    Ok(made.output(ctx, &record))
+}
+
+/// `GroupReadInfo` is read and left out: the group part is not a one-to-one fact.
+const READ_ALL_FIELDS: &[&str] = &[
+    "CallbackCommand",
+    "Report_Account",
+    "EventTime",
+    "GroupReadInfo",
+];
+
+/// `C2C.CallbackAfterMsgReadAll`: a reader cleared every unread message — a watermark over all
+/// of the reader's one-to-one conversations, keyed by the reader.
+pub fn read_all(ctx: &Context<'_>, body: &Object<'_>) -> Result<Output, NormalizeError> {
+    let b = Obj(body);
+    let reader = user(b, "Report_Account")?;
+    let received_at = received_at(ctx);
+    let event_time_ms = b.i64("EventTime")?;
+    // Without EventTime, its arrival tells copies apart (a retry is then a second mark at
+    // nearly the same time: harmless, the latest counts).
+    let at = event_time_ms.map_or_else(|| format!("r{received_at}"), |t| t.to_string());
+    let key = format!("{}:{}", ctx.sdk_app_id, reader.as_str());
+    let id = format!("{key}#read_all@{at}");
+    let record = ReadAll {
+        common: common(ctx, &id, READ_ALL_SCHEMA, Relayed::AfterMsgReadAll),
+        report_account: reader,
+        event_time_ms,
+        arrival: arrival(ctx, &received_at),
+        extra: b.extra(READ_ALL_FIELDS),
+    };
+    let made = Made {
+        target: Target::ReadReports,
+        id: id.clone(),
+        key,
+        event_type: READ_ALL_TYPE,
+        command: Relayed::AfterMsgReadAll,
         event_time_ms,
         received_at: &received_at,
         untyped_elements: 0,

@@ -10,7 +10,9 @@
 mod element;
 mod fields;
 mod lifecycle;
-pub use lifecycle::{EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA};
+pub use lifecycle::{
+    EDIT_SCHEMA, READ_ALL_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA,
+};
 
 use std::borrow::Cow;
 
@@ -31,7 +33,7 @@ pub const SCHEMA: &str = "im-relay.c2c-message.v2";
 pub const EVENT_TYPE: &str = "com.tencent.im.c2c.after_send_msg.v2";
 
 /// The JSON Schema of each record kind, by its `schema` value.
-pub const SCHEMAS: [(&str, &str); 5] = [
+pub const SCHEMAS: [(&str, &str); 6] = [
     (SCHEMA, include_str!("../../schema/c2c-message.v2.json")),
     (
         lifecycle::RECALL_SCHEMA,
@@ -48,6 +50,10 @@ pub const SCHEMAS: [(&str, &str); 5] = [
     (
         lifecycle::READ_RECEIPT_SCHEMA,
         include_str!("../../schema/c2c-read-receipt.v1.json"),
+    ),
+    (
+        lifecycle::READ_ALL_SCHEMA,
+        include_str!("../../schema/c2c-read-all.v1.json"),
     ),
 ];
 
@@ -218,6 +224,7 @@ pub fn normalize_parts(
         Relayed::AfterModifyMsg => lifecycle::edit(ctx, body).map(one),
         Relayed::AfterMsgReport => lifecycle::read_report(ctx, body).map(one),
         Relayed::AfterMsgReadReceipt => lifecycle::read_receipt(ctx, body),
+        Relayed::AfterMsgReadAll => lifecycle::read_all(ctx, body).map(one),
     }
 }
 

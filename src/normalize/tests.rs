@@ -479,6 +479,7 @@ mod lifecycle {
     const EDIT: &str = include_str!("../../tests/fixtures/edit.json");
     const READ_REPORT: &str = include_str!("../../tests/fixtures/read_report.json");
     const READ_RECEIPT: &str = include_str!("../../tests/fixtures/read_receipt.json");
+    const READ_ALL: &str = include_str!("../../tests/fixtures/read_all.json");
 
     fn records(command: Relayed, text: &str, mode: KeyMode) -> Vec<(Output, Value)> {
         normalize(&ctx(mode), command, &body(text))
@@ -622,6 +623,36 @@ mod lifecycle {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "LastReadTime is missing");
+    }
+
+    #[test]
+    fn a_read_all_is_a_watermark_over_the_reader_s_conversations_without_its_group_part() {
+        let (out, r) = one(Relayed::AfterMsgReadAll, READ_ALL);
+        assert_eq!(out.id, "1400000000:jared#read_all@1769139587754");
+        assert_eq!(out.key, "1400000000:jared");
+        assert_eq!(out.target, Target::ReadReports);
+        assert_eq!(r["report_account"], "jared");
+        assert_eq!(r["event_time_ms"], 1769139587754i64);
+        assert_eq!(r["extra"], json!({}), "the group part is not relayed");
+        assert_eq!(
+            header(&out, "ce_type"),
+            Some(crate::normalize::lifecycle::READ_ALL_TYPE)
+        );
+        let err = normalize(
+            &ctx(KeyMode::MsgKey),
+            Relayed::AfterMsgReadAll,
+            &without(READ_ALL, "Report_Account"),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "Report_Account is missing");
+        // Without EventTime: still a record, told apart by its arrival.
+        let b = without(READ_ALL, "EventTime");
+        let out = normalize(&ctx(KeyMode::MsgKey), Relayed::AfterMsgReadAll, &b).unwrap();
+        assert!(
+            out[0].id.starts_with("1400000000:jared#read_all@r"),
+            "{}",
+            out[0].id
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::normalize::{
-    EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA, SCHEMA as MESSAGE_SCHEMA,
+    EDIT_SCHEMA, READ_ALL_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA,
+    SCHEMA as MESSAGE_SCHEMA,
 };
 
 /// What kind of record a change came from (a metric label).
@@ -22,15 +23,17 @@ pub enum Kind {
     Edit,
     ReadReport,
     ReadReceipt,
+    ReadAll,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Message,
         Kind::Recall,
         Kind::Edit,
         Kind::ReadReport,
         Kind::ReadReceipt,
+        Kind::ReadAll,
     ];
 
     pub fn label(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Kind {
             Kind::Edit => "edit",
             Kind::ReadReport => "read_report",
             Kind::ReadReceipt => "read_receipt",
+            Kind::ReadAll => "read_all",
         }
     }
 }
@@ -104,6 +108,12 @@ pub enum Change {
         peer: String,
         last_read_time: i64,
     },
+    /// `reader` has read every one-to-one message received up to `read_all_time` (Unix ms).
+    ReadAll {
+        sdk_app_id: i64,
+        reader: String,
+        read_all_time: i64,
+    },
 }
 
 /// The fields of every record kind `sync` reads; the rest is ignored.
@@ -152,6 +162,7 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
         EDIT_SCHEMA => Kind::Edit,
         READ_REPORT_SCHEMA => Kind::ReadReport,
         READ_RECEIPT_SCHEMA => Kind::ReadReceipt,
+        READ_ALL_SCHEMA => Kind::ReadAll,
         other => {
             let other: String = other.chars().take(64).collect();
             return Err(format!("unknown schema {other:?}"));
@@ -162,7 +173,13 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
     let at = w
         .event_time_ms
         .or_else(|| millis_of(w.received_at.as_deref()));
-    let change = if kind == Kind::ReadReport {
+    let change = if kind == Kind::ReadAll {
+        Change::ReadAll {
+            sdk_app_id,
+            reader: need(w.report_account, "report_account")?,
+            read_all_time: need(at, "event_time_ms")?,
+        }
+    } else if kind == Kind::ReadReport {
         let last = need(w.last_read_time, "last_read_time")?;
         Change::ReadMark {
             sdk_app_id,
@@ -226,7 +243,7 @@ pub fn parse(value: &[u8]) -> Result<(Kind, Change), String> {
             }
             Kind::Recall => facts.recalled_at = at,
             Kind::ReadReceipt => facts.read_at = at,
-            Kind::ReadReport => unreachable!("handled above"),
+            Kind::ReadReport | Kind::ReadAll => unreachable!("handled above"),
         }
         Change::Message(Box::new(facts))
     };
@@ -243,6 +260,7 @@ impl Change {
         let v: Vec<&str> = match self {
             Change::Message(f) => vec![&f.id, &f.msg_key, &f.from_account, &f.to_account],
             Change::ReadMark { reader, peer, .. } => vec![reader, peer],
+            Change::ReadAll { reader, .. } => vec![reader],
         };
         v.into_iter()
     }

@@ -82,9 +82,10 @@ pub struct StoreError {
 
 /// The relations the migrations make: finding one where no migration ran means another
 /// application's table (or view, or index) stands in the way.
-const OWN_TABLES: [&str; 5] = [
+const OWN_TABLES: [&str; 6] = [
     "messages",
     "read_marks",
+    "read_all_marks",
     "dead_letters",
     "messages_by_conversation",
     "messages_by_conversation_history",
@@ -248,6 +249,16 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         claimed_at BIGINT NOT NULL
     );",
     ),
+    (
+        4,
+        "read-all marks",
+        "CREATE TABLE read_all_marks (
+        sdk_app_id BIGINT NOT NULL,
+        reader TEXT NOT NULL,
+        read_all_time BIGINT NOT NULL,
+        PRIMARY KEY (sdk_app_id, reader)
+    );",
+    ),
 ];
 
 /// `new` replaces `old` when it says something and `old` is absent or earlier: by time, then
@@ -366,6 +377,12 @@ const WRITE_OFFSET: &str = "INSERT INTO im_relay_offsets (consumer_group, topic,
      ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET \
          next_offset = excluded.next_offset, updated_at = excluded.updated_at";
 
+const MERGE_READ_ALL: &str = "INSERT INTO read_all_marks (sdk_app_id, reader, read_all_time) \
+     VALUES {values} \
+     ON CONFLICT (sdk_app_id, reader) DO UPDATE SET read_all_time = \
+         CASE WHEN excluded.read_all_time > read_all_marks.read_all_time \
+         THEN excluded.read_all_time ELSE read_all_marks.read_all_time END";
+
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, \
          record_key, payload, error, failed_at) \
      VALUES {values} \
@@ -394,6 +411,15 @@ fn params(item: &Item) -> Vec<Param<'_>> {
             Text(Some(peer)),
             Int(Some(*last_read_time)),
         ],
+        Item::Change(Change::ReadAll {
+            sdk_app_id,
+            reader,
+            read_all_time,
+        }) => vec![
+            Int(Some(*sdk_app_id)),
+            Text(Some(reader)),
+            Int(Some(*read_all_time)),
+        ],
         Item::Offset(p) => vec![
             Text(Some(&p.group)),
             Text(Some(&p.topic)),
@@ -419,6 +445,7 @@ fn params(item: &Item) -> Vec<Param<'_>> {
 enum Key<'a> {
     Message(i64, &'a str),
     ReadMark(i64, &'a str, &'a str),
+    ReadAll(i64, &'a str),
     DeadLetter(&'a str, i32, i64),
     Offset(&'a str, &'a str, i32),
 }
@@ -433,6 +460,9 @@ impl Key<'_> {
                 peer,
                 ..
             }) => Key::ReadMark(*sdk_app_id, reader, peer),
+            Item::Change(Change::ReadAll {
+                sdk_app_id, reader, ..
+            }) => Key::ReadAll(*sdk_app_id, reader),
             Item::DeadLetter(d) => Key::DeadLetter(&d.topic, d.partition, d.offset),
             Item::Offset(p) => Key::Offset(&p.group, &p.topic, p.partition),
         }
@@ -445,12 +475,13 @@ impl Key<'_> {
             Key::ReadMark(..) => 1,
             Key::DeadLetter(..) => 2,
             Key::Offset(..) => 3,
+            Key::ReadAll(..) => 4,
         }
     }
 }
 
 /// Parameters per row of each statement.
-const WIDTHS: [usize; 4] = [24, 4, 7, 5];
+const WIDTHS: [usize; 5] = [24, 4, 7, 5, 3];
 
 /// Rows per statement: enough to spare the round trips, few enough for SQLite's 32,766
 /// parameters.
@@ -544,12 +575,13 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
     ]
 }
 
-fn statements() -> [String; 4] {
+fn statements() -> [String; 5] {
     [
         merge_message_sql(),
         MERGE_READ_MARK.to_owned(),
         INSERT_DEAD_LETTER.to_owned(),
         WRITE_OFFSET.to_owned(),
+        MERGE_READ_ALL.to_owned(),
     ]
 }
 
@@ -557,7 +589,7 @@ fn statements() -> [String; 4] {
 
 struct Sqlite {
     conn: rusqlite::Connection,
-    sql: [String; 4],
+    sql: [String; 5],
 }
 
 fn sqlite_error(e: rusqlite::Error) -> StoreError {
@@ -717,7 +749,7 @@ struct Postgres {
     /// `None`: `sslmode=disable`.
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<postgres::Client>,
-    sql: [String; 4],
+    sql: [String; 5],
     /// Statements prepared on `client`, by (statement, rows).
     prepared: std::collections::HashMap<(usize, usize), postgres::Statement>,
 }

@@ -13,6 +13,7 @@ const RECALL: &str = "C2C.CallbackAfterMsgWithDraw";
 const EDIT: &str = "C2C.CallbackAfterModifyMsg";
 const REPORT: &str = "C2C.CallbackAfterMsgReport";
 const RECEIPT: &str = "C2C.CallbackAfterMsgReadReceipt";
+const READ_ALL: &str = "C2C.CallbackAfterMsgReadAll";
 
 /// One message from alice to bob, and the bodies of everything that happens to it.
 pub struct Life {
@@ -23,6 +24,7 @@ pub struct Life {
     pub recall: String,
     pub report: String,
     pub receipt: String,
+    pub read_all: String,
 }
 
 pub fn life(key: &str) -> Life {
@@ -70,6 +72,12 @@ pub fn life(key: &str) -> Life {
             "EventTime": 1_700_000_060_000i64,
         })
         .to_string(),
+        read_all: json!({
+            "CallbackCommand": READ_ALL, "Report_Account": "bob",
+            "EventTime": 1_700_000_070_000i64,
+            "GroupReadInfo": [{"GroupId": "@TGS#1", "MsgSeq": 3}],
+        })
+        .to_string(),
     }
 }
 
@@ -91,6 +99,8 @@ pub async fn post_life(app: &TestApp, l: &Life) {
         (REPORT, &l.report),
         (RECEIPT, &l.receipt),
         (RECEIPT, &l.receipt),
+        (READ_ALL, &l.read_all),
+        (READ_ALL, &l.read_all),
         (RECALL, &l.recall),
     ] {
         assert_eq!(
@@ -111,8 +121,9 @@ async fn a_message_s_whole_life_reaches_kafka_keyed_like_the_message() {
     let l = life("m1");
     post_life(&app, &l).await;
 
-    // Two messages, two edits, a read report, a receipt per message; duplicates not again.
-    let records = app.records(7).await;
+    // Two messages, two edits, a read report, a receipt per message, a read-all; duplicates
+    // not again.
+    let records = app.records(8).await;
     let mut by_id: BTreeMap<String, &Received> = BTreeMap::new();
     for r in &records {
         assert_schema_valid(&r.value);
@@ -132,6 +143,7 @@ async fn a_message_s_whole_life_reaches_kafka_keyed_like_the_message() {
             format!("{message}#read_receipt"),
             format!("{message}-2"),
             format!("{message}-2#read_receipt"),
+            "1400000000:bob#read_all@1700000070000".to_owned(),
             // The reader first: app, reader, peer, LastReadTime.
             "1400000000:bob:alice#read_report@1700000050".to_owned(),
         ]
@@ -157,6 +169,13 @@ async fn a_message_s_whole_life_reaches_kafka_keyed_like_the_message() {
     let report = by_id["1400000000:bob:alice#read_report@1700000050"];
     assert_eq!(report.key, "1400000000:alice:bob");
     assert_eq!(report.value["last_read_time"], 1_700_000_050);
+    let all = by_id["1400000000:bob#read_all@1700000070000"];
+    assert_eq!(all.key, "1400000000:bob");
+    assert_eq!(all.value["event_time_ms"], 1_700_000_070_000i64);
+    assert_eq!(
+        all.headers["ce_type"],
+        "com.tencent.im.c2c.after_msg_read_all.v1"
+    );
 
     // The recall went to its own topic, and nothing else did (read back by ce_id: tansu
     // keeps an idempotent producer's retries twice; the dedup window is asserted in process).
@@ -178,6 +197,7 @@ async fn a_message_s_whole_life_reaches_kafka_keyed_like_the_message() {
         ("c2c_after_msg_withdraw", 1),
         ("c2c_after_msg_report", 1),
         ("c2c_after_msg_read_receipt", 2),
+        ("c2c_after_msg_read_all", 1),
     ] {
         let series = format!("im_relay_records_accepted_total{{command=\"{command}\"}} {n}");
         assert!(metrics.contains(&series), "missing {series}");
@@ -193,6 +213,7 @@ async fn commands_not_chosen_are_answered_ok_and_never_spooled() {
         (EDIT, &l.edit),
         (REPORT, &l.report),
         (RECEIPT, &l.receipt),
+        (READ_ALL, &l.read_all),
     ] {
         assert_eq!(app.post_command(command, body).await, (200, ok_body()));
     }

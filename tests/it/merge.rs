@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use im_relay::config::{Database, PgSsl, SslMode};
 use im_relay::normalize::{
-    EDIT_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA, SCHEMA,
+    EDIT_SCHEMA, READ_ALL_SCHEMA, READ_RECEIPT_SCHEMA, READ_REPORT_SCHEMA, RECALL_SCHEMA, SCHEMA,
 };
 use im_relay::sync::change;
 use im_relay::sync::store::{self, Item, Store};
@@ -51,6 +51,10 @@ enum Event {
         reverse: bool,
     },
     Report {
+        reverse: bool,
+        t: i64,
+    },
+    ReadAll {
         reverse: bool,
         t: i64,
     },
@@ -104,6 +108,10 @@ fn event() -> impl Strategy<Value = Event> {
         (any::<bool>(), 0..3i64).prop_map(|(reverse, t)| Event::Report {
             reverse,
             t: 1_700_000_000 + t
+        }),
+        (any::<bool>(), 0..3i64).prop_map(|(reverse, t)| Event::ReadAll {
+            reverse,
+            t: 1_700_000_400_000 + t
         }),
     ]
 }
@@ -176,6 +184,11 @@ fn record(app: i64, r: &Result<Copy, Event>) -> Vec<u8> {
             json!({"schema": READ_REPORT_SCHEMA, "id": "rp", "report_account": reader,
                 "peer_account": peer, "last_read_time": t})
         }
+        Err(Event::ReadAll { reverse, t }) => {
+            let (reader, _) = parties(*reverse);
+            json!({"schema": READ_ALL_SCHEMA, "id": "ra", "report_account": reader,
+                "event_time_ms": t})
+        }
     };
     v["sdk_app_id"] = json!(app);
     serde_json::to_vec(&v).unwrap()
@@ -200,10 +213,11 @@ const MESSAGE_COLUMNS: &str = "id, msg_key, from_account, to_account, arrived, m
      elements_version_id, ccd_version_time, ccd_version_id, edit_version_time, edit_version_id, \
      msg_seq, send_result, online_only, conv_low, conv_high";
 
-fn queries(app: i64) -> [String; 2] {
+fn queries(app: i64) -> [String; 3] {
     [
         format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE sdk_app_id = {app}"),
         format!("SELECT reader, peer, last_read_time FROM read_marks WHERE sdk_app_id = {app}"),
+        format!("SELECT reader, read_all_time FROM read_all_marks WHERE sdk_app_id = {app}"),
     ]
 }
 

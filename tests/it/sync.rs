@@ -23,6 +23,8 @@ const MESSAGES: &str = "SELECT sdk_app_id, id, msg_key, from_account, to_account
      FROM messages ORDER BY id";
 const READ_MARKS: &str = "SELECT sdk_app_id, reader, peer, last_read_time FROM read_marks \
      WHERE reader <> 'zz-marker' ORDER BY reader, peer";
+const READ_ALL_MARKS: &str =
+    "SELECT sdk_app_id, reader, read_all_time FROM read_all_marks ORDER BY reader";
 const DEAD_LETTERS: &str = "SELECT COUNT(*) FROM dead_letters";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +47,7 @@ trait Tables {
 
     fn state(&mut self) -> Option<Vec<String>> {
         let mut out = Vec::new();
-        for sql in [MESSAGES, READ_MARKS] {
+        for sql in [MESSAGES, READ_MARKS, READ_ALL_MARKS] {
             for row in self.query(sql)? {
                 out.push(row.iter().map(cell_text).collect::<Vec<_>>().join("|"));
             }
@@ -247,6 +249,7 @@ fn expected_life() -> Vec<String> {
             text("a\\u0000b")
         ),
         "1400000000|bob|alice|1700000050000".to_owned(),
+        "1400000000|bob|1700000070000".to_owned(),
     ]
 }
 
