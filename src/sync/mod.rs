@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,7 +29,7 @@ use crate::telemetry::{
     SyncDeadLettered, SyncLag, SyncSkipped,
 };
 use change::Kind;
-use store::{Claim, DeadLetter, Item, Owner, Position, Store, StoreError};
+use store::{DeadLetter, Item, Owner, Position, Store, StoreError};
 
 /// What `/readyz` reports for a running sync.
 #[derive(Default)]
@@ -114,7 +113,6 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
     health.database_down.store(false, Ordering::Relaxed);
     let placement = Placement {
         store: Mutex::new(store),
-        group: cfg.group.clone(),
         positions: Mutex::new(BTreeMap::new()),
         fatal: Mutex::new(None),
     };
@@ -123,13 +121,11 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
         .set("client.id", "im-relay-sync")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        // Retention overtaking sync is an error it handles (counted, logged), not a silent
-        // jump to the oldest record.
-        .set("auto.offset.reset", "error")
+        // A position the broker no longer holds (retention overtook sync) resumes at the
+        // oldest record left; the records in between are counted and logged (`gaps`), never
+        // skipped silently.
+        .set("auto.offset.reset", "earliest")
         .create_with_context(placement)?;
-    if claim == Claim::Adopted {
-        adopt_group_offsets(&consumer, &topics, stop, health)?;
-    }
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     health.started.store(true, Ordering::Relaxed);
@@ -142,7 +138,24 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
     );
     let mut lag_checked = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let batch = poll_batch(&consumer, cfg.batch_max, stop)?;
+        let expected = consumer
+            .context()
+            .positions
+            .lock()
+            .expect("not poisoned")
+            .clone();
+        let mut batch = poll_batch(&consumer, cfg.batch_max, stop, &expected)?;
+        // Records of a partition taken away meanwhile are its new owner's to apply (from the
+        // database's position, at or below them): writing them here would move that
+        // position under the new owner.
+        if let Ok(assigned) = consumer.assignment() {
+            let assigned: std::collections::BTreeSet<(String, i32)> = assigned
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            batch.keep(|tp| assigned.contains(tp));
+        }
         if let Some(why) = consumer
             .context()
             .fatal
@@ -151,9 +164,6 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
             .take()
         {
             return Err(SyncError::Database(why));
-        }
-        if batch.reset {
-            skip_deleted(&consumer)?;
         }
         if !batch.messages.is_empty() {
             let ends: Vec<Item> = batch
@@ -196,6 +206,17 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
             drop(positions);
             // The group's offsets too, for lag tools; the database's are the ones sync reads.
             commit(&consumer, &batch.messages);
+            // Counted once the batch is in, so a restart does not count them again.
+            for skip in skipped(&batch.gaps, &consumer) {
+                SyncSkipped {
+                    topic: &skip.topic,
+                    partition: skip.partition,
+                    from: skip.from,
+                    to: skip.to,
+                    reason: skip.reason,
+                }
+                .emit();
+            }
         }
         if lag_checked.elapsed() >= Duration::from_secs(5) {
             lag_checked = Instant::now();
@@ -232,7 +253,6 @@ fn retry_database<T>(
 /// The consumer's context: each assignment starts where the database says.
 struct Placement {
     store: Mutex<Box<dyn Store>>,
-    group: String,
     /// (topic, partition) → the next offset, for the assigned partitions the database knows.
     positions: Mutex<BTreeMap<(String, i32), i64>>,
     /// Why sync must stop, found inside a callback.
@@ -254,7 +274,11 @@ impl ConsumerContext for Placement {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.place(tpl);
+                if !self.place(tpl) {
+                    // Not assigned at all (not at the group's offsets): sync stops, and its
+                    // restart waits for the database.
+                    return;
+                }
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -285,20 +309,21 @@ impl ConsumerContext for Placement {
 
 impl Placement {
     /// Sets each assigned partition's offset to the database's position, or its beginning
-    /// when the database has none (it has never held a record of it).
-    fn place(&self, tpl: &mut TopicPartitionList) {
+    /// when the database has none (it has never held a record of it). False when the database
+    /// cannot say.
+    fn place(&self, tpl: &mut TopicPartitionList) -> bool {
         let kept = {
             let mut store = self.store.lock().expect("not poisoned");
             let mut tries = 0;
             loop {
-                match store.positions(&self.group) {
+                match store.positions() {
                     Ok(kept) => break kept,
                     // A rebalance cannot wait long (max.poll.interval.ms): a restart will.
                     Err(e) if tries >= 5 || e.fatal => {
                         *self.fatal.lock().expect("not poisoned") = Some(format!(
                             "reading the database's offsets at a rebalance: {e}"
                         ));
-                        return;
+                        return false;
                     }
                     Err(e) => {
                         SyncDatabaseFailed { error: &e }.emit();
@@ -329,155 +354,64 @@ impl Placement {
                 tracing::warn!(error = %e, "cannot set an assigned partition's offset");
             }
         }
+        true
     }
 }
 
-/// A database written before offsets were kept in it: the group's committed offsets become
-/// its positions, once, so sync goes on where it was instead of starting over.
-fn adopt_group_offsets(
-    consumer: &BaseConsumer<Placement>,
-    topics: &[String],
-    stop: &AtomicBool,
-    health: &SyncHealth,
-) -> Result<(), SyncError> {
-    let mut tpl = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                tpl.add_partition(t.name(), p.id());
-            }
-        }
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
-    let group = consumer.context().group.clone();
-    let items: Vec<Item> = committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(next) => Some(Item::Offset(Position {
-                group: group.clone(),
-                topic: e.topic().to_owned(),
-                partition: e.partition(),
-                next,
-            })),
-            _ => None,
-        })
-        .collect();
-    tracing::info!(
-        partitions = items.len(),
-        "a database from before offsets were kept in it: adopting the group's committed offsets"
-    );
-    let mut store = consumer.context().store.lock().expect("not poisoned");
-    retry_database(stop, health, || store.apply(&items))?;
-    Ok(())
-}
-
-/// Where a partition stands against what the broker still holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resume {
-    /// `next` is readable (or the next to be written).
-    Continue,
-    /// Records `from..to` were deleted (retention) before sync read them.
-    Skip { from: i64, to: i64 },
-    /// `next` is past the partition's end: the topic was made again, or the database is
-    /// another topic's.
-    Ahead { next: i64, high: i64 },
-}
-
-pub fn resume(next: i64, low: i64, high: i64) -> Resume {
-    if next < low {
-        Resume::Skip {
-            from: next,
-            to: low,
-        }
-    } else if next > high {
-        Resume::Ahead { next, high }
-    } else {
-        Resume::Continue
-    }
-}
-
-/// A partition's low and high watermarks (a broker; a fake in the tests: no broker here can
-/// delete records).
+/// A partition's low watermark (a broker; a fake in the tests: no broker here can delete
+/// records).
 pub trait Watermarks {
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String>;
+    fn low(&self, topic: &str, partition: i32) -> Result<i64, String>;
 }
 
 impl<C: ConsumerContext> Watermarks for BaseConsumer<C> {
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String> {
+    fn low(&self, topic: &str, partition: i32) -> Result<i64, String> {
         self.fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map(|(low, _)| low)
             .map_err(|e| e.to_string())
     }
 }
 
-/// The partitions whose position the broker no longer holds: `(topic, partition, from, to)`
-/// to skip; `Err` when a position is past a partition's end (sync must not guess).
-pub fn deleted(
-    positions: &BTreeMap<(String, i32), i64>,
-    source: &dyn Watermarks,
-) -> Result<Vec<(String, i32, i64, i64)>, String> {
-    let mut skips = Vec::new();
-    for ((topic, partition), next) in positions {
-        let (low, high) = match source.watermarks(topic, *partition) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(%topic, partition, error = %e, "cannot read watermarks");
-                continue;
-            }
-        };
-        match resume(*next, low, high) {
-            Resume::Continue => {}
-            Resume::Skip { from, to } => skips.push((topic.clone(), *partition, from, to)),
-            Resume::Ahead { next, high } => {
-                return Err(format!(
-                    "the database's position on {topic}/{partition} is {next}, past the \
-                     partition's end ({high}): the topic was made again, or the database is \
-                     another cluster's — give sync a new database (or `DELETE FROM \
-                     im_relay_offsets` to read the topic from its beginning)"
-                ));
-            }
-        }
-    }
-    Ok(skips)
+/// Records a partition did not deliver: offsets `from..to`, and why — `deleted` (below the
+/// log start: retention overtook sync) or `not_delivered` (compaction, transaction markers,
+/// records librdkafka could not read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub topic: String,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    pub reason: &'static str,
 }
 
-/// After librdkafka found a position out of range: count and log what the broker deleted,
-/// record the new position in the database, and go on from the oldest record left.
-fn skip_deleted(consumer: &BaseConsumer<Placement>) -> Result<(), SyncError> {
-    let ctx = consumer.context();
-    let positions = ctx.positions.lock().expect("not poisoned").clone();
-    let skips = deleted(&positions, consumer).map_err(SyncError::Database)?;
-    for (topic, partition, from, to) in skips {
-        SyncSkipped {
-            topic: &topic,
-            partition,
-            from,
-            to,
-        }
-        .emit();
-        let item = Item::Offset(Position {
-            group: ctx.group.clone(),
-            topic: topic.clone(),
-            partition,
-            next: to,
-        });
-        // If this write fails the skip is found (and counted) again after a restart.
-        if let Err(e) = ctx.store.lock().expect("not poisoned").apply(&[item]) {
-            SyncDatabaseFailed { error: &e }.emit();
-        }
-        ctx.positions
-            .lock()
-            .expect("not poisoned")
-            .insert((topic.clone(), partition), to);
-        consumer.seek(
-            &topic,
-            partition,
-            Offset::Offset(to),
-            Duration::from_secs(10),
-        )?;
+/// The skips behind each gap `(topic, partition, expected, seen)`: the database needed
+/// `expected` next, the partition gave `seen`. The log start splits them (unknown: all are
+/// counted as not delivered).
+pub fn skipped(gaps: &[(String, i32, i64, i64)], source: &dyn Watermarks) -> Vec<Skip> {
+    let mut out = Vec::new();
+    for (topic, partition, expected, seen) in gaps {
+        let low = match source.low(topic, *partition) {
+            Ok(low) => low,
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, "cannot read the log start");
+                *expected
+            }
+        };
+        let mut push = |from: i64, to: i64, reason| {
+            if from < to {
+                out.push(Skip {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    from,
+                    to,
+                    reason,
+                });
+            }
+        };
+        push(*expected, low.min(*seen), "deleted");
+        push((*expected).max(low), *seen, "not_delivered");
     }
-    Ok(())
+    out
 }
 
 struct Batch {
@@ -488,8 +422,23 @@ struct Batch {
     messages: BTreeMap<(String, i32), i64>,
     /// Each item's kind (`None`: a dead letter from the start).
     kinds: Vec<Option<Kind>>,
-    /// librdkafka found a position out of range (records deleted before they were read).
-    reset: bool,
+    /// Partitions that jumped: (topic, partition, the offset expected, the one that came).
+    gaps: Vec<(String, i32, i64, i64)>,
+}
+
+impl Batch {
+    /// Only the records of the partitions `keep` says.
+    fn keep(&mut self, keep: impl Fn(&(String, i32)) -> bool) {
+        let tp = |d: &DeadLetter| (d.topic.clone(), d.partition);
+        let mask: Vec<bool> = self.origins.iter().map(|o| keep(&tp(o))).collect();
+        let mut i = 0;
+        self.items.retain(|_| (mask[i], i += 1).0);
+        i = 0;
+        self.kinds.retain(|_| (mask[i], i += 1).0);
+        self.origins.retain(|o| keep(&tp(o)));
+        self.messages.retain(|k, _| keep(k));
+        self.gaps.retain(|(t, p, ..)| keep(&(t.clone(), *p)));
+    }
 }
 
 /// A dead letter for `origin`; the error is stored as text, so a NUL (PostgreSQL's `text`
@@ -502,17 +451,19 @@ fn dead_letter(origin: &DeadLetter, error: &str) -> Item {
 }
 
 /// Up to `max` records, waiting at most 200 ms once the first is in.
+/// `expected`: each partition's next offset as the database has it; a record past it is a gap.
 fn poll_batch<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     max: usize,
     stop: &AtomicBool,
+    expected: &BTreeMap<(String, i32), i64>,
 ) -> Result<Batch, SyncError> {
     let mut batch = Batch {
         items: Vec::new(),
         origins: Vec::new(),
         messages: BTreeMap::new(),
         kinds: Vec::new(),
-        reset: false,
+        gaps: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_millis(200);
     while batch.items.len() < max && !stop.load(Ordering::Relaxed) {
@@ -528,13 +479,6 @@ fn poll_batch<C: ConsumerContext>(
             Err(e) => {
                 // librdkafka retries by itself; the batch in hand is not held back by it.
                 SyncConsumerError { error: &e }.emit();
-                if matches!(
-                    e,
-                    KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
-                ) {
-                    batch.reset = true;
-                    break;
-                }
                 if Instant::now() >= deadline {
                     break;
                 }
@@ -555,6 +499,25 @@ fn poll_batch<C: ConsumerContext>(
             Ok((kind, change)) => (Some(kind), Item::Change(change)),
             Err(error) => (None, dead_letter(&origin, &error)),
         };
+        let tp = (message.topic().to_owned(), message.partition());
+        let next = batch.messages.get(&tp).map(|last| last + 1);
+        match next.or_else(|| expected.get(&tp).copied()) {
+            Some(next) if message.offset() > next => {
+                batch.gaps.push((tp.0, tp.1, next, message.offset()));
+            }
+            Some(next) if message.offset() < next && !batch.messages.contains_key(&tp) => {
+                // The partition restarted below the database's position (made again, or a
+                // position past its end): applied again, to the same rows.
+                tracing::info!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    position = next,
+                    "records below the database's position: applying them again"
+                );
+            }
+            _ => {}
+        }
         batch.kinds.push(kind);
         batch.items.push(item);
         batch.origins.push(origin);
@@ -669,7 +632,7 @@ fn commit<C: ConsumerContext>(consumer: &BaseConsumer<C>, messages: &BTreeMap<(S
     }
     // A failed commit (a rebalance took the partition) only means this batch comes again:
     // applying it twice leaves the same rows.
-    if let Err(error) = consumer.commit(&tpl, CommitMode::Sync) {
+    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
         SyncCommitFailed { error: &error }.emit();
     }
 }

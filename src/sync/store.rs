@@ -60,11 +60,11 @@ pub struct Owner {
 pub enum Claim {
     /// The database is this group's and topics'.
     Ours,
-    /// New to sync: every partition starts at its beginning.
+    /// It was no one's: now this group's. Partitions it holds no position for start at their
+    /// beginning — a database written before positions were kept in it too (migration 3): the
+    /// topic is applied again, to the same rows, rather than trusting the group's offsets,
+    /// which may belong to another database.
     New,
-    /// Written before offsets were kept here (migration 3): partitions without an offset in the
-    /// database resume at the group's committed one.
-    Adopted,
 }
 
 /// Why a batch was not applied. `data`: this item can never be stored (it goes to the
@@ -113,16 +113,16 @@ pub trait Store: Send {
     /// Applies `items` in one transaction: all or none.
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError>;
 
-    /// The group's positions kept in the database: (topic, partition) → next offset.
-    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError>;
+    /// The positions kept in the database: (topic, partition) → next offset. The database's
+    /// own, whichever group wrote them (it has one owner; a moved database keeps them).
+    fn positions(&mut self) -> Result<Vec<(String, i32, i64)>, StoreError>;
 
     /// Makes the database `owner`'s, or says it is another's (a `fatal` error).
     fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError>;
 }
 
-/// The claim's decision, shared by the backends: `found` is the owner row, `rows` whether
-/// `messages` holds any.
-fn decide_claim(owner: &Owner, found: Option<Owner>, rows: bool) -> Result<Claim, StoreError> {
+/// The claim's decision, shared by the backends: `found` is the owner row.
+fn decide_claim(owner: &Owner, found: Option<Owner>) -> Result<Claim, StoreError> {
     match found {
         Some(f) if f == *owner => Ok(Claim::Ours),
         Some(f) => Err(StoreError {
@@ -136,18 +136,14 @@ fn decide_claim(owner: &Owner, found: Option<Owner>, rows: bool) -> Result<Claim
                 f.group, f.topics, owner.group, owner.topics
             ),
         }),
-        None if rows => Ok(Claim::Adopted),
         None => Ok(Claim::New),
     }
 }
 
 const READ_OWNER: &str = "SELECT consumer_group, topics FROM im_relay_owner WHERE id = 1";
-const HAS_ROWS: &str =
-    "SELECT EXISTS (SELECT 1 FROM messages) OR EXISTS (SELECT 1 FROM read_marks)";
 const WRITE_OWNER: &str =
     "INSERT INTO im_relay_owner (id, consumer_group, topics, claimed_at) VALUES ($1, $2, $3, $4)";
-const READ_POSITIONS: &str = "SELECT topic, kafka_partition, next_offset FROM im_relay_offsets \
-     WHERE consumer_group = $1";
+const READ_POSITIONS: &str = "SELECT topic, kafka_partition, next_offset FROM im_relay_offsets";
 
 /// Opens the database and brings its tables up to the latest migration.
 pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
@@ -240,7 +236,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         kafka_partition BIGINT NOT NULL,
         next_offset BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
-        PRIMARY KEY (consumer_group, topic, kafka_partition)
+        PRIMARY KEY (topic, kafka_partition)
     );
     CREATE TABLE im_relay_owner (
         id BIGINT PRIMARY KEY,
@@ -374,8 +370,9 @@ const MERGE_READ_MARK: &str = "INSERT INTO read_marks (sdk_app_id, reader, peer,
 const WRITE_OFFSET: &str = "INSERT INTO im_relay_offsets (consumer_group, topic, \
          kafka_partition, next_offset, updated_at) \
      VALUES {values} \
-     ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE SET \
-         next_offset = excluded.next_offset, updated_at = excluded.updated_at";
+     ON CONFLICT (topic, kafka_partition) DO UPDATE SET \
+         consumer_group = excluded.consumer_group, next_offset = excluded.next_offset, \
+         updated_at = excluded.updated_at";
 
 const MERGE_READ_ALL: &str = "INSERT INTO read_all_marks (sdk_app_id, reader, read_all_time) \
      VALUES {values} \
@@ -447,7 +444,7 @@ enum Key<'a> {
     ReadMark(i64, &'a str, &'a str),
     ReadAll(i64, &'a str),
     DeadLetter(&'a str, i32, i64),
-    Offset(&'a str, &'a str, i32),
+    Offset(&'a str, i32),
 }
 
 impl Key<'_> {
@@ -464,7 +461,7 @@ impl Key<'_> {
                 sdk_app_id, reader, ..
             }) => Key::ReadAll(*sdk_app_id, reader),
             Item::DeadLetter(d) => Key::DeadLetter(&d.topic, d.partition, d.offset),
-            Item::Offset(p) => Key::Offset(&p.group, &p.topic, p.partition),
+            Item::Offset(p) => Key::Offset(&p.topic, p.partition),
         }
     }
 
@@ -515,7 +512,19 @@ fn plan(items: &[Item]) -> Vec<(usize, Vec<&Item>)> {
         }
         last = Some((round[i], which));
     }
-    out
+    // In pieces of a power of two rows: a few statement shapes to prepare, not one per size.
+    out.into_iter()
+        .flat_map(|(which, rows)| {
+            let mut pieces = Vec::new();
+            let mut rest = &rows[..];
+            while !rest.is_empty() {
+                let n = 1 << rest.len().ilog2();
+                pieces.push((which, rest[..n].to_vec()));
+                rest = &rest[n..];
+            }
+            pieces
+        })
+        .collect()
 }
 
 /// Statement `which` for `rows` rows, its parameters written `{mark}N`.
@@ -699,13 +708,10 @@ impl Store for Sqlite {
         tx.commit().map_err(sqlite_error)
     }
 
-    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&READ_POSITIONS.replace('$', "?"))
-            .map_err(sqlite_error)?;
+    fn positions(&mut self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let mut stmt = self.conn.prepare(READ_POSITIONS).map_err(sqlite_error)?;
         let rows = stmt
-            .query_map([group], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(sqlite_error)?;
         rows.collect::<Result<_, _>>().map_err(sqlite_error)
     }
@@ -724,10 +730,7 @@ impl Store for Sqlite {
             })
             .optional()
             .map_err(sqlite_error)?;
-        let rows: bool = tx
-            .query_row(HAS_ROWS, [], |r| r.get(0))
-            .map_err(sqlite_error)?;
-        let claim = decide_claim(owner, found, rows)?;
+        let claim = decide_claim(owner, found)?;
         if claim != Claim::Ours {
             tx.execute(
                 &WRITE_OWNER.replace('$', "?"),
@@ -938,7 +941,63 @@ impl Postgres {
 
 impl Store for Postgres {
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
+        let result = self.apply_once(items);
+        if result.is_err() {
+            // A statement the server no longer has (a pooler that does not keep them) would
+            // fail every batch after: prepare again.
+            self.prepared.clear();
+        }
+        result
+    }
+
+    fn positions(&mut self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let rows = self
+            .client()?
+            .query(READ_POSITIONS, &[])
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|r| {
+                let partition: i64 = r.get(1);
+                let partition = i32::try_from(partition).map_err(|_| StoreError {
+                    data: false,
+                    fatal: true,
+                    conflict: false,
+                    message: format!("im_relay_offsets holds partition {partition}"),
+                })?;
+                Ok((r.get(0), partition, r.get(2)))
+            })
+            .collect()
+    }
+
+    fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError> {
+        let mut tx = self.client()?.transaction().map_err(pg_error)?;
+        // Two syncs starting together on one database: one claims, the other sees it.
+        tx.execute("LOCK TABLE im_relay_owner IN EXCLUSIVE MODE", &[])
+            .map_err(pg_error)?;
+        let found = tx
+            .query_opt(READ_OWNER, &[])
+            .map_err(pg_error)?
+            .map(|r| Owner {
+                group: r.get(0),
+                topics: r.get(1),
+            });
+        let claim = decide_claim(owner, found)?;
+        if claim != Claim::Ours {
+            tx.execute(
+                WRITE_OWNER,
+                &[&1i64, &owner.group, &owner.topics, &(unix_millis() as i64)],
+            )
+            .map_err(pg_error)?;
+        }
+        tx.commit().map_err(pg_error)?;
+        Ok(claim)
+    }
+}
+
+impl Postgres {
+    fn apply_once(&mut self, items: &[Item]) -> Result<(), StoreError> {
         self.client()?;
+
         let Postgres {
             client,
             prepared,
@@ -977,49 +1036,5 @@ impl Store for Postgres {
             tx.execute(&statement, &refs).map_err(pg_error)?;
         }
         tx.commit().map_err(pg_error)
-    }
-
-    fn positions(&mut self, group: &str) -> Result<Vec<(String, i32, i64)>, StoreError> {
-        let rows = self
-            .client()?
-            .query(READ_POSITIONS, &[&group])
-            .map_err(pg_error)?;
-        rows.iter()
-            .map(|r| {
-                let partition: i64 = r.get(1);
-                let partition = i32::try_from(partition).map_err(|_| StoreError {
-                    data: false,
-                    fatal: true,
-                    conflict: false,
-                    message: format!("im_relay_offsets holds partition {partition}"),
-                })?;
-                Ok((r.get(0), partition, r.get(2)))
-            })
-            .collect()
-    }
-
-    fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError> {
-        let mut tx = self.client()?.transaction().map_err(pg_error)?;
-        // Two syncs starting together on one database: one claims, the other sees it.
-        tx.execute("LOCK TABLE im_relay_owner IN EXCLUSIVE MODE", &[])
-            .map_err(pg_error)?;
-        let found = tx
-            .query_opt(READ_OWNER, &[])
-            .map_err(pg_error)?
-            .map(|r| Owner {
-                group: r.get(0),
-                topics: r.get(1),
-            });
-        let rows: bool = tx.query_one(HAS_ROWS, &[]).map_err(pg_error)?.get(0);
-        let claim = decide_claim(owner, found, rows)?;
-        if claim != Claim::Ours {
-            tx.execute(
-                WRITE_OWNER,
-                &[&1i64, &owner.group, &owner.topics, &(unix_millis() as i64)],
-            )
-            .map_err(pg_error)?;
-        }
-        tx.commit().map_err(pg_error)?;
-        Ok(claim)
     }
 }

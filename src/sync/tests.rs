@@ -466,10 +466,10 @@ fn an_older_database_gains_the_columns_with_its_rows_conversation() {
 
 /// A broker that can delete records, as far as the gap decision sees one: no broker here can
 /// (tansu's `delete_records` is unimplemented; the mock cluster has none).
-struct FakeWatermarks(std::collections::BTreeMap<(String, i32), (i64, i64)>);
+struct FakeWatermarks(std::collections::BTreeMap<(String, i32), i64>);
 
 impl super::Watermarks for FakeWatermarks {
-    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String> {
+    fn low(&self, topic: &str, partition: i32) -> Result<i64, String> {
         self.0
             .get(&(topic.to_owned(), partition))
             .copied()
@@ -478,28 +478,39 @@ impl super::Watermarks for FakeWatermarks {
 }
 
 #[test]
-fn records_deleted_before_sync_read_them_are_a_counted_skip_and_a_position_past_the_end_a_stop() {
-    use super::{Resume, deleted, resume};
-    assert_eq!(resume(10, 0, 20), Resume::Continue);
-    assert_eq!(
-        resume(20, 0, 20),
-        Resume::Continue,
-        "at the end: the next to be written"
-    );
-    assert_eq!(resume(10, 10, 20), Resume::Continue);
-    assert_eq!(resume(3, 10, 20), Resume::Skip { from: 3, to: 10 });
-    assert_eq!(resume(25, 0, 20), Resume::Ahead { next: 25, high: 20 });
+fn records_a_partition_did_not_deliver_are_told_apart_by_the_log_start() {
+    use super::{Skip, skipped};
     let t = |p: i32| ("im.c2c".to_owned(), p);
-    let broker = FakeWatermarks([(t(0), (0, 50)), (t(1), (40, 90)), (t(2), (7, 7))].into());
-    // Partition 1 lost 15..40 to retention; 0 and 2 are fine; 3 cannot be asked (skipped).
-    let positions = [(t(0), 50), (t(1), 15), (t(2), 7), (t(3), 4)].into();
+    // Partition 0's log starts at 40, partition 1's at 0, partition 2's is unknown.
+    let broker = FakeWatermarks([(t(0), 40), (t(1), 0)].into());
+    let skip = |partition, from, to, reason| Skip {
+        topic: "im.c2c".into(),
+        partition,
+        from,
+        to,
+        reason,
+    };
+    let gaps = |p: i32, expected, seen| vec![(t(p).0, p, expected, seen)];
+    // Retention overtook the position (15): 15..40 deleted, and 40..42 not delivered.
     assert_eq!(
-        deleted(&positions, &broker).unwrap(),
-        vec![("im.c2c".to_owned(), 1, 15, 40)]
+        skipped(&gaps(0, 15, 42), &broker),
+        [skip(0, 15, 40, "deleted"), skip(0, 40, 42, "not_delivered")]
     );
-    let ahead = [(t(0), 51)].into();
-    let e = deleted(&ahead, &broker).unwrap_err();
-    assert!(e.contains("past the partition's end (50)"), "{e}");
+    // Deleted up to the first record seen: nothing else.
+    assert_eq!(
+        skipped(&gaps(0, 15, 40), &broker),
+        [skip(0, 15, 40, "deleted")]
+    );
+    // Above the log start: compaction, markers, unreadable records.
+    assert_eq!(
+        skipped(&gaps(1, 15, 18), &broker),
+        [skip(1, 15, 18, "not_delivered")]
+    );
+    // The log start unknown: counted all the same.
+    assert_eq!(
+        skipped(&gaps(2, 5, 7), &broker),
+        [skip(2, 5, 7, "not_delivered")]
+    );
 }
 
 #[test]
@@ -523,23 +534,23 @@ fn a_database_is_one_group_s_and_one_topic_set_s() {
             "{e}"
         );
     }
-    // Positions are the group's, written with the rows.
-    let at = |next| {
+    // Positions are the database's, written with the rows; the latest write holds.
+    let at = |group: &str, next| {
         Item::Offset(store::Position {
-            group: "g".into(),
+            group: group.into(),
             topic: "a".into(),
             partition: 0,
             next,
         })
     };
-    store.apply(&[at(5)]).unwrap();
-    store.apply(&[at(9)]).unwrap();
-    assert_eq!(store.positions("g").unwrap(), vec![("a".to_owned(), 0, 9)]);
-    assert!(store.positions("h").unwrap().is_empty());
-    // A database written before offsets were kept here adopts the group's.
-    let dir = tempfile::tempdir().unwrap();
-    let db = Database::Sqlite(dir.path().join("old.db"));
-    let mut store = store::open(&db).unwrap();
-    store.apply(&changes(&conversation()[..1])).unwrap();
-    assert_eq!(store.claim(&owner("g", "a")).unwrap(), Claim::Adopted);
+    store.apply(&[at("g", 5)]).unwrap();
+    store.apply(&[at("g", 9)]).unwrap();
+    assert_eq!(store.positions().unwrap(), vec![("a".to_owned(), 0, 9)]);
+    // Moved on purpose to another group: it keeps where it stands.
+    let conn = rusqlite::Connection::open(dir.path().join("sync.db")).unwrap();
+    conn.execute("DELETE FROM im_relay_owner", []).unwrap();
+    assert_eq!(store.claim(&owner("h", "a,b")).unwrap(), Claim::New);
+    assert_eq!(store.positions().unwrap(), vec![("a".to_owned(), 0, 9)]);
+    store.apply(&[at("h", 12)]).unwrap();
+    assert_eq!(store.positions().unwrap(), vec![("a".to_owned(), 0, 12)]);
 }

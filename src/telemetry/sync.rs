@@ -77,25 +77,30 @@ impl Event for SyncConsumerError<'_> {
     }
 }
 
-/// Records the broker deleted (retention) before sync read them: `from..to` on a partition,
-/// never to be in the database.
+/// Records a partition did not deliver, `from..to`: `deleted` (retention overtook sync) or
+/// `not_delivered` (compaction, transaction markers, records librdkafka could not read) — not
+/// in the database.
 pub struct SyncSkipped<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub from: i64,
     pub to: i64,
+    pub reason: &'static str,
 }
 
 impl Event for SyncSkipped<'_> {
     fn emit(&self) {
-        counter!("im_relay_sync_skipped_records_total").increment((self.to - self.from) as u64);
+        counter!("im_relay_sync_skipped_records_total", "reason" => self.reason)
+            .increment((self.to - self.from) as u64);
         tracing::error!(
             topic = self.topic,
             partition = self.partition,
             from_offset = self.from,
             to_offset = self.to,
-            "records deleted by the broker before sync read them: offsets from_offset..to_offset \
-             are not in the database (backfill can restore what Tencent still holds)"
+            reason = self.reason,
+            "records the broker did not deliver: offsets from_offset..to_offset are not in the \
+             database (deleted: retention overtook sync; backfill restores what Tencent still \
+             holds)"
         );
     }
 }
@@ -129,9 +134,11 @@ pub fn register_sync_counters() {
         "im_relay_sync_commit_failures_total",
         "im_relay_sync_conflicts_total",
         "im_relay_sync_consumer_errors_total",
-        "im_relay_sync_skipped_records_total",
     ] {
         counter!(name).increment(0);
+    }
+    for reason in ["deleted", "not_delivered"] {
+        counter!("im_relay_sync_skipped_records_total", "reason" => reason).increment(0);
     }
     gauge!("im_relay_sync_lag_records").set(0.0);
 }

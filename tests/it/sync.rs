@@ -757,3 +757,88 @@ async fn a_new_database_under_the_same_group_is_filled_and_another_group_s_is_re
     .await
     .unwrap();
 }
+
+/// Records a partition does not deliver are counted and logged with their offsets, not
+/// skipped silently. No broker here deletes records, but tansu 0.6 answers a fetch that starts
+/// inside a batch with the next batch: a database whose position is offset 5 of a 10-record
+/// batch is handed offset 10 — five records never delivered (`not_delivered`; a position below
+/// the log start would be `deleted`, tested against a fake in the unit tests).
+#[tokio::test(flavor = "multi_thread")]
+async fn records_the_broker_does_not_deliver_are_counted_with_their_offsets() {
+    let broker = Broker::start();
+    let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("batch.num.messages", "10")
+            .set("linger.ms", "200")
+            .create()
+            .unwrap();
+        for batch in 0..2 {
+            for i in batch * 10..batch * 10 + 10 {
+                let v = json!({"schema": im_relay::normalize::READ_REPORT_SCHEMA,
+                    "id": format!("rr{i}"), "sdk_app_id": 1400000000,
+                    "report_account": format!("r{i:02}"), "peer_account": "p",
+                    "last_read_time": i});
+                let v = v.to_string();
+                producer
+                    .send(BaseRecord::to(&topic).partition(0).key("k").payload(&v))
+                    .expect("queued");
+            }
+            producer.flush(Duration::from_secs(10)).unwrap();
+        }
+        // A database that stands at offset 5 of partition 0, as this sync's.
+        let file = dir.path().join("state.db");
+        let env = sync_env(&bootstrap, &topic, &format!("sqlite://{}", file.display()));
+        let mut store =
+            im_relay::sync::store::open(&im_relay::config::Database::Sqlite(file.clone())).unwrap();
+        store
+            .claim(&im_relay::sync::store::Owner {
+                group: env["IM_RELAY_SYNC_GROUP"].clone(),
+                topics: topic.clone(),
+            })
+            .unwrap();
+        store
+            .apply(&[im_relay::sync::store::Item::Offset(
+                im_relay::sync::store::Position {
+                    group: env["IM_RELAY_SYNC_GROUP"].clone(),
+                    topic: topic.clone(),
+                    partition: 0,
+                    next: 5,
+                },
+            )])
+            .unwrap();
+        drop(store);
+        let log = dir.path().join("sync.log");
+        let sync = start_sync(&env, &log);
+        let series = "im_relay_sync_skipped_records_total{reason=\"not_delivered\"}";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while series_value(&sync.metrics(), series) != Some(5.0) {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains(r#""from_offset":5,"to_offset":10,"reason":"not_delivered""#),
+            "{text}"
+        );
+        let readers = Sqlite(&file)
+            .query("SELECT reader FROM read_marks ORDER BY reader")
+            .unwrap();
+        assert_eq!(readers.len(), 10, "offsets 10..20 applied: {readers:?}");
+        assert_eq!(
+            series_value(
+                &sync.metrics(),
+                "im_relay_sync_skipped_records_total{reason=\"deleted\"}"
+            ),
+            Some(0.0)
+        );
+    })
+    .await
+    .unwrap();
+}
