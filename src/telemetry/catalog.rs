@@ -143,7 +143,7 @@ pub const METRICS: &[Metric] = &[
         "When an hour was last reconciled (Unix time)."),
     // `im-relay sync`.
     m("im_relay_sync_applied_total", Counter, &["kind"],
-        "Records applied to the database (committed), by kind: message, recall, edit, read_report, read_receipt."),
+        "Records applied to the database (committed), by kind: message, recall, edit, read_report, read_receipt, read_all."),
     m("im_relay_sync_dead_letters_total", Counter, &[],
         "Records the tables cannot take, kept in the dead_letters table."),
     m("im_relay_sync_database_errors_total", Counter, &[],
