@@ -114,6 +114,7 @@ pub mod key {
     pub const SYNC_ADMIN_LISTEN: &str = "sync_admin_listen";
     pub const SYNC_BATCH_MAX: &str = "sync_batch_max";
     pub const SYNC_SCHEMA: &str = "sync_schema";
+    pub const SYNC_REDACT_RECALLED: &str = "sync_redact_recalled";
     pub const KEY: &str = "key";
     pub const KAFKA_COMPRESSION: &str = "kafka_compression";
     pub const KAFKA_LINGER_MS: &str = "kafka_linger_ms";
@@ -502,6 +503,13 @@ pub(super) const SETTINGS: &[Setting] = &[
         None,
         "PostgreSQL: the schema sync's tables live in (created if missing) [default: the search path's]",
     ),
+    s(
+        Sync,
+        key::SYNC_REDACT_RECALLED,
+        Some("false"),
+        "true: a recalled message's content (elements, custom data) is blanked (NULL) in the tables",
+    )
+    .flag("redact-recalled"),
 ];
 
 pub(super) fn env_name(key: &str) -> String {

@@ -15,6 +15,8 @@ pub struct SyncConfig {
     pub group: String,
     pub admin_listen: SocketAddr,
     pub batch_max: usize,
+    /// A recalled message's content is blanked in the tables.
+    pub redact_recalled: bool,
     pub kafka: KafkaConfig,
 }
 
@@ -160,6 +162,7 @@ impl SyncConfig {
         let any = SocketAddr::from(([0, 0, 0, 0], 0));
         let admin_listen = p.parse(key::SYNC_ADMIN_LISTEN, "an address (host:port)", any);
         let batch_max = p.parse(key::SYNC_BATCH_MAX, "a count", 1usize);
+        let redact_recalled = p.parse(key::SYNC_REDACT_RECALLED, "true or false", false);
         if batch_max == 0 {
             p.fail(key::SYNC_BATCH_MAX, "must be at least 1");
         }
@@ -169,6 +172,7 @@ impl SyncConfig {
             group,
             admin_listen,
             batch_max,
+            redact_recalled,
             kafka,
         };
         p.finish(config)

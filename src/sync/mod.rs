@@ -103,7 +103,7 @@ pub fn run(cfg: &SyncConfig, stop: &AtomicBool, health: &SyncHealth) -> Result<(
         topics: topics.join(","),
     };
     let Some((store, claim)) = retry_database(stop, health, || {
-        let mut store = store::open(&cfg.database)?;
+        let mut store = store::open_with(&cfg.database, cfg.redact_recalled)?;
         let claim = store.claim(&owner)?;
         Ok((store, claim))
     })?

@@ -147,8 +147,13 @@ const READ_POSITIONS: &str = "SELECT topic, kafka_partition, next_offset FROM im
 
 /// Opens the database and brings its tables up to the latest migration.
 pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
+    open_with(db, false)
+}
+
+/// `open`; `redact_recalled`: a recalled message's content is written as NULL.
+pub fn open_with(db: &Database, redact_recalled: bool) -> Result<Box<dyn Store>, StoreError> {
     match db {
-        Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path)?)),
+        Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path, redact_recalled)?)),
         Database::Postgres {
             url,
             password,
@@ -159,6 +164,7 @@ pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
             password.as_ref().map(|p| p.expose().to_owned()),
             ssl,
             schema.clone(),
+            redact_recalled,
         )?)),
     }
 }
@@ -287,13 +293,18 @@ fn version(col: &str, newer: &str) -> String {
     )
 }
 
-/// `value` and its version, replaced together by a newer version.
-fn versioned(value: &str, col: &str) -> String {
+/// `value` and its version, replaced together by a newer version. `redact`: the value is
+/// NULL once the message is recalled (the versions still merge).
+fn versioned(value: &str, col: &str, redact: bool) -> String {
     let n = newer(col, Some(value));
-    format!(
-        "{value} = CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END, {}",
-        version(col, &n)
-    )
+    let mut merged = format!("CASE WHEN {n} THEN excluded.{value} ELSE messages.{value} END");
+    if redact {
+        merged = format!(
+            "CASE WHEN COALESCE(excluded.recalled_at, messages.recalled_at) IS NOT NULL \
+             THEN NULL ELSE {merged} END"
+        );
+    }
+    format!("{value} = {merged}, {}", version(col, &n))
 }
 
 /// `edited_at`: the latest edit's time. Copies of one edit (same version) may carry different
@@ -317,8 +328,9 @@ fn least(col: &str) -> String {
     )
 }
 
-/// The one statement every message fact goes through.
-fn merge_message_sql() -> String {
+/// The one statement every message fact goes through. `redact`: once any record says the
+/// message was recalled, its content is NULL — whatever came before or comes after.
+fn merge_message_sql(redact: bool) -> String {
     // The parties (and the key, and the conversation made of them): the message's own copy
     // over what an event said, and between copies that differ (two senders sharing a
     // `MsgKey`), the byte-wise least (from, to) — whatever came first.
@@ -346,8 +358,8 @@ fn merge_message_sql() -> String {
         party("conv_low"),
         party("conv_high"),
         least("msg_time"),
-        versioned("elements", "elements"),
-        versioned("cloud_custom_data", "ccd"),
+        versioned("elements", "elements", redact),
+        versioned("cloud_custom_data", "ccd", redact),
         least("recalled_at"),
         edited_at(),
         least("read_at"),
@@ -584,9 +596,9 @@ fn message_params(f: &MessageFacts) -> Vec<Param<'_>> {
     ]
 }
 
-fn statements() -> [String; 5] {
+fn statements(redact: bool) -> [String; 5] {
     [
-        merge_message_sql(),
+        merge_message_sql(redact),
         MERGE_READ_MARK.to_owned(),
         INSERT_DEAD_LETTER.to_owned(),
         WRITE_OFFSET.to_owned(),
@@ -616,7 +628,7 @@ fn sqlite_error(e: rusqlite::Error) -> StoreError {
 }
 
 impl Sqlite {
-    fn open(path: &std::path::Path) -> Result<Sqlite, StoreError> {
+    fn open(path: &std::path::Path, redact: bool) -> Result<Sqlite, StoreError> {
         let conn = rusqlite::Connection::open(path).map_err(sqlite_error)?;
         // WAL for readers beside the writer; FULL so a committed batch survives a power cut
         // before its Kafka offsets are committed after it.
@@ -631,7 +643,7 @@ impl Sqlite {
         let mut s = Sqlite {
             conn,
             // SQLite numbers parameters `?N`.
-            sql: statements().map(|q| q.replace("{c}", "")),
+            sql: statements(redact).map(|q| q.replace("{c}", "")),
         };
         s.migrate()?;
         Ok(s)
@@ -792,6 +804,7 @@ impl Postgres {
         password: Option<String>,
         ssl: &crate::config::PgSsl,
         schema: Option<String>,
+        redact: bool,
     ) -> Result<Postgres, StoreError> {
         use crate::config::SslMode;
         use postgres::config::Host;
@@ -852,7 +865,7 @@ impl Postgres {
             tls,
             client: None,
             prepared: Default::default(),
-            sql: statements().map(|q| q.replace("{c}", " COLLATE \"C\"")),
+            sql: statements(redact).map(|q| q.replace("{c}", " COLLATE \"C\"")),
         };
         s.migrate()?;
         Ok(s)

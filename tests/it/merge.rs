@@ -638,3 +638,97 @@ fn the_documented_history_query_runs_on_every_backend_and_uses_the_index() {
         "postgresql plan: {plan:#?}"
     );
 }
+
+/// `--redact-recalled`: once a recall is applied the content is NULL on every backend, whether
+/// the recall came before the message, after it, or before a later edit; other messages keep
+/// theirs.
+#[test]
+fn a_recalled_message_s_content_is_blanked_when_asked_whatever_the_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = crate::pg::with_password(&Postgres::shared().database());
+    let databases = [
+        Database::Sqlite(dir.path().join("redact.db")),
+        Database::Postgres {
+            url: pg.clone(),
+            password: None,
+            ssl: PgSsl {
+                mode: SslMode::Disable,
+                root_cert: None,
+            },
+            schema: None,
+        },
+    ];
+    let copy = Copy {
+        reverse: false,
+        text: 0,
+        ccd: Some(0),
+        seq: Some(1),
+        result: Some(0),
+        online: Some(false),
+        backfill: false,
+        time: 1_700_000_000,
+    };
+    let edit = Event::Edit {
+        id: 0,
+        at: Some(1_700_000_300_000),
+        text: Some(1),
+        ccd: Some(1),
+        arrived_s: 0,
+        reverse: false,
+    };
+    let orders: [Vec<Result<Copy, Event>>; 3] = [
+        vec![Ok(copy.clone()), Err(Event::Recall(1_700_000_100_000))],
+        vec![Err(Event::Recall(1_700_000_100_000)), Ok(copy.clone())],
+        vec![
+            Ok(copy.clone()),
+            Err(Event::Recall(1_700_000_100_000)),
+            Err(edit),
+        ],
+    ];
+    for db in &databases {
+        let mut store = store::open_with(db, true).unwrap();
+        for (n, records) in orders.iter().enumerate() {
+            let app = 9_000 + n as i64;
+            for one in records {
+                store.apply(&items(app, std::slice::from_ref(one))).unwrap();
+            }
+            // Not recalled: kept.
+            store.apply(&items(app + 100, &[Ok(copy.clone())])).unwrap();
+        }
+        drop(store);
+        let query = "SELECT sdk_app_id, elements IS NULL, cloud_custom_data IS NULL, \
+                     recalled_at IS NOT NULL FROM messages WHERE sdk_app_id >= 9000 \
+                     ORDER BY sdk_app_id";
+        let rows: Vec<(i64, bool, bool, bool)> = match db {
+            Database::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                let mut stmt = conn.prepare(query).unwrap();
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect()
+            }
+            _ => postgres::Client::connect(&pg, postgres::NoTls)
+                .unwrap()
+                .query(query, &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect(),
+        };
+        let recalled = (true, true, true);
+        let kept = (false, false, false);
+        let want: Vec<(i64, bool, bool, bool)> = [
+            (9000, recalled),
+            (9001, recalled),
+            (9002, recalled),
+            (9100, kept),
+            (9101, kept),
+            (9102, kept),
+        ]
+        .into_iter()
+        .map(|(app, (a, b, c))| (app, a, b, c))
+        .collect();
+        assert_eq!(rows, want, "{db:?}");
+    }
+}
