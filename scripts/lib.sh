@@ -63,6 +63,18 @@ ensure_postgres() {
   $sudo service postgresql stop >/dev/null 2>&1 || true
 }
 
+# MariaDB (Debian's mariadb-server, 10.11) for sync's third backend; the tests run their own
+# server in a temporary directory, so the package's is stopped and kept from starting.
+ensure_mariadb() {
+  if command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ]; then return 0; fi
+  say "installing MariaDB (Debian's mariadb-server package) for the sync tests"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server >&2
+  $sudo service mariadb stop >/dev/null 2>&1 || true
+}
+
 # stunnel4, the TLS terminator the secured-Kafka tests put in front of tansu (which cannot
 # serve TLS itself), signed by a private CA the test makes.
 ensure_stunnel() {

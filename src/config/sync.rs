@@ -34,6 +34,12 @@ pub enum Database {
         /// The schema of sync's tables (`sync_schema`); `None`: the search path's first.
         schema: Option<String>,
     },
+    /// MariaDB or MySQL (`mysql://` or `mariadb://`): the URL as given, `mysql://` (never
+    /// with a password).
+    Mysql {
+        url: String,
+        password: Option<Secret>,
+    },
 }
 
 /// libpq's `sslmode`.
@@ -139,6 +145,7 @@ impl Database {
     pub fn describe(&self) -> String {
         match self {
             Database::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Database::Mysql { url, .. } => url.clone(),
             Database::Postgres { url, ssl, .. } => {
                 let mode = SSL_MODES.iter().find(|(_, m)| *m == ssl.mode);
                 format!("{url} (sslmode {})", mode.map_or("", |(name, _)| name))
@@ -246,9 +253,37 @@ impl Parser {
                 schema,
             };
         }
+        if let Some(rest) = url
+            .strip_prefix("mysql://")
+            .or_else(|| url.strip_prefix("mariadb://"))
+        {
+            let url = format!("mysql://{rest}");
+            if self.opt(key::SYNC_SCHEMA).is_some() {
+                self.fail(
+                    key::SYNC_SCHEMA,
+                    "is for PostgreSQL; with MariaDB/MySQL name the database in the URL",
+                );
+            }
+            match mysql::Opts::from_url(&url) {
+                Ok(o) if o.get_pass().is_some() => self.fail(
+                    key::SYNC_DATABASE_URL,
+                    "must not hold a password: set IM_RELAY_SYNC_DATABASE_PASSWORD (or _FILE)",
+                ),
+                Ok(o) if o.get_db_name().is_none() => self.fail(
+                    key::SYNC_DATABASE_URL,
+                    "must name the database (mysql://USER@HOST[:PORT]/DATABASE)",
+                ),
+                Ok(_) => {}
+                Err(e) => self.fail(
+                    key::SYNC_DATABASE_URL,
+                    format!("is not a MariaDB/MySQL URL: {e}"),
+                ),
+            }
+            return Database::Mysql { url, password };
+        }
         self.fail(
             key::SYNC_DATABASE_URL,
-            "must start with sqlite:// or postgres://",
+            "must start with sqlite://, postgres:// or mysql:// (mariadb://)",
         );
         Database::Sqlite(PathBuf::new())
     }
@@ -298,10 +333,45 @@ mod tests {
         assert_eq!(url, "postgres://sync@db:5433/im");
         assert_eq!(password.as_ref().map(Secret::expose), Some("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));
-        let err = load(&[("IM_RELAY_SYNC_DATABASE_URL", "mysql://db/im")])
+        let err = load(&[("IM_RELAY_SYNC_DATABASE_URL", "oracle://db/im")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sqlite:// or postgres://"), "{err}");
+        assert!(err.contains("sqlite://, postgres:// or mysql://"), "{err}");
+    }
+
+    #[test]
+    fn a_mariadb_or_mysql_url_names_its_database_and_holds_no_password() {
+        let c = load(&[
+            ("IM_RELAY_SYNC_DATABASE_URL", "mariadb://sync@db:3307/im"),
+            ("IM_RELAY_SYNC_DATABASE_PASSWORD", "hunter2"),
+        ])
+        .unwrap();
+        let Database::Mysql { url, password } = &c.database else {
+            panic!("{c:?}")
+        };
+        assert_eq!(url, "mysql://sync@db:3307/im");
+        assert_eq!(password.as_ref().map(Secret::expose), Some("hunter2"));
+        for (value, want) in [
+            ("mysql://sync:hunter2@db/im", "must not hold a password"),
+            ("mysql://sync@db", "must name the database"),
+            (
+                "mysql://sync@db/im?no_such_option=1",
+                "is not a MariaDB/MySQL URL",
+            ),
+        ] {
+            let err = load(&[("IM_RELAY_SYNC_DATABASE_URL", value)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{value}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = load(&[
+            ("IM_RELAY_SYNC_DATABASE_URL", "mysql://sync@db/im"),
+            ("IM_RELAY_SYNC_SCHEMA", "chat"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is for PostgreSQL"), "{err}");
     }
 
     /// libpq's `sslmode` words, which the `postgres` crate refuses beyond `require`: taken out

@@ -153,6 +153,11 @@ pub fn open(db: &Database) -> Result<Box<dyn Store>, StoreError> {
 /// `open`; `redact_recalled`: a recalled message's content is written as NULL.
 pub fn open_with(db: &Database, redact_recalled: bool) -> Result<Box<dyn Store>, StoreError> {
     match db {
+        Database::Mysql { url, password } => Ok(Box::new(mysql::Mysql::open(
+            url,
+            password.as_ref().map(|p| p.expose().to_owned()),
+            redact_recalled,
+        )?)),
         Database::Sqlite(path) => Ok(Box::new(Sqlite::open(path, redact_recalled)?)),
         Database::Postgres {
             url,
@@ -284,12 +289,17 @@ fn newer(col: &str, value: Option<&str>) -> String {
 }
 
 /// The version columns of `col`, replaced when `newer` holds.
+///
+/// The id before the time, and (in `versioned`) the value before both: MySQL evaluates an
+/// `ON DUPLICATE KEY UPDATE` left to right, each assignment seeing the ones before it. In
+/// this order a later `newer` can differ from the first only where the column it sets
+/// already equals the new value (a tie decided by the value leaves the id and time equal).
 fn version(col: &str, newer: &str) -> String {
     format!(
-        "{col}_version_time = CASE WHEN {newer} THEN excluded.{col}_version_time \
-             ELSE messages.{col}_version_time END, \
-         {col}_version_id = CASE WHEN {newer} THEN excluded.{col}_version_id \
-             ELSE messages.{col}_version_id END"
+        "{col}_version_id = CASE WHEN {newer} THEN excluded.{col}_version_id \
+             ELSE messages.{col}_version_id END, \
+         {col}_version_time = CASE WHEN {newer} THEN excluded.{col}_version_time \
+             ELSE messages.{col}_version_time END"
     )
 }
 
@@ -352,11 +362,12 @@ fn merge_message_sql(redact: bool) -> String {
              {}, {}, {}, {}, {}, \
              arrived = CASE WHEN excluded.arrived = 1 THEN 1 ELSE messages.arrived END, \
              {}, {}, {}, {}, {}, {}, {}, {}, {}, updated_at = excluded.updated_at",
+        // `to` before `from`, `arrived` after all (see `version`): `better` reads them.
         party("msg_key"),
-        party("from_account"),
-        party("to_account"),
         party("conv_low"),
         party("conv_high"),
+        party("to_account"),
+        party("from_account"),
         least("msg_time"),
         versioned("elements", "elements", redact),
         versioned("cloud_custom_data", "ccd", redact),
@@ -539,14 +550,12 @@ fn plan(items: &[Item]) -> Vec<(usize, Vec<&Item>)> {
         .collect()
 }
 
-/// Statement `which` for `rows` rows, its parameters written `{mark}N`.
-fn sql(template: &str, which: usize, rows: usize, mark: char) -> String {
+/// Statement `which` for `rows` rows, parameter N written `mark(N)`.
+fn sql(template: &str, which: usize, rows: usize, mark: &dyn Fn(usize) -> String) -> String {
     let width = WIDTHS[which];
     let values: Vec<String> = (0..rows)
         .map(|r| {
-            let cols: Vec<String> = (1..=width)
-                .map(|c| format!("{mark}{}", r * width + c))
-                .collect();
+            let cols: Vec<String> = (1..=width).map(|c| mark(r * width + c)).collect();
             format!("({})", cols.join(", "))
         })
         .collect();
@@ -605,6 +614,9 @@ fn statements(redact: bool) -> [String; 5] {
         MERGE_READ_ALL.to_owned(),
     ]
 }
+
+#[path = "store_mysql.rs"]
+mod mysql;
 
 // --- SQLite -------------------------------------------------------------------------------
 
@@ -699,7 +711,7 @@ impl Store for Sqlite {
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
         let tx = self.conn.transaction().map_err(sqlite_error)?;
         for (which, rows) in plan(items) {
-            let q = sql(&self.sql[which], which, rows.len(), '?');
+            let q = sql(&self.sql[which], which, rows.len(), &|n| format!("?{n}"));
             let mut stmt = tx.prepare_cached(&q).map_err(sqlite_error)?;
             let values: Vec<rusqlite::types::Value> = rows
                 .iter()
@@ -1027,7 +1039,9 @@ impl Postgres {
                 Some(s) => s.clone(),
                 None => {
                     let s = tx
-                        .prepare(&sql(&templates[which], which, rows.len(), '$'))
+                        .prepare(&sql(&templates[which], which, rows.len(), &|n| {
+                            format!("${n}")
+                        }))
                         .map_err(pg_error)?;
                     prepared.insert((which, rows.len()), s.clone());
                     s

@@ -14,6 +14,7 @@ mod cli;
 mod e2e;
 mod lifecycle;
 mod limits;
+mod mariadb;
 mod memory;
 mod merge;
 mod metrics;

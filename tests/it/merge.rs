@@ -263,6 +263,42 @@ fn sqlite(dir: &std::path::Path) -> Backend {
     }
 }
 
+fn mariadb(url: String) -> Backend {
+    use mysql::prelude::Queryable;
+    let url = crate::mariadb::with_password(&url);
+    let store = store::open(&Database::Mysql {
+        url: url.clone(),
+        password: None,
+    })
+    .unwrap();
+    let mut conn = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+    Backend {
+        name: "mariadb",
+        store,
+        rows: Box::new(move |app| {
+            let mut out = Vec::new();
+            for q in queries(app) {
+                let rows: Vec<mysql::Row> = conn.query(q).unwrap();
+                for r in rows {
+                    let cells: Vec<String> = r
+                        .unwrap()
+                        .into_iter()
+                        .map(|v| match v {
+                            mysql::Value::NULL => "NULL".into(),
+                            mysql::Value::Int(i) => i.to_string(),
+                            mysql::Value::Bytes(b) => String::from_utf8(b).unwrap(),
+                            other => format!("{other:?}"),
+                        })
+                        .collect();
+                    out.push(cells.join("|"));
+                }
+            }
+            out.sort();
+            out
+        }),
+    }
+}
+
 fn postgres(name: &'static str, url: String) -> Backend {
     let url = crate::pg::with_password(&url);
     let store = store::open(&Database::Postgres {
@@ -314,6 +350,7 @@ fn the_merge_is_a_function_of_the_set_of_records_on_every_backend() {
         sqlite(dir.path()),
         postgres("postgresql (C)", pg.database()),
         postgres("postgresql (ICU en-US)", icu),
+        mariadb(crate::mariadb::Mariadb::shared().database()),
     ]);
     static APP: AtomicI64 = AtomicI64::new(1);
     let strategy = (
@@ -389,19 +426,28 @@ fn the_merge_is_a_function_of_the_set_of_records_on_every_backend() {
 /// locks in key order, so they queue instead of waiting on each other.
 #[test]
 fn two_writers_with_shared_rows_do_not_deadlock() {
-    let url = crate::pg::with_password(&Postgres::shared().database());
-    let open = || {
-        store::open(&Database::Postgres {
-            url: url.clone(),
+    let databases = [
+        Database::Postgres {
+            url: crate::pg::with_password(&Postgres::shared().database()),
             password: None,
             ssl: PgSsl {
                 mode: SslMode::Disable,
                 root_cert: None,
             },
             schema: None,
-        })
-        .unwrap()
-    };
+        },
+        Database::Mysql {
+            url: crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database()),
+            password: None,
+        },
+    ];
+    for db in &databases {
+        two_writers(db);
+    }
+}
+
+fn two_writers(db: &Database) {
+    let open = || store::open(db).unwrap();
     let batch: Vec<Item> = (0..400)
         .map(|i| {
             let v = json!({"schema": SCHEMA, "id": format!("1400:alice:bob:{i:04}"),
@@ -432,7 +478,7 @@ fn two_writers_with_shared_rows_do_not_deadlock() {
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+        assert!(errors.is_empty(), "{}: {errors:#?}", db.describe());
     });
 }
 
@@ -637,6 +683,35 @@ fn the_documented_history_query_runs_on_every_backend_and_uses_the_index() {
             .any(|p| p.contains("messages_by_conversation_history")),
         "postgresql plan: {plan:#?}"
     );
+    // MariaDB.
+    use mysql::prelude::Queryable;
+    let url = crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database());
+    store::open(&Database::Mysql {
+        url: url.clone(),
+        password: None,
+    })
+    .unwrap()
+    .apply(&items)
+    .unwrap();
+    let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
+    c.query_drop("ANALYZE TABLE messages").unwrap();
+    let rows: Vec<Vec<String>> = c
+        .query_map(&query, |r: mysql::Row| {
+            vec![
+                r.get::<String, _>(0).unwrap(),
+                r.get::<String, _>(1).unwrap(),
+                r.get::<i64, _>(2).unwrap().to_string(),
+            ]
+        })
+        .unwrap();
+    assert_eq!(first_three(rows), expected, "mariadb");
+    let plan: Vec<mysql::Row> = c.query(format!("EXPLAIN {query}")).unwrap();
+    let keys: Vec<Option<String>> = plan.iter().map(|r| r.get("key").flatten()).collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.as_deref() == Some("messages_by_conversation_history")),
+        "mariadb plan keys: {keys:?}"
+    );
 }
 
 /// `--redact-recalled`: once a recall is applied the content is NULL on every backend, whether
@@ -646,6 +721,7 @@ fn the_documented_history_query_runs_on_every_backend_and_uses_the_index() {
 fn a_recalled_message_s_content_is_blanked_when_asked_whatever_the_order() {
     let dir = tempfile::tempdir().unwrap();
     let pg = crate::pg::with_password(&Postgres::shared().database());
+    let maria = crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database());
     let databases = [
         Database::Sqlite(dir.path().join("redact.db")),
         Database::Postgres {
@@ -656,6 +732,10 @@ fn a_recalled_message_s_content_is_blanked_when_asked_whatever_the_order() {
                 root_cert: None,
             },
             schema: None,
+        },
+        Database::Mysql {
+            url: maria.clone(),
+            password: None,
         },
     ];
     let copy = Copy {
@@ -707,6 +787,14 @@ fn a_recalled_message_s_content_is_blanked_when_asked_whatever_the_order() {
                     .unwrap()
                     .map(Result::unwrap)
                     .collect()
+            }
+            Database::Mysql { .. } => {
+                use mysql::prelude::Queryable;
+                let mut c = mysql::Conn::new(mysql::Opts::from_url(&maria).unwrap()).unwrap();
+                c.query_map(query, |(a, b, cc, d): (i64, i64, i64, i64)| {
+                    (a, b == 1, cc == 1, d == 1)
+                })
+                .unwrap()
             }
             _ => postgres::Client::connect(&pg, postgres::NoTls)
                 .unwrap()

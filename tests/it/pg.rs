@@ -48,7 +48,7 @@ fn bin_dir() -> PathBuf {
     })
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -57,7 +57,7 @@ fn is_root() -> bool {
 
 /// `bin` as the unprivileged `nobody` when we are root (`setpriv` execs it directly, so the
 /// child is the server itself).
-fn as_postgres_user(bin: &Path) -> Command {
+pub fn as_postgres_user(bin: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("setpriv");
         c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])

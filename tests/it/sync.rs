@@ -114,6 +114,33 @@ impl Tables for Pg {
     }
 }
 
+struct Maria(String);
+
+impl Tables for Maria {
+    fn query(&mut self, sql: &str) -> Option<Vec<Vec<Cell>>> {
+        use mysql::prelude::Queryable;
+        let url = crate::mariadb::with_password(&self.0);
+        let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).ok()?).ok()?;
+        let rows: Vec<mysql::Row> = c.query(sql).ok()?;
+        Some(
+            rows.into_iter()
+                .map(|r| {
+                    r.unwrap()
+                        .into_iter()
+                        .map(|v| match v {
+                            mysql::Value::Int(i) => Cell::Int(Some(i)),
+                            mysql::Value::Bytes(b) => {
+                                Cell::Text(Some(String::from_utf8_lossy(&b).into_owned()))
+                            }
+                            _ => Cell::Text(None),
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+}
+
 /// A valid record on every partition (a read report between two marker users, left out of
 /// the comparison): tansu has been seen to hold a partition's newest batch back until
 /// another write, and a marker `sync` could not read would be a dead letter.
@@ -320,6 +347,64 @@ async fn sync_keeps_postgresql_equal_to_the_conversation() {
             &topic,
         );
         assert_eq!(Pg(database).dead_letters(), 0);
+    })
+    .await
+    .unwrap();
+}
+
+/// The same life through the relay and Kafka into MariaDB: the third backend ends in the same
+/// rows, its password asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_keeps_mariadb_equal_to_the_conversation() {
+    let database = tokio::task::spawn_blocking(|| crate::mariadb::Mariadb::shared().database())
+        .await
+        .unwrap();
+    let broker = Broker::start();
+    let app = spawn_app(&broker, &[]).await;
+    post_whole_life(&app, &life("m1")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = sync_env(&broker.bootstrap(), &app.topic, &database);
+    env.insert(
+        "IM_RELAY_SYNC_DATABASE_PASSWORD".into(),
+        crate::mariadb::PASSWORD.into(),
+    );
+    let _sync = start_sync(&env, &dir.path().join("sync.log"));
+    let (bootstrap, topic) = (broker.bootstrap(), app.topic.clone());
+    tokio::task::spawn_blocking(move || {
+        converge(
+            &mut Maria(database.clone()),
+            &expected_life(),
+            &bootstrap,
+            &topic,
+        );
+        assert_eq!(Maria(database).dead_letters(), 0);
+        // A wrong password: unready, the log saying why, the password never in it.
+        let mut wrong = env.clone();
+        wrong.insert(
+            "IM_RELAY_SYNC_DATABASE_PASSWORD".into(),
+            "not-the-password".into(),
+        );
+        wrong.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
+        let log = dir.path().join("wrong.log");
+        let sync = RelayProcess::spawn_command("sync", &wrong, &log);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("Access denied for user 'im'")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(sync.ready(), Some(false));
+        assert!(
+            !std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("not-the-password")
+        );
     })
     .await
     .unwrap();
