@@ -307,7 +307,17 @@ async fn relay(
     // Parts that could not be read (a read receipt's bad entries) go to quarantine in the same
     // write as the records of the others, which are answered for: `OK`.
     let partly = (!set_aside.is_empty()).then(|| {
-        let r = Rejection::with_detail(Reason::InvalidMessage, set_aside.join("; "));
+        // Bounded: a receipt of thousands of bad entries names the first few.
+        let mut detail = set_aside
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if set_aside.len() > 5 {
+            detail.push_str(&format!("; and {} more", set_aside.len() - 5));
+        }
+        let r = Rejection::with_detail(Reason::InvalidMessage, detail);
         let entry = quarantine(r.clone()).entry();
         (r, entry)
     });

@@ -1,8 +1,10 @@
 //! MariaDB and MySQL: the same statements and merge rules as the other backends, in MySQL's
 //! words — `ON DUPLICATE KEY UPDATE` with `VALUES(c)` for `excluded.c` (the shared SQL orders
-//! its assignments for MySQL's left-to-right evaluation: see `version`). Text columns are
-//! `utf8mb4` with the binary collation, so every comparison is byte-wise and a key holds any
-//! account id; keys are `VARCHAR`s sized under InnoDB's 3,072-byte limit.
+//! its assignments for MySQL's left-to-right evaluation: see `version`). Ids, accounts and
+//! keys are `VARBINARY`: compared byte by byte with no padding (`utf8mb4_bin` ignores
+//! trailing spaces: `'bob'` and `'bob '` would be one key), their lengths in bytes as the
+//! relay bounds them (an id up to 800, an account or `MsgKey` up to 256), under InnoDB's
+//! 3,072-byte key limit. JSON text is `LONGTEXT` in `utf8mb4`.
 
 use std::time::Duration;
 
@@ -19,12 +21,12 @@ use crate::domain::unix_millis;
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
     4,
     "messages, read marks, read-all marks, dead letters, offsets, owner",
-    "CREATE TABLE messages (
+    "CREATE TABLE IF NOT EXISTS messages (
         sdk_app_id BIGINT NOT NULL,
-        id VARCHAR(700) NOT NULL,
-        msg_key VARCHAR(255) NOT NULL,
-        from_account VARCHAR(256) NOT NULL,
-        to_account VARCHAR(256) NOT NULL,
+        id VARBINARY(800) NOT NULL,
+        msg_key VARBINARY(256) NOT NULL,
+        from_account VARBINARY(256) NOT NULL,
+        to_account VARBINARY(256) NOT NULL,
         arrived BIGINT NOT NULL,
         msg_time BIGINT,
         elements LONGTEXT,
@@ -33,35 +35,35 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         edited_at BIGINT,
         read_at BIGINT,
         elements_version_time BIGINT,
-        elements_version_id VARCHAR(768),
+        elements_version_id VARBINARY(2048),
         ccd_version_time BIGINT,
-        ccd_version_id VARCHAR(768),
+        ccd_version_id VARBINARY(2048),
         edit_version_time BIGINT,
-        edit_version_id VARCHAR(768),
+        edit_version_id VARBINARY(2048),
         msg_seq BIGINT,
         send_result BIGINT,
         online_only BIGINT,
-        conv_low VARCHAR(256),
-        conv_high VARCHAR(256),
+        conv_low VARBINARY(256),
+        conv_high VARBINARY(256),
         updated_at BIGINT,
         PRIMARY KEY (sdk_app_id, id),
         INDEX messages_by_conversation_history (sdk_app_id, conv_low, conv_high, msg_time, msg_seq)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-    CREATE TABLE read_marks (
+    CREATE TABLE IF NOT EXISTS read_marks (
         sdk_app_id BIGINT NOT NULL,
-        reader VARCHAR(256) NOT NULL,
-        peer VARCHAR(256) NOT NULL,
+        reader VARBINARY(256) NOT NULL,
+        peer VARBINARY(256) NOT NULL,
         last_read_time BIGINT NOT NULL,
         PRIMARY KEY (sdk_app_id, reader, peer)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-    CREATE TABLE read_all_marks (
+    CREATE TABLE IF NOT EXISTS read_all_marks (
         sdk_app_id BIGINT NOT NULL,
-        reader VARCHAR(256) NOT NULL,
+        reader VARBINARY(256) NOT NULL,
         read_all_time BIGINT NOT NULL,
         PRIMARY KEY (sdk_app_id, reader)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-    CREATE TABLE dead_letters (
-        topic VARCHAR(249) NOT NULL,
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        topic VARBINARY(249) NOT NULL,
         kafka_partition BIGINT NOT NULL,
         kafka_offset BIGINT NOT NULL,
         record_key LONGBLOB,
@@ -70,18 +72,18 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         failed_at BIGINT NOT NULL,
         PRIMARY KEY (topic, kafka_partition, kafka_offset)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-    CREATE TABLE im_relay_offsets (
-        consumer_group VARCHAR(255) NOT NULL,
-        topic VARCHAR(249) NOT NULL,
+    CREATE TABLE IF NOT EXISTS im_relay_offsets (
+        consumer_group LONGBLOB NOT NULL,
+        topic VARBINARY(249) NOT NULL,
         kafka_partition BIGINT NOT NULL,
         next_offset BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (topic, kafka_partition)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
-    CREATE TABLE im_relay_owner (
+    CREATE TABLE IF NOT EXISTS im_relay_owner (
         id BIGINT PRIMARY KEY,
-        consumer_group VARCHAR(255) NOT NULL,
-        topics LONGTEXT NOT NULL,
+        consumer_group LONGBLOB NOT NULL,
+        topics LONGBLOB NOT NULL,
         claimed_at BIGINT NOT NULL
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
 )];
@@ -134,14 +136,31 @@ fn positional(q: &str) -> String {
     out
 }
 
+/// Whether a connection that returned `e` is still good to use (the error was about the data
+/// or another writer, and the transaction was rolled back).
+fn mysql_error_kind(e: &mysql::Error) -> bool {
+    matches!(e, mysql::Error::MySqlError(m)
+        if matches!(m.code, 1366 | 1406 | 1264 | 1292 | 1048 | 1213 | 1205))
+}
+
+/// A statement larger than the server takes (`max_allowed_packet`); the server closes the
+/// connection after it.
+fn too_large(e: &mysql::Error) -> bool {
+    matches!(
+        e,
+        mysql::Error::DriverError(mysql::DriverError::PacketTooLarge)
+    ) || matches!(e, mysql::Error::MySqlError(m) if matches!(m.code, 1153 | 1301))
+}
+
 fn mysql_error(e: mysql::Error) -> StoreError {
     let code = match &e {
         mysql::Error::MySqlError(m) => Some(m.code),
         _ => None,
     };
     // Values the table cannot take: incorrect string, too long, out of range, bad date,
-    // NULL in a NOT NULL column.
-    let data = matches!(code, Some(1366 | 1406 | 1264 | 1292 | 1048));
+    // NULL in a NOT NULL column — or one record larger than the server takes (statements
+    // are split to fit; a single row that does not is this item's fault).
+    let data = matches!(code, Some(1366 | 1406 | 1264 | 1292 | 1048)) || too_large(&e);
     // Deadlock, lock wait timeout: another writer.
     let conflict = matches!(code, Some(1213 | 1205));
     StoreError {
@@ -156,6 +175,8 @@ pub(super) struct Mysql {
     opts: mysql::Opts,
     conn: Option<mysql::Conn>,
     sql: [String; 5],
+    /// Parameter bytes one statement may carry: half the server's `max_allowed_packet`.
+    budget: usize,
 }
 
 impl Mysql {
@@ -191,6 +212,7 @@ impl Mysql {
             opts,
             conn: None,
             sql: statements(redact).map(|q| translate(&q)),
+            budget: 1 << 20,
         };
         s.migrate()?;
         Ok(s)
@@ -198,7 +220,12 @@ impl Mysql {
 
     fn conn(&mut self) -> Result<&mut mysql::Conn, StoreError> {
         if self.conn.is_none() {
-            self.conn = Some(mysql::Conn::new(self.opts.clone()).map_err(mysql_error)?);
+            let mut conn = mysql::Conn::new(self.opts.clone()).map_err(mysql_error)?;
+            let max: Option<u64> = conn
+                .query_first("SELECT @@max_allowed_packet")
+                .map_err(mysql_error)?;
+            self.budget = max.map_or(1 << 20, |m| (m / 2) as usize).max(64 << 10);
+            self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
@@ -209,18 +236,23 @@ impl Mysql {
         &mut self,
         f: impl FnOnce(&mut mysql::Conn) -> Result<T, mysql::Error>,
     ) -> Result<T, StoreError> {
-        let result = f(self.conn()?).map_err(mysql_error);
-        if result.as_ref().is_err_and(|e| !e.data && !e.conflict) {
-            self.conn = None;
+        let result = f(self.conn()?);
+        if let Err(e) = &result {
+            let kept = mysql_error_kind(e);
+            if !kept || too_large(e) {
+                self.conn = None;
+            }
         }
-        result
+        result.map_err(mysql_error)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         self.with(|c| {
             // Two syncs starting together: one migrates, the other waits and finds it done.
-            let got: Option<i64> = c.query_first("SELECT GET_LOCK('im_relay_migrate', 60)")?;
-            if got != Some(1) {
+            // Per database: syncs of other databases on the server do not wait for it.
+            let got: Option<Option<i64>> =
+                c.query_first("SELECT GET_LOCK(CONCAT('im_relay_migrate:', DATABASE()), 60)")?;
+            if got.flatten() != Some(1) {
                 return Ok(Err(StoreError {
                     data: false,
                     fatal: false,
@@ -229,7 +261,9 @@ impl Mysql {
                 }));
             }
             let outcome = migrate_locked(c);
-            c.query_drop("SELECT RELEASE_LOCK('im_relay_migrate')")?;
+            // Released whatever happened (a lock held by a kept connection would stall every
+            // later start).
+            c.query_drop("SELECT RELEASE_LOCK(CONCAT('im_relay_migrate:', DATABASE()))")?;
             outcome
         })?
     }
@@ -244,7 +278,9 @@ fn migrate_locked(c: &mut mysql::Conn) -> Result<Result<(), StoreError>, mysql::
     let done: i64 = c
         .query_first("SELECT COALESCE(MAX(version), 0) FROM im_relay_migrations")?
         .unwrap_or(0);
-    if done == 0 {
+    let begun: Option<i64> =
+        c.query_first("SELECT version FROM im_relay_migrations WHERE version < 0")?;
+    if done == 0 && begun.is_none() {
         for table in OWN_TABLES {
             let found: Option<i64> = c.exec_first(
                 "SELECT COUNT(*) FROM information_schema.tables \
@@ -257,6 +293,13 @@ fn migrate_locked(c: &mut mysql::Conn) -> Result<Result<(), StoreError>, mysql::
         }
     }
     for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > done) {
+        // DDL commits statement by statement: a marker (the version, negated) says a
+        // migration began, so one cut short resumes (every CREATE is IF NOT EXISTS) instead of
+        // taking its own first table for another application's.
+        c.exec_drop(
+            "INSERT IGNORE INTO im_relay_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (-version, format!("{name} (begun)"), unix_millis() as i64),
+        )?;
         for statement in sql.split(";\n") {
             c.query_drop(statement)?;
         }
@@ -264,8 +307,33 @@ fn migrate_locked(c: &mut mysql::Conn) -> Result<Result<(), StoreError>, mysql::
             "INSERT INTO im_relay_migrations (version, name, applied_at) VALUES (?, ?, ?)",
             (version, name, unix_millis() as i64),
         )?;
+        c.exec_drop(
+            "DELETE FROM im_relay_migrations WHERE version = ?",
+            (-version,),
+        )?;
     }
     Ok(Ok(()))
+}
+
+/// `rows` in statements of at most `budget` parameter bytes, halving (sizes stay powers of
+/// two); a single row over it goes alone, and the server says whether it fits.
+fn fit<'a>(which: usize, rows: &[&'a Item], budget: usize, out: &mut Vec<(usize, Vec<&'a Item>)>) {
+    let bytes: usize = rows
+        .iter()
+        .flat_map(|i| params(i))
+        .map(|p| match p {
+            Param::Int(_) => 8,
+            Param::Text(t) => t.map_or(0, str::len),
+            Param::Bytes(b) => b.map_or(0, <[u8]>::len),
+        })
+        .sum();
+    if bytes <= budget || rows.len() == 1 {
+        out.push((which, rows.to_vec()));
+    } else {
+        let (a, b) = rows.split_at(rows.len() / 2);
+        fit(which, a, budget, out);
+        fit(which, b, budget, out);
+    }
 }
 
 fn value(p: Param<'_>) -> mysql::Value {
@@ -278,7 +346,12 @@ fn value(p: Param<'_>) -> mysql::Value {
 
 impl Store for Mysql {
     fn apply(&mut self, items: &[Item]) -> Result<(), StoreError> {
-        let statements: Vec<(String, Vec<mysql::Value>)> = plan(items)
+        self.conn()?;
+        let mut pieces = Vec::new();
+        for (which, rows) in plan(items) {
+            fit(which, &rows, self.budget, &mut pieces);
+        }
+        let statements: Vec<(String, Vec<mysql::Value>)> = pieces
             .into_iter()
             .map(|(which, rows)| {
                 let q = sql(&self.sql[which], which, rows.len(), &|_| "?".into());
@@ -314,18 +387,30 @@ impl Store for Mysql {
         let owner = owner.clone();
         self.with(|c| {
             // Two syncs starting together on one database: one claims, the other sees it.
-            c.query_drop("SELECT GET_LOCK('im_relay_claim', 60)")?;
-            let found: Option<(String, String)> = c.query_first(READ_OWNER)?;
-            let found = found.map(|(group, topics)| Owner { group, topics });
-            let claim = decide_claim(&owner, found);
-            if matches!(claim, Ok(Claim::New)) {
-                c.exec_drop(
-                    positional(WRITE_OWNER),
-                    (1i64, &owner.group, &owner.topics, unix_millis() as i64),
-                )?;
+            let got: Option<Option<i64>> =
+                c.query_first("SELECT GET_LOCK(CONCAT('im_relay_claim:', DATABASE()), 60)")?;
+            if got.flatten() != Some(1) {
+                return Ok(Err(StoreError {
+                    data: false,
+                    fatal: false,
+                    conflict: false,
+                    message: "mysql: another sync holds the claim lock".into(),
+                }));
             }
-            c.query_drop("SELECT RELEASE_LOCK('im_relay_claim')")?;
-            Ok(claim)
+            let claimed = (|| {
+                let found: Option<(String, String)> = c.query_first(READ_OWNER)?;
+                let found = found.map(|(group, topics)| Owner { group, topics });
+                let claim = decide_claim(&owner, found);
+                if matches!(claim, Ok(Claim::New)) {
+                    c.exec_drop(
+                        positional(WRITE_OWNER),
+                        (1i64, &owner.group, &owner.topics, unix_millis() as i64),
+                    )?;
+                }
+                Ok(claim)
+            })();
+            c.query_drop("SELECT RELEASE_LOCK(CONCAT('im_relay_claim:', DATABASE()))")?;
+            claimed
         })?
     }
 }

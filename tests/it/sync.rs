@@ -467,6 +467,58 @@ async fn sync_topic(broker: &Broker) -> String {
     topic
 }
 
+/// Two `sync` processes of one deployment (one group) on one PostgreSQL database: the
+/// partitions are split between them, each writes its rows and positions, and the tables end
+/// complete — no deadlock stops either, nothing is skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sync_replicas_share_one_database() {
+    let database = tokio::task::spawn_blocking(|| Postgres::shared().database())
+        .await
+        .unwrap();
+    let broker = Broker::start();
+    let (topic, bootstrap) = (sync_topic(&broker).await, broker.bootstrap());
+    let dir = tempfile::tempdir().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let env = sync_env(&bootstrap, &topic, &database);
+        let mut second = env.clone();
+        second.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
+        let a = start_sync(&env, &dir.path().join("a.log"));
+        let b = start_sync(&second, &dir.path().join("b.log"));
+        // Both in the group before the records come, so both get partitions.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let assigned = |log: &str| {
+            std::fs::read_to_string(dir.path().join(log))
+                .unwrap_or_default()
+                .contains("partition assigned")
+        };
+        while !(assigned("a.log") && assigned("b.log")) {
+            assert!(Instant::now() < deadline, "the group never split");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let expected = produce_messages(&bootstrap, &topic, 1000);
+        converge(&mut Pg(database.clone()), &expected, &bootstrap, &topic);
+        assert_eq!(Pg(database.clone()).dead_letters(), 0);
+        // Both did work: the group split the partitions between them.
+        for (name, sync) in [("a", &a), ("b", &b)] {
+            let applied: f64 = sync
+                .metrics()
+                .lines()
+                .filter(|l| l.starts_with("im_relay_sync_applied_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            assert!(applied > 0.0, "replica {name} applied nothing");
+            assert_eq!(
+                series_value(&sync.metrics(), "im_relay_sync_database_errors_total"),
+                Some(0.0),
+                "replica {name}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_killed_mid_batch_resumes_with_the_tables_right() {
     let broker = Broker::start();
