@@ -429,13 +429,24 @@ struct Batch {
 impl Batch {
     /// Only the records of the partitions `keep` says.
     fn keep(&mut self, keep: impl Fn(&(String, i32)) -> bool) {
-        let tp = |d: &DeadLetter| (d.topic.clone(), d.partition);
-        let mask: Vec<bool> = self.origins.iter().map(|o| keep(&tp(o))).collect();
-        let mut i = 0;
-        self.items.retain(|_| (mask[i], i += 1).0);
-        i = 0;
-        self.kinds.retain(|_| (mask[i], i += 1).0);
-        self.origins.retain(|o| keep(&tp(o)));
+        // `items`, `kinds` and `origins` run in parallel: one mask for the three.
+        let mask: Vec<bool> = self
+            .origins
+            .iter()
+            .map(|o| keep(&(o.topic.clone(), o.partition)))
+            .collect();
+        fn masked<T>(v: &mut Vec<T>, mask: &[bool]) {
+            let all = std::mem::take(v);
+            v.extend(
+                all.into_iter()
+                    .zip(mask)
+                    .filter(|(_, k)| **k)
+                    .map(|(x, _)| x),
+            );
+        }
+        masked(&mut self.items, &mask);
+        masked(&mut self.kinds, &mask);
+        masked(&mut self.origins, &mask);
         self.messages.retain(|k, _| keep(k));
         self.gaps.retain(|(t, p, ..)| keep(&(t.clone(), *p)));
     }

@@ -92,15 +92,39 @@ const OWN_TABLES: [&str; 6] = [
 ];
 
 fn not_ours(table: &str) -> StoreError {
-    StoreError {
-        data: false,
-        fatal: true,
-        conflict: false,
-        message: format!(
-            "a table `{table}` exists but is not im-relay's (no im_relay_migrations record): \
-             give sync a database of its own, or a schema (IM_RELAY_SYNC_SCHEMA, PostgreSQL)"
-        ),
+    StoreError::fatal(format!(
+        "a table `{table}` exists but is not im-relay's (no im_relay_migrations record): \
+         give sync a database of its own, or a schema (IM_RELAY_SYNC_SCHEMA, PostgreSQL)"
+    ))
+}
+
+impl StoreError {
+    /// A database sync cannot use, whatever the wait.
+    fn fatal(message: String) -> StoreError {
+        StoreError {
+            data: false,
+            fatal: true,
+            conflict: false,
+            message,
+        }
     }
+
+    /// Not now: the batch waits and is tried again.
+    fn unavailable(message: String) -> StoreError {
+        StoreError {
+            data: false,
+            fatal: false,
+            conflict: false,
+            message,
+        }
+    }
+}
+
+/// A row of `READ_POSITIONS`, its partition number checked.
+fn position(topic: String, partition: i64, next: i64) -> Result<(String, i32, i64), StoreError> {
+    let partition = i32::try_from(partition)
+        .map_err(|_| StoreError::fatal(format!("im_relay_offsets holds partition {partition}")))?;
+    Ok((topic, partition, next))
 }
 
 impl fmt::Display for StoreError {
@@ -125,17 +149,12 @@ pub trait Store: Send {
 fn decide_claim(owner: &Owner, found: Option<Owner>) -> Result<Claim, StoreError> {
     match found {
         Some(f) if f == *owner => Ok(Claim::Ours),
-        Some(f) => Err(StoreError {
-            data: false,
-            fatal: true,
-            conflict: false,
-            message: format!(
-                "this database belongs to consumer group `{}` reading [{}], not to `{}` \
-                 reading [{}]: two deployments must not share one database (give each its own, \
-                 or its own schema); to move it on purpose, `DELETE FROM im_relay_owner` first",
-                f.group, f.topics, owner.group, owner.topics
-            ),
-        }),
+        Some(f) => Err(StoreError::fatal(format!(
+            "this database belongs to consumer group `{}` reading [{}], not to `{}` \
+             reading [{}]: two deployments must not share one database (give each its own, \
+             or its own schema); to move it on purpose, `DELETE FROM im_relay_owner` first",
+            f.group, f.topics, owner.group, owner.topics
+        ))),
         None => Ok(Claim::New),
     }
 }
@@ -821,12 +840,7 @@ impl Postgres {
         use crate::config::SslMode;
         use postgres::config::Host;
         let mut config: postgres::Config = url.parse().map_err(pg_error)?;
-        let config_error = |message: String| StoreError {
-            data: false,
-            fatal: true,
-            conflict: false,
-            message: format!("postgres TLS: {message}"),
-        };
+        let config_error = |message: String| StoreError::fatal(format!("postgres TLS: {message}"));
         let hosts = config.get_hosts();
         let sockets = hosts.iter().filter(|h| matches!(h, Host::Unix(_))).count();
         // As libpq: no TLS over a Unix socket. A certificate is checked against `host`, so
@@ -981,16 +995,7 @@ impl Store for Postgres {
             .query(READ_POSITIONS, &[])
             .map_err(pg_error)?;
         rows.iter()
-            .map(|r| {
-                let partition: i64 = r.get(1);
-                let partition = i32::try_from(partition).map_err(|_| StoreError {
-                    data: false,
-                    fatal: true,
-                    conflict: false,
-                    message: format!("im_relay_offsets holds partition {partition}"),
-                })?;
-                Ok((r.get(0), partition, r.get(2)))
-            })
+            .map(|r| position(r.get(0), r.get(1), r.get(2)))
             .collect()
     }
 

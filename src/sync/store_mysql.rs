@@ -12,7 +12,7 @@ use mysql::prelude::Queryable;
 
 use super::{
     Claim, Item, MIGRATIONS_TABLE, OWN_TABLES, Owner, Param, READ_OWNER, READ_POSITIONS, Store,
-    StoreError, WRITE_OWNER, decide_claim, not_ours, params, plan, sql, statements,
+    StoreError, WRITE_OWNER, decide_claim, not_ours, params, plan, position, sql, statements,
 };
 use crate::domain::unix_millis;
 
@@ -136,11 +136,23 @@ fn positional(q: &str) -> String {
     out
 }
 
+/// Values the table cannot take: incorrect string, too long, out of range, bad date, NULL in
+/// a NOT NULL column.
+const DATA_ERRORS: [u16; 5] = [1366, 1406, 1264, 1292, 1048];
+/// Another writer: deadlock, lock wait timeout.
+const CONFLICT_ERRORS: [u16; 2] = [1213, 1205];
+
+fn code(e: &mysql::Error) -> Option<u16> {
+    match e {
+        mysql::Error::MySqlError(m) => Some(m.code),
+        _ => None,
+    }
+}
+
 /// Whether a connection that returned `e` is still good to use (the error was about the data
 /// or another writer, and the transaction was rolled back).
-fn mysql_error_kind(e: &mysql::Error) -> bool {
-    matches!(e, mysql::Error::MySqlError(m)
-        if matches!(m.code, 1366 | 1406 | 1264 | 1292 | 1048 | 1213 | 1205))
+fn connection_kept(e: &mysql::Error) -> bool {
+    code(e).is_some_and(|c| DATA_ERRORS.contains(&c) || CONFLICT_ERRORS.contains(&c))
 }
 
 /// A statement larger than the server takes (`max_allowed_packet`); the server closes the
@@ -153,16 +165,10 @@ fn too_large(e: &mysql::Error) -> bool {
 }
 
 fn mysql_error(e: mysql::Error) -> StoreError {
-    let code = match &e {
-        mysql::Error::MySqlError(m) => Some(m.code),
-        _ => None,
-    };
-    // Values the table cannot take: incorrect string, too long, out of range, bad date,
-    // NULL in a NOT NULL column — or one record larger than the server takes (statements
-    // are split to fit; a single row that does not is this item's fault).
-    let data = matches!(code, Some(1366 | 1406 | 1264 | 1292 | 1048)) || too_large(&e);
-    // Deadlock, lock wait timeout: another writer.
-    let conflict = matches!(code, Some(1213 | 1205));
+    // One record larger than the server takes is this item's fault too (statements are
+    // split to fit).
+    let data = code(&e).is_some_and(|c| DATA_ERRORS.contains(&c)) || too_large(&e);
+    let conflict = code(&e).is_some_and(|c| CONFLICT_ERRORS.contains(&c));
     StoreError {
         data,
         fatal: false,
@@ -185,12 +191,8 @@ impl Mysql {
         password: Option<String>,
         redact: bool,
     ) -> Result<Mysql, StoreError> {
-        let opts = mysql::Opts::from_url(url).map_err(|e| StoreError {
-            data: false,
-            fatal: true,
-            conflict: false,
-            message: format!("mysql URL: {e}"),
-        })?;
+        let opts =
+            mysql::Opts::from_url(url).map_err(|e| StoreError::fatal(format!("mysql URL: {e}")))?;
         let mut builder = mysql::OptsBuilder::from_opts(opts);
         if password.is_some() {
             builder = builder.pass(password);
@@ -237,36 +239,44 @@ impl Mysql {
         f: impl FnOnce(&mut mysql::Conn) -> Result<T, mysql::Error>,
     ) -> Result<T, StoreError> {
         let result = f(self.conn()?);
-        if let Err(e) = &result {
-            let kept = mysql_error_kind(e);
-            if !kept || too_large(e) {
-                self.conn = None;
-            }
+        if result
+            .as_ref()
+            .is_err_and(|e| !connection_kept(e) || too_large(e))
+        {
+            self.conn = None;
         }
         result.map_err(mysql_error)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        self.with(|c| {
-            // Two syncs starting together: one migrates, the other waits and finds it done.
-            // Per database: syncs of other databases on the server do not wait for it.
-            let got: Option<Option<i64>> =
-                c.query_first("SELECT GET_LOCK(CONCAT('im_relay_migrate:', DATABASE()), 60)")?;
-            if got.flatten() != Some(1) {
-                return Ok(Err(StoreError {
-                    data: false,
-                    fatal: false,
-                    conflict: false,
-                    message: "mysql: another sync holds the migration lock".into(),
-                }));
-            }
-            let outcome = migrate_locked(c);
-            // Released whatever happened (a lock held by a kept connection would stall every
-            // later start).
-            c.query_drop("SELECT RELEASE_LOCK(CONCAT('im_relay_migrate:', DATABASE()))")?;
-            outcome
-        })?
+        // Two syncs starting together: one migrates, the other waits and finds it done.
+        self.with(|c| locked(c, "migrate", migrate_locked))?
     }
+}
+
+/// `f` under the server lock `name` of this database (syncs of other databases on the server
+/// do not wait for it), released whatever `f` did: a lock left held by a kept connection would
+/// stall every later start.
+fn locked<T>(
+    c: &mut mysql::Conn,
+    name: &str,
+    f: impl FnOnce(&mut mysql::Conn) -> Result<Result<T, StoreError>, mysql::Error>,
+) -> Result<Result<T, StoreError>, mysql::Error> {
+    let got: Option<Option<i64>> = c.exec_first(
+        "SELECT GET_LOCK(CONCAT('im_relay_', ?, ':', DATABASE()), 60)",
+        (name,),
+    )?;
+    if got.flatten() != Some(1) {
+        return Ok(Err(StoreError::unavailable(format!(
+            "mysql: another sync holds the {name} lock"
+        ))));
+    }
+    let outcome = f(c);
+    c.exec_drop(
+        "SELECT RELEASE_LOCK(CONCAT('im_relay_', ?, ':', DATABASE()))",
+        (name,),
+    )?;
+    outcome
 }
 
 /// The migrations not applied yet (DDL commits by itself in MySQL: each is recorded once
@@ -371,33 +381,15 @@ impl Store for Mysql {
     fn positions(&mut self) -> Result<Vec<(String, i32, i64)>, StoreError> {
         let rows: Vec<(String, i64, i64)> = self.with(|c| c.query(READ_POSITIONS))?;
         rows.into_iter()
-            .map(|(t, p, o)| {
-                let p = i32::try_from(p).map_err(|_| StoreError {
-                    data: false,
-                    fatal: true,
-                    conflict: false,
-                    message: format!("im_relay_offsets holds partition {p}"),
-                })?;
-                Ok((t, p, o))
-            })
+            .map(|(t, p, o)| position(t, p, o))
             .collect()
     }
 
     fn claim(&mut self, owner: &Owner) -> Result<Claim, StoreError> {
         let owner = owner.clone();
+        // Two syncs starting together on one database: one claims, the other sees it.
         self.with(|c| {
-            // Two syncs starting together on one database: one claims, the other sees it.
-            let got: Option<Option<i64>> =
-                c.query_first("SELECT GET_LOCK(CONCAT('im_relay_claim:', DATABASE()), 60)")?;
-            if got.flatten() != Some(1) {
-                return Ok(Err(StoreError {
-                    data: false,
-                    fatal: false,
-                    conflict: false,
-                    message: "mysql: another sync holds the claim lock".into(),
-                }));
-            }
-            let claimed = (|| {
+            locked(c, "claim", |c| {
                 let found: Option<(String, String)> = c.query_first(READ_OWNER)?;
                 let found = found.map(|(group, topics)| Owner { group, topics });
                 let claim = decide_claim(&owner, found);
@@ -408,9 +400,7 @@ impl Store for Mysql {
                     )?;
                 }
                 Ok(claim)
-            })();
-            c.query_drop("SELECT RELEASE_LOCK(CONCAT('im_relay_claim:', DATABASE()))")?;
-            claimed
+            })
         })?
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use time::macros::datetime;
 
 use super::change::{self, Change, Kind};
-use super::store::{self, Item};
+use super::store::{self, DeadLetter, Item};
 use crate::config::Database;
 use crate::domain::{Relayed, SdkAppId};
 use crate::normalize::{self, Context, KeyMode, Source};
@@ -553,4 +553,46 @@ fn a_database_is_one_group_s_and_one_topic_set_s() {
     assert_eq!(store.positions().unwrap(), vec![("a".to_owned(), 0, 9)]);
     store.apply(&[at("h", 12)]).unwrap();
     assert_eq!(store.positions().unwrap(), vec![("a".to_owned(), 0, 12)]);
+}
+
+#[test]
+fn a_batch_keeps_only_the_records_of_the_partitions_it_is_told_in_step() {
+    use std::collections::BTreeMap;
+    let origin = |partition, offset| DeadLetter {
+        topic: "t".into(),
+        partition,
+        offset,
+        key: None,
+        payload: Vec::new(),
+        error: String::new(),
+    };
+    let origins = vec![origin(0, 1), origin(1, 7), origin(0, 2)];
+    let mut batch = super::Batch {
+        items: origins
+            .iter()
+            .map(|o| Item::DeadLetter(o.clone()))
+            .collect(),
+        origins,
+        messages: BTreeMap::from([(("t".into(), 0), 2), (("t".into(), 1), 7)]),
+        kinds: vec![Some(Kind::Message), Some(Kind::Edit), None],
+        gaps: vec![("t".into(), 1, 5, 7)],
+    };
+    batch.keep(|(_, p)| *p == 0);
+    let offsets = |items: &[Item]| -> Vec<i64> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::DeadLetter(d) => d.offset,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(offsets(&batch.items), [1, 2]);
+    assert_eq!(batch.kinds, [Some(Kind::Message), None]);
+    assert_eq!(
+        batch.origins.iter().map(|o| o.offset).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(batch.messages.len(), 1);
+    assert!(batch.gaps.is_empty());
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mysql::prelude::Queryable;
 
 use crate::common::{free_port, unique};
-use crate::pg::{as_postgres_user, is_root};
+use crate::pg::{as_postgres_user, is_root, stop_with_tests};
 
 pub const PASSWORD: &str = "im-relay-test-password";
 
@@ -38,20 +38,7 @@ impl Mariadb {
         static DB: OnceLock<Mariadb> = OnceLock::new();
         DB.get_or_init(|| {
             let db = Mariadb::start();
-            // Stopped when the test process ends, however it ends.
-            let me = std::process::id();
-            let pid = db.child.as_ref().map_or(0, Child::id);
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -TERM {pid}; \
-                     sleep 5; rm -rf '{}'",
-                    db.root.display()
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
+            stop_with_tests(db.child.as_ref(), "TERM", &db.root);
             db
         })
     }

@@ -269,11 +269,7 @@ fn sqlite(dir: &std::path::Path) -> Backend {
 fn mariadb(url: String) -> Backend {
     use mysql::prelude::Queryable;
     let url = crate::mariadb::with_password(&url);
-    let store = store::open(&Database::Mysql {
-        url: url.clone(),
-        password: None,
-    })
-    .unwrap();
+    let store = store::open(&maria_db(&url)).unwrap();
     let mut conn = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
     Backend {
         name: "mariadb",
@@ -302,18 +298,38 @@ fn mariadb(url: String) -> Backend {
     }
 }
 
-fn postgres(name: &'static str, url: String) -> Backend {
-    let url = crate::pg::with_password(&url);
-    let store = store::open(&Database::Postgres {
-        url: url.clone(),
+/// A PostgreSQL database the test reaches without TLS, the password in `url`.
+fn pg_db(url: &str) -> Database {
+    Database::Postgres {
+        url: url.to_owned(),
         password: None,
         ssl: PgSsl {
             mode: SslMode::Disable,
             root_cert: None,
         },
         schema: None,
-    })
-    .unwrap();
+    }
+}
+
+/// A MariaDB database, the password in `url`.
+fn maria_db(url: &str) -> Database {
+    Database::Mysql {
+        url: url.to_owned(),
+        password: None,
+    }
+}
+
+/// A message from alice to bob with key `key`, as the relay records it.
+fn plain_message(key: &str, msg_time: i64) -> Item {
+    let v = json!({"schema": SCHEMA, "id": format!("1400:alice:bob:{key}"),
+        "sdk_app_id": 1400, "msg_key": key, "from_account": "alice", "to_account": "bob",
+        "msg_time": msg_time, "elements": elements(0)});
+    Item::Change(change::parse(&serde_json::to_vec(&v).unwrap()).unwrap().1)
+}
+
+fn postgres(name: &'static str, url: String) -> Backend {
+    let url = crate::pg::with_password(&url);
+    let store = store::open(&pg_db(&url)).unwrap();
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     Backend {
         name,
@@ -430,19 +446,10 @@ fn the_merge_is_a_function_of_the_set_of_records_on_every_backend() {
 #[test]
 fn two_writers_with_shared_rows_do_not_deadlock() {
     let databases = [
-        Database::Postgres {
-            url: crate::pg::with_password(&Postgres::shared().database()),
-            password: None,
-            ssl: PgSsl {
-                mode: SslMode::Disable,
-                root_cert: None,
-            },
-            schema: None,
-        },
-        Database::Mysql {
-            url: crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database()),
-            password: None,
-        },
+        pg_db(&crate::pg::with_password(&Postgres::shared().database())),
+        maria_db(&crate::mariadb::with_password(
+            &crate::mariadb::Mariadb::shared().database(),
+        )),
     ];
     for db in &databases {
         two_writers(db);
@@ -452,12 +459,7 @@ fn two_writers_with_shared_rows_do_not_deadlock() {
 fn two_writers(db: &Database) {
     let open = || store::open(db).unwrap();
     let batch: Vec<Item> = (0..400)
-        .map(|i| {
-            let v = json!({"schema": SCHEMA, "id": format!("1400:alice:bob:{i:04}"),
-                "sdk_app_id": 1400, "msg_key": format!("{i:04}"), "from_account": "alice",
-                "to_account": "bob", "msg_time": 1_700_000_000 + i, "elements": elements(0)});
-            Item::Change(change::parse(&serde_json::to_vec(&v).unwrap()).unwrap().1)
-        })
+        .map(|i| plain_message(&format!("{i:04}"), 1_700_000_000 + i))
         .collect();
     let reversed: Vec<Item> = batch.iter().rev().cloned().collect();
     let barrier = std::sync::Barrier::new(2);
@@ -491,23 +493,11 @@ fn two_writers(db: &Database) {
 #[test]
 fn a_deadlock_is_a_conflict_not_an_outage() {
     let url = crate::pg::with_password(&Postgres::shared().database());
-    let mut store = store::open(&Database::Postgres {
-        url: url.clone(),
-        password: None,
-        ssl: PgSsl {
-            mode: SslMode::Disable,
-            root_cert: None,
-        },
-        schema: None,
-    })
-    .unwrap();
-    let message = |key: &str| {
-        let v = json!({"schema": SCHEMA, "id": format!("1400:alice:bob:{key}"),
-            "sdk_app_id": 1400, "msg_key": key, "from_account": "alice", "to_account": "bob",
-            "msg_time": 1_700_000_000, "elements": elements(0)});
-        Item::Change(change::parse(&serde_json::to_vec(&v).unwrap()).unwrap().1)
-    };
-    let both = [message("a"), message("b")];
+    let mut store = store::open(&pg_db(&url)).unwrap();
+    let both = [
+        plain_message("a", 1_700_000_000),
+        plain_message("b", 1_700_000_000),
+    ];
     store.apply(&both).unwrap();
     // Another writer holds b, sync's batch takes a then waits for b; the other then wants a.
     let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
@@ -646,18 +636,7 @@ fn the_documented_history_query_runs_on_every_backend_and_uses_the_index() {
     );
     // PostgreSQL.
     let url = crate::pg::with_password(&Postgres::shared().database());
-    store::open(&Database::Postgres {
-        url: url.clone(),
-        password: None,
-        ssl: PgSsl {
-            mode: SslMode::Disable,
-            root_cert: None,
-        },
-        schema: None,
-    })
-    .unwrap()
-    .apply(&items)
-    .unwrap();
+    store::open(&pg_db(&url)).unwrap().apply(&items).unwrap();
     let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     c.batch_execute("ANALYZE messages").unwrap();
     let rows: Vec<Vec<String>> = c
@@ -689,13 +668,7 @@ fn the_documented_history_query_runs_on_every_backend_and_uses_the_index() {
     // MariaDB.
     use mysql::prelude::Queryable;
     let url = crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database());
-    store::open(&Database::Mysql {
-        url: url.clone(),
-        password: None,
-    })
-    .unwrap()
-    .apply(&items)
-    .unwrap();
+    store::open(&maria_db(&url)).unwrap().apply(&items).unwrap();
     let mut c = mysql::Conn::new(mysql::Opts::from_url(&url).unwrap()).unwrap();
     c.query_drop("ANALYZE TABLE messages").unwrap();
     let rows: Vec<Vec<String>> = c
@@ -727,19 +700,8 @@ fn a_recalled_message_s_content_is_blanked_when_asked_whatever_the_order() {
     let maria = crate::mariadb::with_password(&crate::mariadb::Mariadb::shared().database());
     let databases = [
         Database::Sqlite(dir.path().join("redact.db")),
-        Database::Postgres {
-            url: pg.clone(),
-            password: None,
-            ssl: PgSsl {
-                mode: SslMode::Disable,
-                root_cert: None,
-            },
-            schema: None,
-        },
-        Database::Mysql {
-            url: maria.clone(),
-            password: None,
-        },
+        pg_db(&pg),
+        maria_db(&maria),
     ];
     let copy = Copy {
         reverse: false,

@@ -27,6 +27,24 @@ pub struct Postgres {
     fsync: bool,
 }
 
+/// Stops a shared server (`signal`) and removes `root` when the test process ends, however it
+/// ends.
+pub fn stop_with_tests(server: Option<&Child>, signal: &str, root: &Path) {
+    let me = std::process::id();
+    let pid = server.map_or(0, Child::id);
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -{signal} {pid}; \
+             sleep 5; rm -rf '{}'",
+            root.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
 /// Where Debian puts the server binaries (`initdb` and `postgres` are not on the PATH).
 fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("IM_RELAY_PG_BIN") {
@@ -74,20 +92,7 @@ impl Postgres {
         static PG: OnceLock<Postgres> = OnceLock::new();
         PG.get_or_init(|| {
             let pg = Postgres::start();
-            // Stopped when the test process ends, however it ends.
-            let me = std::process::id();
-            let pid = pg.child.as_ref().map_or(0, Child::id);
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -INT {pid}; \
-                     sleep 5; rm -rf '{}'",
-                    pg.data.parent().unwrap().display()
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
+            stop_with_tests(pg.child.as_ref(), "INT", pg.data.parent().unwrap());
             pg
         })
     }
@@ -216,23 +221,23 @@ impl Postgres {
 
     /// A new, empty database; its URL, without the password.
     pub fn database(&self) -> String {
-        let name = format!("t_{}", unique().replace('-', "_"));
-        let url = with_password(&self.url("postgres"));
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        self.url(&name)
+        self.create_database("")
     }
 
     /// A new, empty database whose collation is ICU's `locale` (this machine has only C
     /// locales; PostgreSQL carries ICU's own).
     pub fn database_icu(&self, locale: &str) -> String {
+        self.create_database(&format!(
+            " TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{locale}'"
+        ))
+    }
+
+    fn create_database(&self, options: &str) -> String {
         let name = format!("t_{}", unique().replace('-', "_"));
         let url = with_password(&self.url("postgres"));
         let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        c.batch_execute(&format!(
-            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{locale}'"
-        ))
-        .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}{options}"))
+            .unwrap();
         self.url(&name)
     }
 }

@@ -387,18 +387,7 @@ async fn sync_keeps_mariadb_equal_to_the_conversation() {
         wrong.insert("IM_RELAY_SYNC_ADMIN_LISTEN".into(), free_addr());
         let log = dir.path().join("wrong.log");
         let sync = RelayProcess::spawn_command("sync", &wrong, &log);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("Access denied for user 'im'")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{}",
-                std::fs::read_to_string(&log).unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_log(&log, "Access denied for user 'im'");
         assert_eq!(sync.ready(), Some(false));
         assert!(
             !std::fs::read_to_string(&log)
@@ -485,15 +474,8 @@ async fn two_sync_replicas_share_one_database() {
         let a = start_sync(&env, &dir.path().join("a.log"));
         let b = start_sync(&second, &dir.path().join("b.log"));
         // Both in the group before the records come, so both get partitions.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let assigned = |log: &str| {
-            std::fs::read_to_string(dir.path().join(log))
-                .unwrap_or_default()
-                .contains("partition assigned")
-        };
-        while !(assigned("a.log") && assigned("b.log")) {
-            assert!(Instant::now() < deadline, "the group never split");
-            std::thread::sleep(Duration::from_millis(100));
+        for log in ["a.log", "b.log"] {
+            wait_for_log(&dir.path().join(log), "partition assigned");
         }
         std::thread::sleep(Duration::from_secs(2));
         let expected = produce_messages(&bootstrap, &topic, 1000);
@@ -501,13 +483,10 @@ async fn two_sync_replicas_share_one_database() {
         assert_eq!(Pg(database.clone()).dead_letters(), 0);
         // Both did work: the group split the partitions between them.
         for (name, sync) in [("a", &a), ("b", &b)] {
-            let applied: f64 = sync
-                .metrics()
-                .lines()
-                .filter(|l| l.starts_with("im_relay_sync_applied_total{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            assert!(applied > 0.0, "replica {name} applied nothing");
+            assert!(
+                applied(&sync.metrics()) > 0,
+                "replica {name} applied nothing"
+            );
             assert_eq!(
                 series_value(&sync.metrics(), "im_relay_sync_database_errors_total"),
                 Some(0.0),
@@ -727,6 +706,15 @@ async fn a_table_that_is_not_syncs_is_a_clear_stop_and_a_schema_of_its_own_avoid
     .unwrap();
 }
 
+/// Records applied by a sync, every kind, from its metrics.
+fn applied(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("im_relay_sync_applied_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
 fn wait_for_log(log: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -781,14 +769,7 @@ async fn sync_throughput() {
                 env.remove("IM_RELAY_SYNC_BATCH_MAX");
                 let log = dir.path().join("sync.log");
                 let sync = RelayProcess::spawn_binary(binary, "sync", &env, &log);
-                let applied = || {
-                    sync.get("/metrics").map_or(0, |(_, m)| {
-                        m.lines()
-                            .filter(|l| l.starts_with("im_relay_sync_applied_total{"))
-                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                            .sum::<f64>() as usize
-                    })
-                };
+                let applied = || sync.get("/metrics").map_or(0, |(_, m)| applied(&m));
                 let deadline = Instant::now() + Duration::from_secs(900);
                 let (mut first, mut at_first) = (None, 0);
                 loop {
