@@ -5,14 +5,14 @@
 //! installs it — it never skips.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 
 use crate::common::{free_port, unique};
-use crate::pg::{as_postgres_user, is_root, stop_with_tests};
+use crate::pg::{as_postgres_user, give_to_server_user, stop_with_tests};
 
 pub const PASSWORD: &str = "im-relay-test-password";
 
@@ -56,15 +56,7 @@ impl Mariadb {
             ),
         )
         .unwrap();
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "nobody:nogroup"])
-                .arg(&root)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the MariaDB directory");
-        }
+        give_to_server_user(&root);
         let out = as_postgres_user(&binary("mariadb-install-db"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))

@@ -66,11 +66,24 @@ fn bin_dir() -> PathBuf {
     })
 }
 
-pub fn is_root() -> bool {
+fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// `root` made the server's when it runs as `nobody` (`as_postgres_user`).
+pub fn give_to_server_user(root: &Path) {
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "nobody:nogroup"])
+            .arg(root)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown of {}", root.display());
+    }
 }
 
 /// `bin` as the unprivileged `nobody` when we are root (`setpriv` execs it directly, so the
@@ -115,15 +128,7 @@ impl Postgres {
         let pwfile = root.join("pwfile");
         std::fs::write(&pwfile, PASSWORD).unwrap();
         let ca = write_certificates(&root);
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "nobody:nogroup"])
-                .arg(&root)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "chown of the PostgreSQL directory");
-        }
+        give_to_server_user(&root);
         let out = as_postgres_user(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
