@@ -1,19 +1,289 @@
-//! Tencent's hourly message files, read tolerantly. There is no official schema *(unconfirmed)*:
-//! the sample is a `{"MsgList":[ … ]}` object with one message per line. Each line is taken as
-//! a message, a whole object with `MsgList`, or structure (`{"MsgList":[`, `]}`); anything else
-//! is handed back as unparsable, for the quarantine topic. Bounded memory: one line at a time.
+//! Tencent's hourly message files, read without depending on their layout. There is no
+//! official schema *(unconfirmed)*: the sample is a `{"MsgList":[ … ]}` object, one message a
+//! line. A file is read twice after download: `check` hashes it (size, MD5) and, in the same
+//! pass, tells whether it is JSON as a whole — a sequence of objects, each a message or a
+//! `MsgList` array of them, whatever its indentation or line breaks; `items` then hands out its
+//! messages one at a time, streamed, so memory is one message whatever the file's size or the
+//! length of its lines. A file that is not JSON as a whole is read line by line instead: each
+//! line a message, a whole object, or structure, and anything else handed back as unparsable,
+//! for the quarantine topic.
 
-use std::io::BufRead;
+use std::cell::Cell;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read};
+use std::rc::Rc;
 
+use md5::{Digest, Md5};
+use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess};
 use serde_json::{Map, Value};
 
-/// A line longer than this is not a message: the file is refused.
-pub const MAX_LINE_BYTES: usize = 64 << 20;
+/// A message (or line) longer than this is not one: the file is refused.
+pub const MAX_MESSAGE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, PartialEq)]
 pub enum Item {
     Message(Map<String, Value>),
     Unparsable(String),
+}
+
+/// How a file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// JSON as a whole: parsed as JSON, however laid out.
+    Json,
+    /// Not JSON as a whole: a message per line, what does not parse quarantined.
+    Lines,
+}
+
+/// What a decompressed file is: its size, its MD5, and how to read it. One pass.
+pub fn check(file: impl Read) -> io::Result<(u64, [u8; 16], Layout)> {
+    let mut hashing = BufReader::new(Hashing {
+        inner: file,
+        md5: Md5::new(),
+        size: 0,
+    });
+    let layout = {
+        let mut de = serde_json::Deserializer::from_reader(&mut hashing);
+        let mut json = true;
+        while json && de.end().is_err() {
+            json = de.deserialize_any(Shape).is_ok();
+        }
+        if json { Layout::Json } else { Layout::Lines }
+    };
+    // The rest (after a parse error) is hashed too; a read error is the file's, not JSON's.
+    io::copy(&mut hashing, &mut io::sink())?;
+    let Hashing { md5, size, .. } = hashing.into_inner();
+    Ok((size, md5.finalize().into(), layout))
+}
+
+/// Hands each item of the file to `emit`, in order; `emit` answers `false` to stop.
+pub fn items(
+    file: impl Read,
+    layout: Layout,
+    emit: &mut dyn FnMut(Item) -> bool,
+) -> io::Result<()> {
+    let (read, start) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+    let counted = Counted {
+        inner: file,
+        read: read.clone(),
+        start: start.clone(),
+    };
+    match layout {
+        Layout::Lines => lines(BufReader::new(counted), emit),
+        Layout::Json => {
+            let mut reader = BufReader::new(counted);
+            let mut de = serde_json::Deserializer::from_reader(&mut reader);
+            let mut stopped = false;
+            let mut emit = Emit {
+                emit,
+                read: &read,
+                start: &start,
+                stopped: &mut stopped,
+            };
+            while de.end().is_err() {
+                if let Err(e) = de.deserialize_any(Top(&mut emit)) {
+                    if stopped {
+                        return Ok(());
+                    }
+                    return Err(match e.io_error_kind() {
+                        Some(_) => io::Error::other(e.to_string()),
+                        None => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                    });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Hashes what is read through it.
+struct Hashing<R> {
+    inner: R,
+    md5: Md5,
+    size: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.md5.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// Refuses to read more than `MAX_MESSAGE_BYTES` past `start` (set at each message's
+/// beginning, give or take a buffer): one message's memory is bounded.
+struct Counted<R> {
+    inner: R,
+    read: Rc<Cell<u64>>,
+    start: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.read.get() - self.start.get() > MAX_MESSAGE_BYTES {
+            return Err(io::Error::other(format!(
+                "a message longer than {MAX_MESSAGE_BYTES} bytes"
+            )));
+        }
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The first pass: objects at the top, and `MsgList`, where there is one, an array.
+struct Shape;
+
+impl<'de> de::Visitor<'de> for Shape {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a message or an object with MsgList")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "MsgList" {
+                map.next_value_seed(ListShape)?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct ListShape;
+
+impl<'de> DeserializeSeed<'de> for ListShape {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for ListShape {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// The second pass's output, and where the message being read began.
+struct Emit<'a> {
+    emit: &'a mut dyn FnMut(Item) -> bool,
+    read: &'a Cell<u64>,
+    start: &'a Cell<u64>,
+    stopped: &'a mut bool,
+}
+
+impl Emit<'_> {
+    /// Hands `item` on; the next message's bound starts here.
+    fn send<E: de::Error>(&mut self, item: Item) -> Result<(), E> {
+        self.start.set(self.read.get());
+        if (self.emit)(item) {
+            Ok(())
+        } else {
+            *self.stopped = true;
+            Err(E::custom("stopped"))
+        }
+    }
+}
+
+/// A top-level object: a message, or `MsgList` (its elements streamed one by one).
+struct Top<'a, 'b>(&'a mut Emit<'b>);
+
+impl<'de> de::Visitor<'de> for Top<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a message or an object with MsgList")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut fields = Map::new();
+        let mut listed = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "MsgList" {
+                map.next_value_seed(List(&mut *self.0))?;
+                listed = true;
+            } else {
+                fields.insert(key, map.next_value()?);
+            }
+        }
+        // Beside `MsgList`, the document's own fields, not a message.
+        if !listed {
+            self.0.send(Item::Message(fields))?;
+        }
+        Ok(())
+    }
+}
+
+struct List<'a, 'b>(&'a mut Emit<'b>);
+
+impl<'de> DeserializeSeed<'de> for List<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for List<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(m) = seq.next_element::<Value>()? {
+            self.0.send(match m {
+                Value::Object(m) => Item::Message(m),
+                other => Item::Unparsable(other.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn lines(mut reader: impl BufRead, emit: &mut dyn FnMut(Item) -> bool) -> io::Result<()> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_MESSAGE_BYTES + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() as u64 > MAX_MESSAGE_BYTES {
+            return Err(io::Error::other(format!(
+                "a line longer than {MAX_MESSAGE_BYTES} bytes"
+            )));
+        }
+        let mut go = true;
+        match std::str::from_utf8(&line) {
+            Ok(text) => line_items(text, &mut |i| go = go && emit(i)),
+            Err(_) => {
+                go = emit(Item::Unparsable(
+                    String::from_utf8_lossy(&line).into_owned(),
+                ))
+            }
+        }
+        if !go {
+            return Ok(());
+        }
+    }
 }
 
 fn is_structure(line: &str) -> bool {
@@ -66,59 +336,26 @@ fn line_items(line: &str, out: &mut impl FnMut(Item)) {
     out(Item::Unparsable(trimmed.to_owned()));
 }
 
-/// A decompressed file's items, a batch at a time (bounded memory, whatever the file's size).
-pub struct Reader<R> {
-    reader: R,
-    line: Vec<u8>,
-}
-
-impl<R: BufRead> Reader<R> {
-    pub fn new(reader: R) -> Self {
-        Reader {
-            reader,
-            line: Vec::new(),
-        }
-    }
-
-    /// Appends the items of up to `lines` more lines to `out`; `false` at the end of the file.
-    pub fn next_batch(&mut self, out: &mut Vec<Item>, lines: usize) -> std::io::Result<bool> {
-        let mut push = |i| out.push(i);
-        for _ in 0..lines {
-            self.line.clear();
-            let n = std::io::Read::take(&mut self.reader, MAX_LINE_BYTES as u64 + 1)
-                .read_until(b'\n', &mut self.line)?;
-            if n == 0 {
-                return Ok(false);
-            }
-            if self.line.len() > MAX_LINE_BYTES {
-                return Err(std::io::Error::other(format!(
-                    "a line longer than {MAX_LINE_BYTES} bytes"
-                )));
-            }
-            match std::str::from_utf8(&self.line) {
-                Ok(text) => line_items(text, &mut push),
-                Err(_) => push(Item::Unparsable(
-                    String::from_utf8_lossy(&self.line).into_owned(),
-                )),
-            }
-        }
-        Ok(true)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Vec<Item> {
+    fn parse(text: &str) -> (Layout, Vec<Item>) {
+        let (size, md5, layout) = check(text.as_bytes()).unwrap();
+        assert_eq!(size, text.len() as u64);
+        assert_eq!(md5, <[u8; 16]>::from(Md5::digest(text.as_bytes())));
         let mut got = Vec::new();
-        let mut reader = Reader::new(text.as_bytes());
-        while reader.next_batch(&mut got, 1).unwrap() {}
-        got
+        items(text.as_bytes(), layout, &mut |i| {
+            got.push(i);
+            true
+        })
+        .unwrap();
+        (layout, got)
     }
 
-    fn keys(items: &[Item]) -> Vec<String> {
-        items
+    fn keys(text: &str) -> Vec<String> {
+        parse(text)
+            .1
             .iter()
             .map(|i| match i {
                 Item::Message(m) => m["MsgKey"].as_str().unwrap_or("?").to_owned(),
@@ -130,31 +367,91 @@ mod tests {
     #[test]
     fn one_message_per_line_inside_the_object() {
         let text = "{\"MsgList\":[\n{\"MsgKey\":\"a\"},\n{\"MsgKey\":\"b\"}\n]}\n";
-        assert_eq!(keys(&parse(text)), ["a", "b"]);
+        assert_eq!(keys(text), ["a", "b"]);
         let closing_on_last = "{\"MsgList\": [\n  {\"MsgKey\":\"a\"},\n  {\"MsgKey\":\"b\"}]}";
-        assert_eq!(keys(&parse(closing_on_last)), ["a", "b"]);
+        assert_eq!(keys(closing_on_last), ["a", "b"]);
     }
 
     #[test]
     fn the_object_on_one_line_and_bare_lines() {
         assert_eq!(
-            keys(&parse(
-                "{\"MsgList\":[{\"MsgKey\":\"a\"},{\"MsgKey\":\"b\"}]}"
-            )),
+            keys("{\"MsgList\":[{\"MsgKey\":\"a\"},{\"MsgKey\":\"b\"}]}"),
             ["a", "b"]
         );
+        assert_eq!(keys("{\"MsgKey\":\"a\"}\n{\"MsgKey\":\"b\"}\n"), ["a", "b"]);
+    }
+
+    /// The layouts a line reader got wrong: an indented file (2 of its 3 messages missed, its
+    /// lines quarantined), a message sharing the opening line (missed), a message ending in
+    /// a nested object with `]}` on its line (quarantined).
+    #[test]
+    fn the_layout_does_not_matter() {
+        let list = json_list(&["a", "b", "c"]);
+        let doc = serde_json::json!({ "MsgList": list, "ErrorCode": 0 });
+        let indented = serde_json::to_string_pretty(&doc).unwrap();
+        assert_eq!(parse(&indented).0, Layout::Json);
+        assert_eq!(keys(&indented), ["a", "b", "c"], "{indented}");
+        let sharing = "{\"MsgList\":[{\"MsgKey\":\"a\"},\n{\"MsgKey\":\"b\"}\n]}";
+        assert_eq!(keys(sharing), ["a", "b"]);
+        let nested = "{\"MsgList\":[\n{\"MsgKey\":\"a\"},\n{\"MsgKey\":\"b\",\"MsgBody\":[{\"MsgContent\":{\"Data\":\"x\"}}]}]}";
+        assert_eq!(keys(nested), ["a", "b"]);
+        let compact = doc.to_string();
+        assert_eq!(keys(&compact), ["a", "b", "c"]);
+        // A number in MsgList is not a message; the rest are.
         assert_eq!(
-            keys(&parse("{\"MsgKey\":\"a\"}\n{\"MsgKey\":\"b\"}\n")),
-            ["a", "b"]
+            keys("{\"MsgList\":[{\"MsgKey\":\"a\"}, 42]}"),
+            ["a", "bad:42"]
         );
     }
 
+    fn json_list(keys: &[&str]) -> Value {
+        keys.iter()
+            .map(|k| serde_json::json!({"MsgKey": k, "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "]}"}}]}))
+            .collect()
+    }
+
     #[test]
-    fn what_does_not_parse_is_handed_back() {
+    fn a_file_that_is_not_json_as_a_whole_is_read_line_by_line() {
         let text = "{\"MsgList\":[\n{\"MsgKey\":\"a\"},\n{\"MsgKey\":\"b\" oops\n42,\n]}\n";
-        assert_eq!(
-            keys(&parse(text)),
-            ["a", "bad:{\"MsgKey\":\"b\" oops", "bad:42"]
+        assert_eq!(parse(text).0, Layout::Lines);
+        assert_eq!(keys(text), ["a", "bad:{\"MsgKey\":\"b\" oops", "bad:42"]);
+        // `MsgList` not an array: the lines.
+        assert_eq!(parse("{\"MsgList\": 3}").0, Layout::Lines);
+    }
+
+    /// One line holding every message: streamed, a message at a time; a single message over
+    /// the bound refuses the file.
+    #[test]
+    fn one_huge_line_is_streamed_and_one_huge_message_refused() {
+        let many: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let text = serde_json::json!({ "MsgList": json_list(&refs) }).to_string();
+        let mut n = 0;
+        items(text.as_bytes(), Layout::Json, &mut |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 20_000);
+        let huge = format!(
+            "{{\"MsgList\":[{{\"MsgKey\":\"a\"}},{{\"MsgKey\":\"{}\"}}]}}",
+            "x".repeat(MAX_MESSAGE_BYTES as usize + 100_000)
         );
+        let mut got = 0;
+        let error = items(huge.as_bytes(), Layout::Json, &mut |_| {
+            got += 1;
+            true
+        })
+        .unwrap_err();
+        assert_eq!(got, 1);
+        assert!(error.to_string().contains("longer than"), "{error}");
+        // Stopping is not an error.
+        let mut seen = 0;
+        items(text.as_bytes(), Layout::Json, &mut |_| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
+        assert_eq!(seen, 3);
     }
 }

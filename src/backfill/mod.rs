@@ -18,9 +18,9 @@ pub mod usersig;
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Seek};
 
-use md5::{Digest, Md5};
+use md5::Digest;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::{Map, Value, json};
@@ -744,47 +744,40 @@ impl Run<'_> {
         if size != gzip_size || !same(file.gzip_md5, &md5) {
             return Err(refetch("a downloaded file's size or MD5 did not match"));
         }
-        // Decompressed once to check the file's own size and MD5, then again to parse it.
+        // Decompressed once to check the file's own size and MD5 (and its layout), then
+        // again to parse it, on a blocking thread, a message at a time.
         tmp.rewind().map_err(|e| fatal(e.to_string()))?;
-        let (mut plain_size, mut plain_md5) = (0u64, Md5::new());
-        let mut gz = flate2::read::MultiGzDecoder::new(BufReader::new(&tmp));
-        let mut buf = vec![0; 64 * 1024];
-        loop {
-            let n = gz
-                .read(&mut buf)
-                .map_err(|e| fatal(format!("hour {hour}: the file does not gunzip: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            plain_size += n as u64;
-            plain_md5.update(&buf[..n]);
-        }
-        let plain_md5: [u8; 16] = plain_md5.finalize().into();
+        let gunzip = |file: &std::fs::File| -> std::io::Result<_> {
+            Ok(flate2::read::MultiGzDecoder::new(BufReader::new(
+                file.try_clone()?,
+            )))
+        };
+        let (plain_size, plain_md5, layout) = gunzip(&tmp)
+            .and_then(history::check)
+            .map_err(|e| fatal(format!("hour {hour}: the file does not gunzip: {e}")))?;
         if plain_size != file.file_size || !same(file.file_md5, &plain_md5) {
             return Err(refetch("a file's size or MD5 after gunzip did not match"));
         }
         tmp.rewind().map_err(|e| fatal(e.to_string()))?;
-        let mut reader = history::Reader::new(BufReader::new(flate2::read::MultiGzDecoder::new(
-            BufReader::new(&tmp),
-        )));
-        let mut items = Vec::new();
-        loop {
-            let more = reader
-                .next_batch(&mut items, 1000)
-                .map_err(|e| fatal(format!("hour {hour}: {e}")))?;
-            for item in items.drain(..) {
-                let handled = match item {
-                    Item::Message(m) => self.message(&m, row, Some(hour), window, counted).await,
-                    Item::Unparsable(text) => {
-                        self.quarantine(&text, "not a JSON message", Some(hour), row)
-                            .await
-                    }
-                };
-                handled.map_err(FileError::Fatal)?;
-            }
-            if !more {
-                return Ok(());
-            }
+        let gz = gunzip(&tmp).map_err(|e| fatal(e.to_string()))?;
+        let (items, mut next) = tokio::sync::mpsc::channel(1024);
+        let parser = tokio::task::spawn_blocking(move || {
+            history::items(gz, layout, &mut |item| items.blocking_send(item).is_ok())
+        });
+        while let Some(item) = next.recv().await {
+            let handled = match item {
+                Item::Message(m) => self.message(&m, row, Some(hour), window, counted).await,
+                Item::Unparsable(text) => {
+                    self.quarantine(&text, "not a JSON message", Some(hour), row)
+                        .await
+                }
+            };
+            handled.map_err(FileError::Fatal)?;
+        }
+        match parser.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(fatal(format!("hour {hour}: {e}"))),
+            Err(e) => Err(fatal(format!("hour {hour}: the parser stopped: {e}"))),
         }
     }
 }
