@@ -22,6 +22,7 @@ fn cli() -> clap::Command {
         .subcommand(config::serve_command())
         .subcommand(config::sync_command())
         .subcommand(backfill_command())
+        .subcommand(config::reconcile_command())
         .subcommand(
             clap::Command::new("spool")
                 .about("Inspect the durable spool, or give up one record in it")
@@ -123,6 +124,7 @@ fn main() -> ExitCode {
         Some(("serve", flags)) => serve(flags),
         Some(("sync", flags)) => sync(flags),
         Some(("backfill", flags)) => backfill(flags),
+        Some(("reconcile", flags)) => reconcile(flags),
         Some(("sign", flags)) => sign(flags),
         #[cfg(feature = "load-tool")]
         Some(("bench", flags)) => im_relay::bench::cli::main(flags),
@@ -433,6 +435,32 @@ fn backfill_command() -> clap::Command {
                 .action(ArgAction::SetTrue)
                 .help("print what would be published; publish nothing"),
         )
+        .arg(
+            Arg::new("allow_missing_records")
+                .long("allow-missing-records")
+                .action(ArgAction::SetTrue)
+                .help("run even where records of the window may have been deleted from the topic (retention, compaction): every message it does not hold is published"),
+        )
+        .arg(
+            Arg::new("max_publish")
+                .long("max-publish")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u64))
+                .help("stop (exit 1) before publishing more than N records"),
+        )
+        .arg(
+            Arg::new("relay")
+                .long("relay")
+                .value_name("HOST:PORT")
+                .action(ArgAction::Append)
+                .help("a relay's admin address (repeatable; a name may resolve to every replica): the run waits (exit 75) while a relay's spool holds records from before the window's end"),
+        )
+        .arg(
+            Arg::new("json")
+                .long("json")
+                .action(ArgAction::SetTrue)
+                .help("print the summary as one JSON object instead of the table"),
+        )
 }
 
 /// The run's own flags as a job, or what is wrong with them.
@@ -470,13 +498,11 @@ fn backfill_job(flags: &clap::ArgMatches) -> Result<im_relay::backfill::Job, Str
         }
         _ => Source::Roam { pairs, from_topic },
     };
-    Ok(Job {
-        source,
-        from,
-        to,
-        dry_run: flags.get_flag("dry_run"),
-        ready_after: time::Duration::HOUR,
-    })
+    let mut job = Job::new(source, from, to);
+    job.dry_run = flags.get_flag("dry_run");
+    job.allow_lost = flags.get_flag("allow_missing_records");
+    job.max_publish = flags.get_one::<u64>("max_publish").copied();
+    Ok(job)
 }
 
 /// `im-relay backfill`: exit 0 done, 1 an error, 2 bad settings or flags, 75 (EX_TEMPFAIL)
@@ -490,23 +516,67 @@ fn backfill(flags: &clap::ArgMatches) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let relays: Vec<String> = flags
+        .get_many::<String>("relay")
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let json = flags.get_flag("json");
     let loaded = config::BackfillConfig::load(Some(flags), &|k| std::env::var(k).ok());
     run_async(loaded, |config| async move {
+        use im_relay::backfill::{Source, reconcile};
+        if let Source::Roam { .. } = job.source {
+            let reach = time::OffsetDateTime::now_utc() - im_relay::backfill::ROAM_KEPT;
+            let lookback = job.from - config.tencent.recall_lookback;
+            if lookback < reach {
+                eprintln!(
+                    "note: roam keeps 7 days of messages on the default edition; before {} it \
+                     finds nothing unless the app's edition keeps more",
+                    reach.date()
+                );
+            }
+        }
+        if !relays.is_empty() {
+            let http = reqwest::Client::new();
+            match reconcile::relays_oldest_unpublished(&http, &relays).await {
+                Ok(waiting) if reconcile::spool_covers(waiting, job.to) => {
+                    eprintln!(
+                        "a relay's spool still holds records from before the window's end: they \
+                         are about to be published; run again once it has drained"
+                    );
+                    return ExitCode::from(75);
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    eprintln!("cannot ask the relays about their spools: {why}");
+                    return ExitCode::from(75);
+                }
+            }
+        }
         let terminal = std::io::stderr().is_terminal();
         let outcome =
             im_relay::backfill::run(&config.tencent, &config.kafka, &job, |done, of, row| {
+                let line = format!(
+                    "[{done}/{of}] {}: found {}, on topic {}, published {}",
+                    row.name, row.found, row.on_topic, row.published
+                );
+                // A terminal gets one line redrawn; a log, a line each.
                 if terminal {
-                    eprint!(
-                        "\r[{done}/{of}] {}: found {}, published {}          ",
-                        row.name, row.found, row.published
-                    );
+                    eprint!("\r{line}          ");
+                } else {
+                    eprintln!("{line}");
                 }
             })
             .await;
         if terminal {
             eprintln!();
         }
-        print!("{}", outcome.summary.table(job.dry_run));
+        if json {
+            println!("{}", outcome.summary.json());
+        } else {
+            print!("{}", outcome.summary.table(job.dry_run));
+        }
         match outcome.error {
             Some(error) => {
                 eprintln!("backfill failed: {error}");
@@ -520,6 +590,37 @@ fn backfill(flags: &clap::ArgMatches) -> ExitCode {
             }
             None => ExitCode::SUCCESS,
         }
+    })
+}
+
+/// `im-relay reconcile`: hour after hour, with its admin listener; a signal stops it at its
+/// next await (what it published is on the topic; the hour is done again next time).
+fn reconcile(flags: &clap::ArgMatches) -> ExitCode {
+    let loaded = config::ReconcileConfig::load(Some(flags), &|k| std::env::var(k).ok());
+    run_async(loaded, |config| async move {
+        if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
+            tracing::error!(%error, dir = %config.state_dir.display(), "cannot make the state directory");
+            return ExitCode::FAILURE;
+        }
+        let listener = match tokio::net::TcpListener::bind(config.admin_listen).await {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::error!(%error, addr = %config.admin_listen, "cannot bind the admin listener");
+                return ExitCode::FAILURE;
+            }
+        };
+        let router = im_relay::startup::admin_router(|| None, telemetry::metrics_handle());
+        let admin = tokio::spawn(async move { axum::serve(listener, router).await });
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let work = tokio::spawn(im_relay::backfill::reconcile::reconcile(
+            std::sync::Arc::new(config),
+            stop.clone(),
+        ));
+        shutdown_signal().await;
+        stop.notify_one();
+        let _ = work.await;
+        admin.abort();
+        ExitCode::SUCCESS
     })
 }
 

@@ -112,7 +112,11 @@ impl Application {
             let listener = tokio::net::TcpListener::from_std(admin)
                 .map_err(|e| StartupError::Bind(admin_addr, e))?;
             let trouble = readiness.clone();
-            let router = admin_router(move || trouble(), metrics.clone());
+            let spool = spool_slot.clone();
+            let router = admin_router(move || trouble(), metrics.clone()).route(
+                "/spool",
+                get(move || async move { axum::Json(spool_position(spool.get())) }),
+            );
             let stop = admin_stop.clone();
             tokio::spawn(async move {
                 axum::serve(listener, router)
@@ -264,17 +268,6 @@ impl Application {
         }
 
         let durability = tokio::spawn(crate::publish::durability::watch(config.kafka.clone()));
-        let reconcile_stop = Arc::new(tokio::sync::Notify::new());
-        let reconciler = match &config.reconcile {
-            Some(r) => Some(crate::backfill::periodic::spawn(
-                r.clone(),
-                config.kafka.clone(),
-                self.spool.clone(),
-                config.spool.dir.clone(),
-                reconcile_stop.clone(),
-            )?),
-            None => None,
-        };
         let upkeep = {
             let metrics = self.metrics.clone();
             let process = metrics_process::Collector::default();
@@ -355,12 +348,6 @@ impl Application {
         }
         upkeep.abort();
         durability.abort();
-        reconcile_stop.notify_one();
-        if let Some(r) = reconciler {
-            // A reconciliation in progress stops at its next await; what it published is on
-            // the topic, the hour is done again next time.
-            let _ = tokio::task::spawn_blocking(move || r.join()).await;
-        }
         if let Some(r) = reloader {
             r.abort();
         }
@@ -459,6 +446,19 @@ impl Health {
             }
             _ => None,
         }
+    }
+}
+
+/// What `/spool` tells `im-relay reconcile`: how many records wait, and when the oldest of them
+/// arrived (`null` when none is known: none waits, or the spool is not open yet — then
+/// `backlog` is `null` too, and the relay cannot say).
+fn spool_position(spool: Option<&Arc<crate::spool::Shared>>) -> serde_json::Value {
+    match spool {
+        Some(s) => serde_json::json!({
+            "backlog": s.backlog(),
+            "oldest_unpublished_ms": s.oldest_unpublished_ms(),
+        }),
+        None => serde_json::json!({"backlog": null, "oldest_unpublished_ms": null}),
     }
 }
 

@@ -24,7 +24,7 @@ impl Run<'_> {
         let now = OffsetDateTime::now_utc();
         if end + FILES_KEPT <= now {
             // Its file is gone: an empty listing must not read as a quiet hour.
-            return Err(Error(format!(
+            return Err(Error::Other(format!(
                 "hour {name} (UTC+8) is older than the 7 days Tencent keeps hourly files \
                  (older messages: --source roam, if the app's edition keeps them longer)"
             )));
@@ -57,7 +57,7 @@ impl Run<'_> {
             for file in &files {
                 // Sizes and checksums are required: without them nothing proves a file whole.
                 let Some(file) = Listed::of(file) else {
-                    return Err(Error(format!(
+                    return Err(Error::Other(format!(
                         "hour {name}: a file listed without its URL, sizes or MD5s"
                     )));
                 };
@@ -76,7 +76,9 @@ impl Run<'_> {
                     Err(FileError::Refetch(why)) => {
                         refetches += 1;
                         if refetches > REFETCHES {
-                            return Err(Error(format!("hour {name}: {why}, {REFETCHES} times")));
+                            return Err(Error::Other(format!(
+                                "hour {name}: {why}, {REFETCHES} times"
+                            )));
                         }
                         tracing::warn!(hour = %name, problem = %why, "fetching the hour's file list again");
                         tokio::time::sleep(std::time::Duration::from_secs(1 << refetches)).await;
@@ -100,7 +102,7 @@ impl Run<'_> {
         counted: &mut HashSet<u128>,
     ) -> Result<(), FileError> {
         let refetch = |s: &str| FileError::Refetch(s.to_owned());
-        let fatal = |s: String| FileError::Fatal(Error(s));
+        let fatal = |s: String| FileError::Fatal(Error::Other(s));
         if file
             .expires
             .is_some_and(|at| at <= OffsetDateTime::now_utc())
@@ -113,7 +115,11 @@ impl Run<'_> {
                 "hour {hour}: a file of {gzip_size} bytes, above the {MAX_FILE_BYTES} taken"
             )));
         }
-        let mut tmp = tempfile::tempfile().map_err(|e| fatal(format!("a temporary file: {e}")))?;
+        let tmp = match &self.job.temp_dir {
+            Some(dir) => tempfile::tempfile_in(dir),
+            None => tempfile::tempfile(),
+        };
+        let mut tmp = tmp.map_err(|e| fatal(format!("a temporary file: {e}")))?;
         let (size, md5) = match self.rest.download(file.url, &mut tmp, gzip_size).await {
             Ok(got) => got,
             Err(DownloadError::Again(why)) => return Err(FileError::Refetch(why)),

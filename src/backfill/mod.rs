@@ -13,7 +13,7 @@
 mod convert;
 mod files;
 mod history;
-pub mod periodic;
+pub mod reconcile;
 pub mod rest;
 mod roam;
 mod sink;
@@ -22,7 +22,6 @@ pub mod topic;
 pub mod usersig;
 
 use std::collections::HashSet;
-use std::fmt;
 
 use md5::Digest;
 use serde_json::{Map, Value};
@@ -38,16 +37,23 @@ use sink::Sink;
 pub use summary::{Row, Summary};
 use topic::{Scan, Seen};
 
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Records of the window may be gone from the topic (retention, compaction): what is
+    /// missing cannot be told from what was deleted.
+    #[error("{0}")]
+    Lost(String),
+    /// `--max-publish` reached.
+    #[error("{0}")]
+    Limit(String),
+    /// Kafka did not take a record (and, refused for good, the quarantine topic neither).
+    #[error("{0}")]
+    Kafka(String),
+    /// Tencent's API, its files, the topic's reading, the machine.
+    #[error("{0}")]
+    Other(String),
 }
-
-impl std::error::Error for Error {}
 
 /// Where Tencent's view comes from.
 #[derive(Debug, Clone)]
@@ -71,6 +77,29 @@ pub struct Job {
     pub dry_run: bool,
     /// How long after an hour ends its file is taken as ready.
     pub ready_after: Duration,
+    /// Read the topic even where records of the window may have been deleted (retention,
+    /// compaction): every message it does not hold is published again.
+    pub allow_lost: bool,
+    /// The run stops before publishing more records than this.
+    pub max_publish: Option<u64>,
+    /// Where hourly files are downloaded; `None`: the system's temporary directory.
+    pub temp_dir: Option<std::path::PathBuf>,
+}
+
+impl Job {
+    /// A run over `[from, to)` with the defaults.
+    pub fn new(source: Source, from: OffsetDateTime, to: OffsetDateTime) -> Job {
+        Job {
+            source,
+            from,
+            to,
+            dry_run: false,
+            ready_after: Duration::HOUR,
+            allow_lost: false,
+            max_publish: None,
+            temp_dir: None,
+        }
+    }
 }
 
 /// Kafka's timestamps are produce times: a little after the send time, or much later after
@@ -79,9 +108,11 @@ const TOPIC_MARGIN: Duration = Duration::hours(1);
 /// An hour with no files this soon after it ended may not be written yet *(unconfirmed: the
 /// page says only "about an hour, later for big hours")*.
 const EMPTY_SETTLE: Duration = Duration::hours(6);
-/// A message sent this long before the window may be recalled inside it: roam reads it too,
-/// for its recall only (Tencent's recall limit is 2 minutes by default, longer if configured).
-const RECALL_LOOKBACK: Duration = Duration::hours(1);
+/// How long roam keeps messages on the default edition (30 or 90 days on higher ones).
+pub const ROAM_KEPT: Duration = Duration::days(7);
+/// Record times this far outside the window still count as the window's (clock skew between
+/// Tencent and the relay; a file's hour and its messages' times).
+const TIME_MARGIN: Duration = Duration::hours(1);
 /// The largest hourly file (gzipped) downloaded; it is spooled to a temporary file.
 const MAX_FILE_BYTES: u64 = 8 << 30;
 /// How long Tencent keeps an hour's file.
@@ -166,20 +197,26 @@ async fn run_rows(
             ..
         }
     );
+    let topics = topics(kafka);
+    let compacted = topic::compacted(kafka, &topics).await?;
     let scan = Scan {
-        topics: topics(kafka),
-        since_ms: ms(job.from - TOPIC_MARGIN - RECALL_LOOKBACK),
+        topics,
+        since_ms: ms(job.from - TOPIC_MARGIN),
+        keep_ms: (ms(job.from - TIME_MARGIN), ms(job.to + TIME_MARGIN)),
         pairs_between_ms: from_topic
             .then(|| (ms(job.from - TOPIC_MARGIN), ms(job.to + TOPIC_MARGIN))),
         app: tencent.sdk_app_id,
+        compacted,
+        allow_lost: job.allow_lost,
     };
     let seen = {
         let kafka = kafka.clone();
         tokio::task::spawn_blocking(move || topic::scan(&kafka, &scan))
             .await
-            .map_err(|e| Error(format!("reading the topic: {e}")))??
+            .map_err(|e| Error::Other(format!("reading the topic: {e}")))??
     };
     tracing::info!(ids = seen.len(), "read what the topic holds");
+    summary.ids_kept = seen.len();
     let mut run = Run {
         tencent,
         kafka,
@@ -187,6 +224,7 @@ async fn run_rows(
         sink: Sink::new(kafka, job.dry_run)?,
         seen,
         job,
+        published: 0,
     };
     match &job.source {
         Source::Roam { pairs, .. } => {
@@ -221,7 +259,9 @@ async fn run_rows(
             }
         }
     }
-    run.sink.flush().await
+    run.sink.flush().await?;
+    summary.refused = run.sink.refused;
+    Ok(())
 }
 
 /// A run in progress: the REST client, what the topic holds, the producer.
@@ -232,6 +272,8 @@ struct Run<'a> {
     seen: Seen,
     sink: Sink,
     job: &'a Job,
+    /// Records published (or, dry, that would be) by this run.
+    published: u64,
 }
 
 impl Run<'_> {
@@ -242,6 +284,7 @@ impl Run<'_> {
         outputs: Vec<Output>,
         row: &mut Row,
         first_sighting: bool,
+        quiet: bool,
     ) -> Result<(), Error> {
         for o in outputs {
             if self.seen.has(&o.id) {
@@ -249,6 +292,14 @@ impl Run<'_> {
                     row.on_topic += 1;
                 }
                 continue;
+            }
+            if let Some(max) = self.job.max_publish
+                && self.published >= max
+            {
+                return Err(Error::Limit(format!(
+                    "stopped before publishing more than --max-publish {max} records (what \
+                     was published stays; run again with a higher limit to go on)"
+                )));
             }
             let record = Record::message(
                 o.target,
@@ -260,10 +311,12 @@ impl Run<'_> {
             );
             self.sink.send(record, &o.id).await?;
             self.seen.add(&o.id);
+            self.published += 1;
             if o.target == Target::Recalls {
                 row.recalls_published += 1;
             } else {
                 row.published += 1;
+                row.no_callback += u64::from(quiet);
             }
         }
         Ok(())
@@ -323,18 +376,19 @@ impl Run<'_> {
     ) -> Result<(), Error> {
         match records(self.tencent.sdk_app_id, self.kafka.key, m) {
             Ok((time, mut outputs)) => {
+                let quiet = self.tencent.quiet(m);
                 if let Some((from, to)) = window {
                     if time >= to {
                         return Ok(());
                     }
                     if time < from {
                         outputs.retain(|o| o.target == Target::Recalls);
-                        return self.offer(outputs, row, false).await;
+                        return self.offer(outputs, row, false, quiet).await;
                     }
                 }
                 let first = counted.insert(topic::digest(&outputs[0].id));
                 row.found += u64::from(first);
-                self.offer(outputs, row, first).await
+                self.offer(outputs, row, first, quiet).await
             }
             Err(why) => {
                 let text = Value::Object(m.clone()).to_string();

@@ -87,7 +87,9 @@ impl Rest {
             .connect_timeout(cfg.timeout)
             .read_timeout(cfg.timeout)
             .build()
-            .map_err(|e| Error(format!("cannot make the HTTP client: {}", e.without_url())))?;
+            .map_err(|e| {
+                Error::Other(format!("cannot make the HTTP client: {}", e.without_url()))
+            })?;
         Ok(Rest {
             cfg: cfg.clone(),
             http,
@@ -179,7 +181,7 @@ impl Rest {
                             let fix = advice(code, &self.cfg)
                                 .map(|a| format!(" — {a}"))
                                 .unwrap_or_default();
-                            return Err(Error(format!(
+                            return Err(Error::Other(format!(
                                 "{command}: Tencent answered error {code} ({info}){fix}"
                             )));
                         }
@@ -189,7 +191,7 @@ impl Rest {
             };
             attempt += 1;
             if attempt >= ATTEMPTS {
-                return Err(Error(format!(
+                return Err(Error::Other(format!(
                     "{command}: gave up after {ATTEMPTS} attempts: {retry}"
                 )));
             }
@@ -236,7 +238,8 @@ impl Rest {
         to: &mut std::fs::File,
         max: u64,
     ) -> Result<(u64, [u8; 16]), DownloadError> {
-        let failed = |e: String| DownloadError::Failed(Error(format!("downloading a file: {e}")));
+        let failed =
+            |e: String| DownloadError::Failed(Error::Other(format!("downloading a file: {e}")));
         let again = |e: String| DownloadError::Again(format!("downloading a file: {e}"));
         let deadline = self.cfg.timeout + Duration::from_secs(max / (256 << 10));
         let mut response = self

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value, json};
 
-use super::{Error, RECALL_LOOKBACK, ROAM_PAGE, Row, Run};
+use super::{Error, ROAM_PAGE, Row, Run};
 use crate::json::Object;
 use crate::normalize::Obj;
 
@@ -30,7 +30,7 @@ impl Run<'_> {
                 "Operator_Account": operator,
                 "Peer_Account": peer,
                 "MaxCnt": ROAM_PAGE,
-                "MinTime": (self.job.from - RECALL_LOOKBACK).unix_timestamp(),
+                "MinTime": (self.job.from - self.tencent.recall_lookback).unix_timestamp(),
                 "MaxTime": self.job.to.unix_timestamp(),
             });
             let mut last = None;
@@ -52,7 +52,7 @@ impl Run<'_> {
                     }
                 }
                 let what = |problem: &str| {
-                    Error(format!("admin_getroammsg for {operator}:{peer}: {problem}"))
+                    Error::Other(format!("admin_getroammsg for {operator}:{peer}: {problem}"))
                 };
                 // Without `Complete` the end of the conversation is unknown: never assumed.
                 let empty = Map::new();

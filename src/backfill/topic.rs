@@ -1,5 +1,11 @@
-//! What the topic already holds: every record id (`ce_id`) from a moment on, kept as 128-bit
-//! digests (16 bytes an id, whatever its length), and the conversations it saw.
+//! What the topic already holds: the ids (`ce_id`) of the records that can belong to the
+//! window, kept as 128-bit digests in a sorted vector (16 bytes an id, whatever its length),
+//! and the conversations it saw. Memory follows the window, not the topic: records are read
+//! from the window's start to the end of the topic (a late copy — delivered after an outage,
+//! or backfilled — can sit anywhere after it), but an id is kept only when its record's time
+//! (`ce_time`: a message's send time) falls in the window give or take a margin. A recall's
+//! time is when it happened or reached the relay, so every recall from the window's start on
+//! is kept: recalls are a small share of the traffic.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -8,6 +14,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use super::Error;
 use crate::config::{KafkaConfig, connection_config};
@@ -16,7 +24,10 @@ use crate::domain::{Relayed, SdkAppId};
 /// Record ids seen (or published by this run), and the pairs of users that spoke.
 #[derive(Default)]
 pub struct Seen {
-    ids: HashSet<u128>,
+    /// Sorted, read from the topic.
+    read: Vec<u128>,
+    /// Added by this run.
+    added: HashSet<u128>,
     pub pairs: BTreeSet<(String, String)>,
 }
 
@@ -28,93 +39,216 @@ pub fn digest(id: &str) -> u128 {
 
 impl Seen {
     pub fn has(&self, id: &str) -> bool {
-        self.ids.contains(&digest(id))
+        let d = digest(id);
+        self.read.binary_search(&d).is_ok() || self.added.contains(&d)
     }
 
     /// `false` if it was there already.
     pub fn add(&mut self, id: &str) -> bool {
-        self.ids.insert(digest(id))
+        !self.has(id) && self.added.insert(digest(id))
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.read.len() + self.added.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.len() == 0
+    }
+
+    fn finish(&mut self) {
+        self.read.sort_unstable();
+        self.read.dedup();
+        self.read.shrink_to_fit();
     }
 }
 
-/// What to read: the topics, from which Kafka timestamp on, and (for `--pairs-from-topic`)
-/// the timestamps whose messages name the pairs.
+/// What to read: the topics, from which Kafka timestamp on, which record times to keep, and
+/// (for `--pairs-from-topic`) the timestamps whose messages name the pairs.
 pub struct Scan {
     pub topics: Vec<String>,
     pub since_ms: i64,
+    /// Record times (`ce_time`, ms) whose ids are kept; a recall's from the first on.
+    pub keep_ms: (i64, i64),
     pub pairs_between_ms: Option<(i64, i64)>,
     pub app: SdkAppId,
+    /// The topics known to be compacted.
+    pub compacted: Vec<String>,
+    /// Read even where records of the window may have been deleted.
+    pub allow_lost: bool,
 }
+
+/// A partition's offsets, as the scan needs them.
+pub trait Offsets {
+    /// The partitions of `topic`.
+    fn partitions(&self, topic: &str) -> Result<Vec<i32>, String>;
+    /// The log start offset and the high watermark.
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String>;
+    /// The first offset whose timestamp is at or after `ms`: `Ok(None)` past the end, `Err`
+    /// where the broker cannot tell.
+    fn offset_for_time(&self, topic: &str, partition: i32, ms: i64) -> Result<Option<i64>, String>;
+}
+
+/// Where each partition's reading starts and ends, or why it must not be read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ranges: Vec<(String, i32, i64, i64)>,
+    /// Why records of the window may be missing from the topic (retention, compaction).
+    pub lost: Vec<String>,
+}
+
+/// The scan's plan. Records of the window may have been deleted when a partition's log start
+/// is above 0 and its first remaining record is at or after `since_ms` (what came before it
+/// is gone, and could have been the window's); a compacted topic keeps one record a key.
+pub fn plan(
+    source: &dyn Offsets,
+    topics: &[String],
+    compacted: &[String],
+    since_ms: i64,
+) -> Result<Plan, Error> {
+    let fail = |e: String| Error::Other(format!("reading the topic: {e}"));
+    let mut plan = Plan::default();
+    for topic in topics {
+        if compacted.contains(topic) {
+            plan.lost.push(format!(
+                "topic `{topic}` is compacted: a message's record can be replaced by a later one \
+                 with its key"
+            ));
+        }
+        for p in source.partitions(topic).map_err(fail)? {
+            let (low, high) = source.watermarks(topic, p).map_err(fail)?;
+            // A broker that cannot look offsets up by time leaves the scan at the start:
+            // slower, never wrong.
+            let first = source.offset_for_time(topic, p, since_ms);
+            if low > 0 && matches!(first, Ok(Some(at)) if at <= low) {
+                plan.lost.push(format!(
+                    "topic `{topic}` partition {p} starts at offset {low} with a record from \
+                     the window or later: older records were deleted (retention)"
+                ));
+            } else if low > 0 && first.is_err() {
+                plan.lost.push(format!(
+                    "topic `{topic}` partition {p} starts at offset {low} and the broker cannot \
+                     say from when: records of the window may have been deleted"
+                ));
+            }
+            let start = match first {
+                Ok(Some(at)) => at.max(low),
+                Ok(None) => high,
+                Err(_) => low,
+            };
+            if high > start {
+                plan.ranges.push((topic.clone(), p, start, high));
+            }
+        }
+    }
+    Ok(plan)
+}
+
+impl<C: rdkafka::consumer::ConsumerContext> Offsets for BaseConsumer<C> {
+    fn partitions(&self, topic: &str) -> Result<Vec<i32>, String> {
+        let metadata = self
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Err(format!("topic `{topic}` not found"));
+        };
+        if let Some(e) = t.error() {
+            return Err(format!(
+                "topic `{topic}`: {}",
+                rdkafka::types::RDKafkaErrorCode::from(e)
+            ));
+        }
+        Ok(t.partitions().iter().map(|p| p.id()).collect())
+    }
+
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), String> {
+        self.fetch_watermarks(topic, partition, TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn offset_for_time(&self, topic: &str, partition: i32, ms: i64) -> Result<Option<i64>, String> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, Offset::Offset(ms))
+            .map_err(|e| e.to_string())?;
+        let found = self
+            .offsets_for_times(list, TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let e = found
+            .find_partition(topic, partition)
+            .ok_or("no answer for the partition")?;
+        e.error().map_err(|e| e.to_string())?;
+        match e.offset() {
+            Offset::Offset(n) => Ok(Some(n)),
+            Offset::End => Ok(None),
+            other => Err(format!("an offset of {other:?}")),
+        }
+    }
+}
+
+/// The topics among `topics` whose `cleanup.policy` holds `compact`, from the admin API.
+pub async fn compacted(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<String>, Error> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let fail = |e: rdkafka::error::KafkaError| {
+        Error::Other(format!("reading the topics' cleanup.policy: {e}"))
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        connection_config(kafka).create().map_err(fail)?;
+    let specs: Vec<ResourceSpecifier> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
+    let mut out = Vec::new();
+    for (topic, result) in topics.iter().zip(
+        admin
+            .describe_configs(&specs, &options)
+            .await
+            .map_err(fail)?,
+    ) {
+        let resource = result
+            .map_err(|e| Error::Other(format!("reading topic `{topic}`'s cleanup.policy: {e}")))?;
+        let policy = resource
+            .get("cleanup.policy")
+            .and_then(|e| e.value.as_deref());
+        if policy.is_some_and(|p| p.contains("compact")) {
+            out.push(topic.clone());
+        }
+    }
+    Ok(out)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads each topic from `since_ms` (Kafka's offsets by timestamp; from the start where the
 /// broker cannot tell) to its end as it was when the scan began. Blocking.
 pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
-    let fail = |e: rdkafka::error::KafkaError| Error(format!("reading the topic: {e}"));
+    let fail = |e: rdkafka::error::KafkaError| Error::Other(format!("reading the topic: {e}"));
     let consumer: BaseConsumer = connection_config(kafka)
         .set("group.id", "im-relay-backfill")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()
         .map_err(fail)?;
-    let timeout = Duration::from_secs(10);
-    let mut start = TopicPartitionList::new();
-    let mut end: HashMap<(String, i32), i64> = HashMap::new();
-    for topic in &what.topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(fail)?;
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-            return Err(Error(format!("topic `{topic}` not found")));
-        };
-        if let Some(e) = t.error() {
-            return Err(Error(format!(
-                "topic `{topic}`: {}",
-                rdkafka::types::RDKafkaErrorCode::from(e)
-            )));
-        }
-        let mut by_time = TopicPartitionList::new();
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), timeout)
-                .map_err(fail)?;
-            if high > low {
-                end.insert((topic.clone(), p.id()), high);
-                by_time
-                    .add_partition_offset(topic, p.id(), Offset::Offset(what.since_ms))
-                    .map_err(fail)?;
-                start
-                    .add_partition_offset(topic, p.id(), Offset::Offset(low))
-                    .map_err(fail)?;
-            }
-        }
-        // A broker that cannot look offsets up by time leaves the scan at the start: slower,
-        // never wrong.
-        if let Ok(found) = consumer.offsets_for_times(by_time, timeout) {
-            for e in found.elements() {
-                let key = (e.topic().to_owned(), e.partition());
-                let at = match e.offset() {
-                    Offset::Offset(n) if e.error().is_ok() => n,
-                    Offset::End => end[&key],
-                    _ => continue,
-                };
-                start
-                    .set_partition_offset(e.topic(), e.partition(), Offset::Offset(at))
-                    .map_err(fail)?;
-                if at >= end[&key] {
-                    end.remove(&key);
-                }
-            }
-        }
+    let plan = plan(&consumer, &what.topics, &what.compacted, what.since_ms)?;
+    if !plan.lost.is_empty() && !what.allow_lost {
+        return Err(Error::Lost(format!(
+            "records of the window may be gone from the topic, so what is missing cannot be \
+             told from what was deleted ({}); pass --allow-missing-records to publish every \
+             message the topic does not hold",
+            plan.lost.join("; ")
+        )));
+    }
+    for why in &plan.lost {
+        tracing::warn!(%why, "records of the window may be gone from the topic: read anyway");
     }
     let mut seen = Seen::default();
+    let mut start = TopicPartitionList::new();
+    let mut end: HashMap<(String, i32), i64> = HashMap::new();
+    for (topic, p, from, high) in &plan.ranges {
+        start
+            .add_partition_offset(topic, *p, Offset::Offset(*from))
+            .map_err(fail)?;
+        end.insert((topic.clone(), *p), *high);
+    }
     if end.is_empty() {
         return Ok(seen);
     }
@@ -132,7 +266,7 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
             }
             Some(Err(e)) => return Err(fail(e)),
             None if last_progress.elapsed() > Duration::from_secs(30) => {
-                return Err(Error(format!(
+                return Err(Error::Other(format!(
                     "reading the topic: no progress for 30 s with {} partitions unread",
                     end.len()
                 )));
@@ -140,7 +274,14 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
             None => {}
         }
     }
+    seen.finish();
     Ok(seen)
+}
+
+/// Whether a record's id can matter to the window: by its time, an open-ended one's (a
+/// recall's) from the window's start on.
+fn kept(keep_ms: (i64, i64), open_ended: bool, at_ms: i64) -> bool {
+    at_ms >= keep_ms.0 && (open_ended || at_ms <= keep_ms.1)
 }
 
 fn take(m: &rdkafka::message::BorrowedMessage<'_>, what: &Scan, seen: &mut Seen) {
@@ -157,19 +298,138 @@ fn take(m: &rdkafka::message::BorrowedMessage<'_>, what: &Scan, seen: &mut Seen)
     let Some(id) = header("ce_id") else {
         return;
     };
-    seen.add(id);
+    let produced = m.timestamp().to_millis().unwrap_or(0);
+    let command = header("im_callback_command");
+    // A record without `ce_time` (one backfill quarantined) counts from when Kafka took it,
+    // and, like a recall, from the window's start on: it was written after its hour.
+    let (at, open_ended) =
+        match header("ce_time").and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()) {
+            Some(t) => (
+                (t.unix_timestamp_nanos() / 1_000_000) as i64,
+                command == Some(Relayed::AfterMsgWithDraw.as_str()),
+            ),
+            None => (produced, true),
+        };
+    if kept(what.keep_ms, open_ended, at) {
+        seen.read.push(digest(id));
+    }
     let Some((lo, hi)) = what.pairs_between_ms else {
         return;
     };
-    let at = m.timestamp().to_millis().unwrap_or(0);
     let app = what.app.to_string();
-    if (lo..=hi).contains(&at)
-        && header("im_callback_command") == Some(Relayed::AfterSendMsg.as_str())
+    if (lo..=hi).contains(&produced)
+        && command == Some(Relayed::AfterSendMsg.as_str())
         && header("im_sdk_app_id") == Some(app.as_str())
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or_default())
         && let (Some(a), Some(b)) = (v["from_account"].as_str(), v["to_account"].as_str())
     {
         let pair = if a <= b { (a, b) } else { (b, a) };
         seen.pairs.insert((pair.0.to_owned(), pair.1.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker's offsets, made up: (low, high, first offset at or after the window) by
+    /// partition; `None` for a broker that cannot look offsets up by time.
+    struct Fake {
+        partitions: Vec<(i64, i64, Option<Option<i64>>)>,
+    }
+
+    impl Offsets for Fake {
+        fn partitions(&self, _: &str) -> Result<Vec<i32>, String> {
+            Ok((0..self.partitions.len() as i32).collect())
+        }
+        fn watermarks(&self, _: &str, p: i32) -> Result<(i64, i64), String> {
+            let (low, high, _) = self.partitions[p as usize];
+            Ok((low, high))
+        }
+        fn offset_for_time(&self, _: &str, p: i32, _: i64) -> Result<Option<i64>, String> {
+            self.partitions[p as usize]
+                .2
+                .ok_or_else(|| "unsupported".to_owned())
+        }
+    }
+
+    fn lost(partitions: Vec<(i64, i64, Option<Option<i64>>)>, compacted: bool) -> Vec<String> {
+        let fake = Fake { partitions };
+        let compacted = if compacted {
+            vec!["t".to_owned()]
+        } else {
+            vec![]
+        };
+        plan(&fake, &["t".to_owned()], &compacted, 1000)
+            .unwrap()
+            .lost
+    }
+
+    #[test]
+    fn deleted_records_of_the_window_are_told_from_a_young_topic() {
+        // A young topic that never lost a record: fine, wherever the window starts.
+        assert!(
+            lost(
+                vec![(0, 100, Some(Some(0))), (0, 50, Some(Some(20)))],
+                false
+            )
+            .is_empty()
+        );
+        // Retention deleted older records, but the first left is older than the window.
+        assert!(lost(vec![(40, 100, Some(Some(60)))], false).is_empty());
+        // The first record left is from the window or later: what was before it may have been.
+        let gone = lost(
+            vec![(0, 10, Some(Some(3))), (40, 100, Some(Some(40)))],
+            false,
+        );
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert!(
+            gone[0].contains("partition 1 starts at offset 40"),
+            "{gone:?}"
+        );
+        // Every record older than the window, and deleted up to the end.
+        assert_eq!(
+            lost(vec![(100, 100, Some(None))], false),
+            Vec::<String>::new()
+        );
+        // A broker that cannot say: deleted records cannot be ruled out.
+        assert_eq!(lost(vec![(40, 100, None)], false).len(), 1);
+        assert!(lost(vec![(0, 100, None)], false).is_empty());
+        // Compaction.
+        let compacted = lost(vec![(0, 100, Some(Some(0)))], true);
+        assert!(compacted[0].contains("compacted"), "{compacted:?}");
+    }
+
+    #[test]
+    fn the_plan_reads_from_the_window_to_the_end() {
+        let fake = Fake {
+            partitions: vec![(0, 100, Some(Some(60))), (0, 10, Some(None)), (5, 9, None)],
+        };
+        let plan = plan(&fake, &["t".to_owned()], &[], 1000).unwrap();
+        assert_eq!(
+            plan.ranges,
+            vec![("t".to_owned(), 0, 60, 100), ("t".to_owned(), 2, 5, 9)]
+        );
+    }
+
+    #[test]
+    fn an_id_is_kept_by_its_record_s_time_a_recall_s_from_the_window_on() {
+        let keep = (1000, 2000);
+        assert!(kept(keep, false, 1000) && kept(keep, false, 2000));
+        assert!(!kept(keep, false, 999) && !kept(keep, false, 2001));
+        assert!(kept(keep, true, 9_000_000) && !kept(keep, true, 999));
+    }
+
+    #[test]
+    fn seen_finds_what_was_read_and_what_was_added() {
+        let mut seen = Seen {
+            read: vec![digest("b"), digest("a"), digest("a")],
+            ..Seen::default()
+        };
+        seen.finish();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.has("a") && seen.has("b") && !seen.has("c"));
+        assert!(!seen.add("a"));
+        assert!(seen.add("c") && seen.has("c") && !seen.add("c"));
     }
 }

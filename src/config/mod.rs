@@ -28,10 +28,10 @@ pub use kafka::{
     Compression, KafkaConfig, SaslMechanism, SecurityProtocol, client_config, connection_config,
 };
 pub use settings::Group;
-pub use settings::{backfill_command, serve_command, sync_command};
+pub use settings::{backfill_command, reconcile_command, serve_command, sync_command};
 use settings::{env_name, key, setting};
 pub use sync::{Database, PgSsl, SslMode, SyncConfig, split_ssl};
-pub use tencent::{BackfillConfig, TencentConfig};
+pub use tencent::{BackfillConfig, ReconcileConfig, TencentConfig};
 
 /// A secret value: never printed, never compared in variable time by us.
 #[derive(Clone, PartialEq, Eq)]
@@ -84,16 +84,6 @@ pub struct Config {
     pub dedup_window: Duration,
     pub publish_max_in_flight: usize,
     pub kafka: KafkaConfig,
-    /// `reconcile = history`: each hour's file compared with the topic, what is missing published.
-    pub reconcile: Option<Reconcile>,
-}
-
-/// `serve`'s periodic reconciliation against Tencent's hourly files.
-#[derive(Debug, Clone)]
-pub struct Reconcile {
-    pub tencent: TencentConfig,
-    /// How long after an hour ends it is reconciled.
-    pub delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -148,11 +138,8 @@ impl Config {
         flags: Option<&ArgMatches>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let (values, options, errors) = settings::load_raw(
-            flags,
-            env,
-            &[Group::Serve, Group::App, Group::Kafka, Group::Tencent],
-        );
+        let (values, options, errors) =
+            settings::load_raw(flags, env, &[Group::Serve, Group::App, Group::Kafka]);
         let mut p = Parser { values, errors };
         let config = p.config(options);
         p.finish(config)
@@ -369,23 +356,16 @@ impl Parser {
                 "must be at least max_body_bytes + 16384, so a quarantined body fits",
             );
         }
-        let reconcile = match self.one_of(key::RECONCILE, &["off", "history"]).as_str() {
-            "history" => {
-                if sdk_app_ids.len() > 1 {
-                    self.fail(
-                        key::RECONCILE,
-                        "reconciles one app: name exactly one sdk_app_id",
-                    );
-                }
-                let delay = self.millis(key::RECONCILE_DELAY_MS);
-                let app = sdk_app_ids.first().copied().unwrap_or(SdkAppId::from(0));
-                self.tencent(app)
-                    .map(|tencent| Reconcile { tencent, delay })
-            }
-            _ => None,
-        };
+        // The callback server never holds Tencent's secret key, and N replicas would
+        // publish N copies of what is missing.
+        if self.opt(key::RECONCILE).is_some_and(|v| v.trim() != "off") {
+            self.fail(
+                key::RECONCILE,
+                "serve no longer reconciles: run `im-relay reconcile` beside the relays (one \
+                 process per app, docs/backfill.md) and remove this setting",
+            );
+        }
         Config {
-            reconcile,
             sdk_app_ids,
             tokens,
             allow_unsigned,

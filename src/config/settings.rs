@@ -20,8 +20,10 @@ pub enum Group {
     Sync,
     /// The Tencent IM application: `serve` takes callbacks for it, `backfill` reads its history.
     App,
-    /// Tencent's REST API (backfill and `serve`'s reconciliation).
+    /// Tencent's REST API (`backfill` and `reconcile`).
     Tencent,
+    /// `im-relay reconcile`: its state, temporary files, admin listener, the relays it asks.
+    Reconcile,
 }
 
 pub(super) struct Setting {
@@ -70,7 +72,7 @@ const fn secret(group: Group, key: &'static str, help: &'static str) -> Setting 
     }
 }
 
-use Group::{App, Kafka, Serve, Sync, Tencent};
+use Group::{App, Kafka, Reconcile, Serve, Sync, Tencent};
 
 /// Every setting's key, spelled once: the table and the parsers name them through these.
 pub mod key {
@@ -136,8 +138,16 @@ pub mod key {
     pub const TENCENT_ADMIN: &str = "tencent_admin";
     pub const TENCENT_SECRET_KEY: &str = "tencent_secret_key";
     pub const TENCENT_TIMEOUT_MS: &str = "tencent_timeout_ms";
+    pub const NO_CALLBACK_SENDERS: &str = "no_callback_senders";
+    pub const NO_CALLBACK_PLATFORMS: &str = "no_callback_platforms";
+    pub const ROAM_RECALL_LOOKBACK_MS: &str = "roam_recall_lookback_ms";
     pub const RECONCILE: &str = "reconcile";
     pub const RECONCILE_DELAY_MS: &str = "reconcile_delay_ms";
+    pub const RECONCILE_ADMIN_LISTEN: &str = "reconcile_admin_listen";
+    pub const RECONCILE_STATE_DIR: &str = "reconcile_state_dir";
+    pub const RECONCILE_TEMP_DIR: &str = "reconcile_temp_dir";
+    pub const RECONCILE_RELAYS: &str = "reconcile_relays";
+    pub const RECONCILE_ALLOW_MISSING_RECORDS: &str = "reconcile_allow_missing_records";
 }
 
 pub(super) const SETTINGS: &[Setting] = &[
@@ -310,13 +320,43 @@ pub(super) const SETTINGS: &[Setting] = &[
         Serve,
         key::RECONCILE,
         Some("off"),
-        "off | history: publish what Tencent's hourly files hold and the topic does not",
+        "off (serve no longer reconciles: run `im-relay reconcile`, one per app)",
     ),
     s(
-        Serve,
+        Reconcile,
         key::RECONCILE_DELAY_MS,
         Some("7200000"),
         "how long after an hour ends its reconciliation starts (Tencent's file is ready ~1 h after)",
+    ),
+    s(
+        Reconcile,
+        key::RECONCILE_ADMIN_LISTEN,
+        Some("0.0.0.0:8083"),
+        "metrics and health listener (serve's is 8081, sync's 8082)",
+    ),
+    s(
+        Reconcile,
+        key::RECONCILE_STATE_DIR,
+        Some("reconcile-state"),
+        "directory keeping the next hour to reconcile (a volume that outlives the process)",
+    ),
+    s(
+        Reconcile,
+        key::RECONCILE_TEMP_DIR,
+        None,
+        "directory for downloaded hourly files (writable; under a read-only root, a mounted volume) [default: the system's, TMPDIR]",
+    ),
+    s(
+        Reconcile,
+        key::RECONCILE_RELAYS,
+        None,
+        "the relays' admin addresses (host:port, comma-separated; a name may resolve to every replica, e.g. a headless Service): an hour waits until each relay's spool has published what arrived before it ended",
+    ),
+    s(
+        Reconcile,
+        key::RECONCILE_ALLOW_MISSING_RECORDS,
+        Some("false"),
+        "true: reconcile even where records of the hour may have been deleted from the topic (retention, compaction), publishing every message it does not hold",
     ),
     s(
         Tencent,
@@ -340,6 +380,24 @@ pub(super) const SETTINGS: &[Setting] = &[
         key::TENCENT_TIMEOUT_MS,
         Some("10000"),
         "time one REST call (or a file download's silence) may take",
+    ),
+    s(
+        Tencent,
+        key::NO_CALLBACK_SENDERS,
+        None,
+        "accounts whose messages Tencent sends no callback for (administrators sending with callbacks forbidden, bots, imports), comma-separated: what reconciliation finds of theirs is counted apart, not as a gap",
+    ),
+    s(
+        Tencent,
+        key::NO_CALLBACK_PLATFORMS,
+        None,
+        "MsgFromPlatform values of messages Tencent sends no callback for (e.g. RESTAPI when the app's server sends with callbacks forbidden), comma-separated",
+    ),
+    s(
+        Tencent,
+        key::ROAM_RECALL_LOOKBACK_MS,
+        Some("604800000"),
+        "roam also reads messages sent this long before the window, for their recalls (default 7 days, what roam keeps)",
     ),
     s(
         Kafka,
@@ -525,13 +583,12 @@ pub fn serve_command() -> clap::Command {
     command(
         "serve",
         "Receive Tencent IM callbacks and publish them to Kafka",
-        &[Serve, App, Kafka, Tencent],
+        &[Serve, App, Kafka],
     )
     .after_help(
         "Secrets are read only from the environment or the config file: IM_RELAY_TOKEN, \
          IM_RELAY_TOKEN_NEXT, IM_RELAY_KAFKA_SASL_PASSWORD, IM_RELAY_KAFKA_OIDC_CLIENT_SECRET, \
-         IM_RELAY_TENCENT_SECRET_KEY, or the \
-         same names ending in _FILE \
+         or the same names ending in _FILE \
          naming a file that holds the value. Logs: IM_RELAY_LOG_FORMAT=json|pretty (default json), \
          IM_RELAY_LOG=<filter> (default info, e.g. info,librdkafka=warn).",
     )
@@ -564,6 +621,20 @@ pub fn backfill_command() -> clap::Command {
          IM_RELAY_TENCENT_SECRET_KEY, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in \
          _FILE naming a file that holds the value. Exit status: 0 done, 1 an error, 2 bad \
          settings, 75 an hour's file cannot be ready yet (run again later).",
+    )
+}
+
+/// The `reconcile` command's flags.
+pub fn reconcile_command() -> clap::Command {
+    command(
+        "reconcile",
+        "Reconcile every hour with Tencent's hourly files, for good (one process per app)",
+        &[App, Tencent, Kafka, Reconcile],
+    )
+    .after_help(
+        "Secrets are read only from the environment or the config file: \
+         IM_RELAY_TENCENT_SECRET_KEY, IM_RELAY_KAFKA_SASL_PASSWORD, or the same names ending in \
+         _FILE naming a file that holds the value.",
     )
 }
 

@@ -1,6 +1,9 @@
-//! Settings for Tencent's REST API — `im-relay backfill`'s, and `serve`'s when it reconciles.
+//! Settings for Tencent's REST API — `im-relay backfill`'s and `im-relay reconcile`'s.
 //! The secret key signs every UserSig: env, `_FILE` or config file only, never a flag.
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::ArgMatches;
@@ -17,6 +20,96 @@ pub struct TencentConfig {
     pub admin: String,
     pub secret_key: Secret,
     pub timeout: Duration,
+    /// Senders and platforms (`MsgFromPlatform`) whose messages Tencent sends no callback for.
+    pub no_callback_senders: BTreeSet<String>,
+    pub no_callback_platforms: BTreeSet<String>,
+    /// How far before the window roam reads, for recalls.
+    pub recall_lookback: Duration,
+}
+
+impl TencentConfig {
+    /// Whether Tencent sends no callback for this REST message (a sender or platform named
+    /// in `no_callback_*`).
+    pub fn quiet(&self, message: &serde_json::Map<String, serde_json::Value>) -> bool {
+        let named = |field: &str, names: &BTreeSet<String>| {
+            message
+                .get(field)
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| names.contains(v))
+        };
+        named("From_Account", &self.no_callback_senders)
+            || named("MsgFromPlatform", &self.no_callback_platforms)
+    }
+}
+
+/// `im-relay reconcile`'s settings: backfill's, and its own place to run.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    pub tencent: TencentConfig,
+    pub kafka: KafkaConfig,
+    pub admin_listen: SocketAddr,
+    pub state_dir: PathBuf,
+    /// Downloads go here; `None`: the system's temporary directory.
+    pub temp_dir: Option<PathBuf>,
+    /// How long after an hour ends it is reconciled.
+    pub delay: Duration,
+    /// The relays' admin addresses (`host:port`), asked about their spools.
+    pub relays: Vec<String>,
+    pub allow_lost: bool,
+}
+
+impl ReconcileConfig {
+    pub fn load(
+        flags: Option<&ArgMatches>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ReconcileConfig, ConfigErrors> {
+        let (values, options, errors) = load_raw(
+            flags,
+            env,
+            &[Group::App, Group::Tencent, Group::Kafka, Group::Reconcile],
+        );
+        let mut p = Parser { values, errors };
+        let BackfillConfig { tencent, kafka } = p.backfill(options);
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        let admin_listen = p.parse(key::RECONCILE_ADMIN_LISTEN, "an address (host:port)", any);
+        let state_dir = PathBuf::from(p.opt(key::RECONCILE_STATE_DIR).unwrap_or("").trim());
+        if state_dir.as_os_str().is_empty() {
+            p.fail(key::RECONCILE_STATE_DIR, "must be set");
+        }
+        let temp_dir = p
+            .opt(key::RECONCILE_TEMP_DIR)
+            .map(|d| PathBuf::from(d.trim()));
+        let delay = p.millis(key::RECONCILE_DELAY_MS);
+        let relays: Vec<String> = p
+            .opt(key::RECONCILE_RELAYS)
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for relay in &relays {
+            let port = relay.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
+            if !matches!(port, Some(Ok(_))) {
+                p.fail(
+                    key::RECONCILE_RELAYS,
+                    format_args!("`{relay}` is not host:port (the relay's admin_listen port)"),
+                );
+            }
+        }
+        let allow_lost = p.parse(key::RECONCILE_ALLOW_MISSING_RECORDS, "true or false", false);
+        let config = ReconcileConfig {
+            tencent,
+            kafka,
+            admin_listen,
+            state_dir,
+            temp_dir,
+            delay,
+            relays,
+            allow_lost,
+        };
+        p.finish(config)
+    }
 }
 
 /// `im-relay backfill`'s settings: one app, its REST API, Kafka.
@@ -34,30 +127,45 @@ impl BackfillConfig {
         let (values, options, errors) =
             load_raw(flags, env, &[Group::App, Group::Tencent, Group::Kafka]);
         let mut p = Parser { values, errors };
-        let ids = p.sdk_app_ids();
+        let config = p.backfill(options);
+        p.finish(config)
+    }
+}
+
+impl Parser {
+    /// One app, its REST API, Kafka.
+    fn backfill(&mut self, options: std::collections::BTreeMap<String, String>) -> BackfillConfig {
+        let ids = self.sdk_app_ids();
         if ids.len() > 1 {
-            p.fail(
-                key::SDK_APP_ID,
-                "backfill reads one app: name exactly one id",
-            );
+            self.fail(key::SDK_APP_ID, "reads one app: name exactly one id");
         }
-        let tencent = p.tencent(ids.first().copied().unwrap_or(SdkAppId::from(0)));
-        let kafka = p.kafka(options);
-        let config = BackfillConfig {
+        let tencent = self.tencent(ids.first().copied().unwrap_or(SdkAppId::from(0)));
+        let kafka = self.kafka(options);
+        BackfillConfig {
             tencent: tencent.unwrap_or_else(|| TencentConfig {
                 sdk_app_id: SdkAppId::from(0),
                 api_url: String::new(),
                 admin: String::new(),
                 secret_key: Secret::new(""),
                 timeout: Duration::ZERO,
+                no_callback_senders: BTreeSet::new(),
+                no_callback_platforms: BTreeSet::new(),
+                recall_lookback: Duration::ZERO,
             }),
             kafka,
-        };
-        p.finish(config)
+        }
     }
-}
 
-impl Parser {
+    fn names(&self, key: &str) -> BTreeSet<String> {
+        self.opt(key)
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The REST API's settings; `None` (with the problems recorded) when any is missing.
     pub(super) fn tencent(&mut self, sdk_app_id: SdkAppId) -> Option<TencentConfig> {
         let api_url = self
@@ -102,12 +210,16 @@ impl Parser {
         if timeout.is_zero() {
             self.fail(key::TENCENT_TIMEOUT_MS, "must be above 0");
         }
+        let recall_lookback = self.millis(key::ROAM_RECALL_LOOKBACK_MS);
         Some(TencentConfig {
             sdk_app_id,
             api_url,
             admin,
             secret_key: secret_key?,
             timeout,
+            no_callback_senders: self.names(key::NO_CALLBACK_SENDERS),
+            no_callback_platforms: self.names(key::NO_CALLBACK_PLATFORMS),
+            recall_lookback,
         })
     }
 }

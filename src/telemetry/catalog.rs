@@ -132,15 +132,19 @@ pub const METRICS: &[Metric] = &[
          was built)."),
     // The build.
     m("im_relay_build_info", Gauge, &["version", "git_sha"], "Always 1: the running build."),
-    // Reconciliation (`reconcile = history`).
+    // `im-relay reconcile`.
     m("im_relay_reconcile_hours_total", Counter, &[],
         "Hours compared with Tencent's hourly message files."),
-    m("im_relay_reconcile_missing_total", Counter, &[],
-        "Records Tencent's files held and the topic did not (callbacks that never reached the relay), published."),
+    m("im_relay_reconcile_missing_total", Counter, &["reason"],
+        "Records Tencent's files held and the topic did not, published: reason gap (callbacks that never reached the relay) or no_callback (senders and platforms Tencent sends no callback for)."),
     m("im_relay_reconcile_failures_total", Counter, &[],
-        "Reconciliation attempts that failed (REST API, file, Kafka); retried after 5 minutes."),
+        "Reconciliation attempts that failed (REST API, file, Kafka, records gone from the topic); retried after 5 minutes."),
     m("im_relay_reconcile_last_success_timestamp_seconds", Gauge, &[],
-        "When an hour was last reconciled (Unix time)."),
+        "When an hour was last reconciled (Unix time); at start, when the state file was last written, or the start itself."),
+    m("im_relay_reconcile_state_broken", Gauge, &[],
+        "1 while the state file cannot be read or written or names a future hour: reconciliation is stopped."),
+    m("im_relay_reconcile_records_lost", Gauge, &[],
+        "1 while records of the hour being reconciled may be gone from the topic (retention, compaction): it is not reconciled."),
     // `im-relay sync`.
     m("im_relay_sync_applied_total", Counter, &["kind"],
         "Records applied to the database (committed), by kind: message, recall, edit, read_report, read_receipt, read_all."),

@@ -168,8 +168,6 @@ pub fn register_alerting_counters() {
         "im_relay_records_refused_total",
         "im_relay_spool_write_failures_total",
         "im_relay_spool_sync_failures_total",
-        "im_relay_reconcile_missing_total",
-        "im_relay_reconcile_failures_total",
     ] {
         counter!(name).increment(0);
     }

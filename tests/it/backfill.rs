@@ -95,8 +95,9 @@ async fn backfill(app: &TestApp, fake: &FakeTencent, args: &[&str]) -> (i32, Str
     )
 }
 
-/// The summary's row named `name`: found, on topic, published, recalls, unparsable.
-fn row(stdout: &str, name: &str) -> [u64; 5] {
+/// The summary's row named `name`: found, on topic, published, no callback, recalls,
+/// unparsable.
+fn row(stdout: &str, name: &str) -> [u64; 6] {
     let line = stdout
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
@@ -159,12 +160,20 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         .collect();
     // Sent (and relayed) before the window, recalled inside it: its recall callback was lost.
     let early = message("alice", "bob", &format!("{u}-early"), t0 - 120, "e", 8);
+    // Sent three hours before the window, recalled inside it (the app allows late recalls):
+    // roam's look-back is 7 days by default (it was one hour, and missed this recall).
+    let old = message("alice", "bob", &format!("{u}-old"), t0 - 3 * 3600, "o", 8);
     {
         let mut s = fake.state();
-        s.messages = chat.iter().chain(&other).chain([&early]).cloned().collect();
+        s.messages = chat
+            .iter()
+            .chain(&other)
+            .chain([&early, &old])
+            .cloned()
+            .collect();
         s.rate_limit_every = 4;
     }
-    for m in [&chat[0], &chat[1], &chat[2], &chat[6], &early] {
+    for m in [&chat[0], &chat[1], &chat[2], &chat[6], &early, &old] {
         let (status, _) = app
             .post_command("C2C.CallbackAfterSendMsg", &callback(m))
             .await;
@@ -184,7 +193,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
             .0,
         200
     );
-    assert_eq!(by_id(&app, 7).await.len(), 7, "the relay's records are in");
+    assert_eq!(by_id(&app, 8).await.len(), 8, "the relay's records are in");
 
     let (from, to) = (rfc3339(t0 - 60), rfc3339(now() + 60));
     let window = ["--from", from.as_str(), "--to", to.as_str()];
@@ -200,15 +209,15 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         .filter_map(|l| l.strip_prefix("would publish "))
         .filter_map(|l| Some(l.split_once(" to ")?.0.to_owned()))
         .collect();
-    assert_eq!(would.len(), 6, "{out}");
-    assert_eq!(by_id(&app, 7).await.len(), 7, "a dry run publishes nothing");
+    assert_eq!(would.len(), 7, "{out}");
+    assert_eq!(by_id(&app, 8).await.len(), 8, "a dry run publishes nothing");
 
     let args = [&["--source", "roam", "--pair", "alice:bob"][..], &window].concat();
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 2, 0], "{out}");
-    let records = by_id(&app, 13).await;
-    assert_eq!(records.len(), 13, "{:?}", records.keys());
+    assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 0, 3, 0], "{out}");
+    let records = by_id(&app, 15).await;
+    assert_eq!(records.len(), 15, "{:?}", records.keys());
     for m in &chat {
         let r = &records[&id_of(m)];
         assert_schema_valid(&r.value);
@@ -229,6 +238,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         .chain([
             format!("{}#recall", id_of(&chat[5])),
             format!("{}#recall", id_of(&early)),
+            format!("{}#recall", id_of(&old)),
         ])
         .collect();
     assert_eq!(backfilled, expected.iter().map(String::as_str).collect());
@@ -244,15 +254,15 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     let args = [&["--source", "roam", "--pairs-from-topic"][..], &window].concat();
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0], "{out}");
-    assert_eq!(row(&out, "carol:dave"), [3, 1, 2, 0, 0], "{out}");
-    assert_eq!(by_id(&app, 15).await.len(), 15);
+    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0, 0], "{out}");
+    assert_eq!(row(&out, "carol:dave"), [3, 1, 2, 0, 0, 0], "{out}");
+    assert_eq!(by_id(&app, 17).await.len(), 17);
 
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
         row(&out, "total"),
-        [11, 11, 0, 0, 0],
+        [11, 11, 0, 0, 0, 0],
         "a second run publishes nothing: {out}"
     );
 
@@ -265,7 +275,7 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
         out.contains("carol:dave") && out.contains("no longer knows"),
         "{out}"
     );
-    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0], "{out}");
+    assert_eq!(row(&out, "alice:bob"), [8, 8, 0, 0, 0, 0], "{out}");
     let args = [&["--source", "roam", "--pair", "carol:dave"][..], &window].concat();
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 1, "{out}{err}");
@@ -337,7 +347,7 @@ async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
     ];
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "total"), [8, 2, 6, 0, 1], "{out}");
+    assert_eq!(row(&out, "total"), [8, 2, 6, 0, 0, 1], "{out}");
     let records = by_id(&app, 8).await;
     assert_eq!(records.len(), 8);
     for m in first.iter().chain(&second) {
@@ -362,9 +372,33 @@ async fn history_reads_each_ready_hour_and_quarantines_what_does_not_parse() {
         );
     }
 
-    let (code, out, err) = backfill(&app, &fake, &args).await;
+    // Records outside the window, later on the topic: read past, not kept (they were: the
+    // ids kept grew with the topic).
+    for i in 0..3 {
+        let late = message("ivan", "jo", &format!("{u}-late{i}"), now() + 600, "l", 0);
+        let (status, _) = app
+            .post_command("C2C.CallbackAfterSendMsg", &callback(&late))
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(by_id(&app, 11).await.len(), 11);
+    let json_args = [&args[..], &["--json"]].concat();
+    let (code, out, err) = backfill(&app, &fake, &json_args).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(row(&out, "total"), [8, 8, 0, 0, 1], "{out}");
+    let summary: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let total = &summary["total"];
+    let figures = ["found", "on_topic", "published", "unparsable"].map(|f| total[f].as_u64());
+    assert_eq!(figures, [8, 8, 0, 1].map(Some), "{out}");
+    assert_eq!(
+        summary["ids_kept"], 9,
+        "8 messages and the quarantined line: {out}"
+    );
+    // Not on a terminal: a progress line an hour.
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("[")).count(),
+        2,
+        "{err}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(app.quarantined(2).await.len(), 1, "quarantined once");
 
@@ -449,7 +483,7 @@ async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
 
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
-    let [found, on_topic, published, _, _] = row(&out, "total");
+    let [found, on_topic, published, _, _, _] = row(&out, "total");
     assert_eq!(found, messages.len() as u64);
     assert_eq!(on_topic, 1 + first_run as u64, "{out}");
     assert_eq!(published as usize, messages.len() - 1 - first_run, "{out}");
@@ -458,18 +492,38 @@ async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
     assert_eq!(records.keys().cloned().collect::<BTreeSet<_>>(), ids);
 }
 
+/// A relay's admin `/spool` as reconcile reads it, its answer set by the test.
+async fn fake_relay(answer: std::sync::Arc<std::sync::Mutex<Value>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = axum::Router::new().route(
+        "/spool",
+        axum::routing::get(move || {
+            let answer = answer.clone();
+            async move { axum::Json(answer.lock().unwrap().clone()) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+/// `im-relay reconcile` on its own: it waits while a relay's spool holds records from before
+/// the hour ended (it did not ask: what a relay was about to publish was published twice),
+/// publishes what is missing, counts what Tencent sends no callback for apart (it fired the
+/// gap alert), records the hour durably in its own state directory, and refuses a state file
+/// it cannot read (it restarted from "now", skipping hours). `serve` refuses to reconcile.
 #[tokio::test(flavor = "multi_thread")]
-async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
+async fn reconcile_runs_alone_after_the_relays_spools_and_keeps_its_place() {
     let broker = Broker::start();
     let fake = FakeTencent::start().await;
     // Not across an hour's turn: the hour this test names must stay the previous one.
-    if now().rem_euclid(3600) > 3540 {
+    if now().rem_euclid(3600) > 3520 {
         tokio::time::sleep(Duration::from_secs((3602 - now().rem_euclid(3600)) as u64)).await;
     }
     let u = unique();
     let current = now() - now().rem_euclid(3600);
     let previous = current - 3600;
-    let chat: Vec<Value> = (0..3)
+    let mut chat: Vec<Value> = (0..3)
         .map(|i| {
             message(
                 "gina",
@@ -481,6 +535,15 @@ async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
             )
         })
         .collect();
+    // Sent by a bot with callbacks forbidden: found, published, not a gap.
+    chat.push(message(
+        "bot",
+        "hal",
+        &format!("{u}-bot"),
+        previous + 300,
+        "b",
+        0,
+    ));
     let beijing = |unix: i64| {
         im_relay::backfill::beijing_hour(OffsetDateTime::from_unix_timestamp(unix).unwrap())
     };
@@ -488,23 +551,19 @@ async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
         beijing(previous),
         vec![File::new(&json!({"MsgList": chat}).to_string())],
     );
-    // The previous hour falls due a few seconds after the start: time to relay one message.
-    let delay_ms = ((now() - current) * 1000 + 6000).to_string();
-    let app = spawn_process_app(
-        &broker,
-        &[
-            ("IM_RELAY_RECONCILE", "history"),
-            ("IM_RELAY_RECONCILE_DELAY_MS", delay_ms.as_str()),
-            ("IM_RELAY_TENCENT_API_URL", fake.url.as_str()),
-            ("IM_RELAY_TENCENT_SECRET_KEY", SECRET_KEY),
-        ],
-    )
-    .await;
-    let metrics = app.metrics().await;
-    let has = |metrics: &str, line: &str| metrics.lines().any(|l| l == line);
-    assert!(
-        has(&metrics, "im_relay_reconcile_missing_total 0"),
-        "{metrics}"
+    let app = spawn_app(&broker, &[]).await;
+    let relay_spool: Value = app
+        .http
+        .get(format!("{}/spool", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        relay_spool["backlog"], 0,
+        "a relay says what its spool holds: {relay_spool}"
     );
     assert_eq!(
         app.post_command("C2C.CallbackAfterSendMsg", &callback(&chat[0]))
@@ -512,35 +571,135 @@ async fn serve_reconciles_each_hour_once_its_file_can_be_ready() {
             .0,
         200
     );
-    let records = by_id(&app, 3).await;
-    assert_eq!(records.len(), 3, "{:?}", records.keys());
-    let backfilled: Vec<&String> = records
+    assert_eq!(by_id(&app, 1).await.len(), 1);
+    // A second relay still holds a record from inside the hour.
+    let answer = std::sync::Arc::new(std::sync::Mutex::new(
+        json!({"backlog": 1, "oldest_unpublished_ms": (previous + 120) * 1000}),
+    ));
+    let other_relay = fake_relay(answer.clone()).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let log = state.path().join("reconcile.log");
+    let relays = format!("{},{other_relay}", app.admin.trim_start_matches("http://"));
+    let mut env: std::collections::HashMap<String, String> = env(&app, &fake).into_iter().collect();
+    let admin = free_addr();
+    let state_dir = state.path().join("state");
+    for (k, v) in [
+        ("IM_RELAY_RECONCILE_ADMIN_LISTEN", admin.clone()),
+        ("IM_RELAY_RECONCILE_DELAY_MS", "0".into()),
+        (
+            "IM_RELAY_RECONCILE_STATE_DIR",
+            state_dir.display().to_string(),
+        ),
+        (
+            "IM_RELAY_RECONCILE_TEMP_DIR",
+            temp.path().display().to_string(),
+        ),
+        ("IM_RELAY_RECONCILE_RELAYS", relays),
+        ("IM_RELAY_NO_CALLBACK_SENDERS", "bot,admin".into()),
+        ("IM_RELAY_LOG", "info".into()),
+    ] {
+        env.insert(k.to_owned(), v);
+    }
+    // The state file names the previous hour: it is due at once.
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let state_file = state_dir.join("next-hour");
+    std::fs::write(&state_file, rfc3339(previous)).unwrap();
+    let reconcile = RelayProcess::spawn_command("reconcile", &env, &log);
+    let metric = |name: &str| {
+        let text = reconcile
+            .get("/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    wait_for_log(&log, "reconciliation of the hour postponed");
+    assert_eq!(
+        metric("im_relay_reconcile_missing_total{reason=\"gap\"}"),
+        Some(0.0)
+    );
+    assert_eq!(metric("im_relay_reconcile_state_broken"), Some(0.0));
+    assert!(
+        metric("im_relay_reconcile_last_success_timestamp_seconds").unwrap() > 0.0,
+        "from the first scrape"
+    );
+    assert_eq!(
+        by_id(&app, 1).await.len(),
+        1,
+        "nothing published while a spool holds the hour"
+    );
+    *answer.lock().unwrap() = json!({"backlog": 0, "oldest_unpublished_ms": null});
+
+    let records = by_id(&app, 4).await;
+    assert_eq!(records.len(), 4, "{:?}", records.keys());
+    let backfilled: BTreeSet<&String> = records
         .iter()
         .filter(|(_, r)| r.value["source"] == "backfill")
         .map(|(id, _)| id)
         .collect();
-    assert_eq!(backfilled, [&id_of(&chat[1]), &id_of(&chat[2])]);
-    let metrics = app.metrics().await;
-    assert!(
-        has(&metrics, "im_relay_reconcile_hours_total 1"),
-        "{metrics}"
+    let want: Vec<String> = chat[1..].iter().map(id_of).collect();
+    assert_eq!(backfilled, want.iter().collect());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric("im_relay_reconcile_hours_total") != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "no hour counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric("im_relay_reconcile_missing_total{reason=\"gap\"}"),
+        Some(2.0)
     );
-    assert!(
-        has(&metrics, "im_relay_reconcile_missing_total 2"),
-        "{metrics}"
+    assert_eq!(
+        metric("im_relay_reconcile_missing_total{reason=\"no_callback\"}"),
+        Some(1.0)
     );
-    assert!(
-        has(&metrics, "im_relay_reconcile_failures_total 0"),
-        "{metrics}"
-    );
-    let state = app.spool_root().join("spool").join("reconcile-next-hour");
-    let next = std::fs::read_to_string(&state).expect("the next hour is recorded");
+    assert_eq!(metric("im_relay_reconcile_failures_total"), Some(0.0));
+    let next = std::fs::read_to_string(&state_file).expect("the next hour is recorded");
     assert_eq!(
         OffsetDateTime::parse(&next, &Rfc3339)
             .unwrap()
             .unix_timestamp(),
         current
     );
+    assert!(!state_dir.join("next-hour.tmp").exists());
+    assert_eq!(
+        std::fs::read_dir(temp.path()).unwrap().count(),
+        0,
+        "downloads are removed"
+    );
+    assert!(reconcile.terminate().success());
+
+    // A state file it cannot read stops it, said in a metric; nothing is published.
+    std::fs::write(&state_file, "").unwrap();
+    let log2 = state.path().join("reconcile2.log");
+    let reconcile = RelayProcess::spawn_command("reconcile", &env, &log2);
+    wait_for_log(&log2, "its state is broken");
+    let broken = reconcile.get("/metrics").unwrap().1;
+    assert!(
+        broken
+            .lines()
+            .any(|l| l == "im_relay_reconcile_state_broken 1"),
+        "{broken}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state_file).unwrap(),
+        "",
+        "left for the operator"
+    );
+    drop(reconcile);
     assert_eq!(fake.state().bad_signatures, 0);
+
+    // serve no longer reconciles, and says what does.
+    let out = Command::new(env!("CARGO_BIN_EXE_im-relay"))
+        .arg("serve")
+        .env_clear()
+        .env("IM_RELAY_RECONCILE", "history")
+        .env("IM_RELAY_ALLOW_UNSIGNED", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("im-relay reconcile"), "{err}");
     app.stop().await;
 }

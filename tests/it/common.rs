@@ -431,11 +431,6 @@ pub async fn spawn_process_app(broker: &Broker, extra: &[(&str, &str)]) -> TestA
 }
 
 impl TestApp {
-    /// The directory the app's spool lives in (for a process app: its `spool/` subdirectory).
-    pub fn spool_root(&self) -> &std::path::Path {
-        self._spool.path()
-    }
-
     /// POSTs `body` with `query` and returns (status, parsed JSON body).
     pub async fn post(&self, query: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
         let resp = self
@@ -604,8 +599,12 @@ impl RelayProcess {
     }
 
     fn admin(&self) -> String {
-        let sync = self.env.get("IM_RELAY_SYNC_ADMIN_LISTEN");
-        sync.unwrap_or_else(|| &self.env["IM_RELAY_ADMIN_LISTEN"])
+        let own = [
+            "IM_RELAY_SYNC_ADMIN_LISTEN",
+            "IM_RELAY_RECONCILE_ADMIN_LISTEN",
+        ];
+        let own = own.iter().find_map(|k| self.env.get(*k));
+        own.unwrap_or_else(|| &self.env["IM_RELAY_ADMIN_LISTEN"])
             .clone()
     }
 
@@ -676,6 +675,19 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 30 s for `what` to appear in the log file.
+pub fn wait_for_log(log: &std::path::Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{what}` in the log: {text}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

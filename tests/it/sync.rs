@@ -723,18 +723,6 @@ fn applied(metrics: &str) -> usize {
         .sum::<f64>() as usize
 }
 
-fn wait_for_log(log: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(what) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no `{what}` in the log: {text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Records applied per second into SQLite and into PostgreSQL with `fsync=on`, beside what the
 /// broker delivers to a consumer that only counts (`./scripts/bench-sync`; not in CI). Timed
 /// from the first applied record (the group join left out) to the last; with
