@@ -459,7 +459,7 @@ fn backfill_command() -> clap::Command {
             Arg::new("json")
                 .long("json")
                 .action(ArgAction::SetTrue)
-                .help("print the summary as one JSON object instead of the table"),
+                .help("print the summary as one JSON object instead of the table (its last line, after --dry-run's)"),
         )
 }
 

@@ -143,9 +143,10 @@ impl Run<'_> {
         if plain_size != file.file_size || !same(file.file_md5, &plain_md5) {
             return Err(refetch("a file's size or MD5 after gunzip did not match"));
         }
+        let layout = layout.map_err(|e| fatal(format!("hour {hour}: {e}")))?;
         tmp.rewind().map_err(|e| fatal(e.to_string()))?;
         let gz = gunzip(&tmp).map_err(|e| fatal(e.to_string()))?;
-        let (items, mut next) = tokio::sync::mpsc::channel(1024);
+        let (items, mut next) = tokio::sync::mpsc::channel(64);
         let parser = tokio::task::spawn_blocking(move || {
             history::items(gz, layout, &mut |item| items.blocking_send(item).is_ok())
         });

@@ -35,20 +35,42 @@ pub enum Layout {
     Lines,
 }
 
-/// What a decompressed file is: its size, its MD5, and how to read it. One pass.
-pub fn check(file: impl Read) -> io::Result<(u64, [u8; 16], Layout)> {
+/// Fields a message has (any one of them): a top-level object with none of them and no
+/// `MsgList` is a document of a shape not known here.
+const MESSAGE_FIELDS: &[&str] = &["MsgKey", "From_Account", "MsgBody", "MsgSeq"];
+
+/// Skips a UTF-8 byte order mark (serde_json refuses one).
+fn skip_bom(reader: &mut impl BufRead) -> io::Result<()> {
+    if reader.fill_buf()?.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    }
+    Ok(())
+}
+
+/// What a decompressed file is: its size, its MD5, and how to read it. One pass. JSON of a
+/// shape not known here (a wrapper around `MsgList`, say) is an error: read by lines, its
+/// messages would be quarantined and the hour taken as done.
+pub fn check(file: impl Read) -> io::Result<(u64, [u8; 16], Result<Layout, String>)> {
     let mut hashing = BufReader::new(Hashing {
         inner: file,
         md5: Md5::new(),
         size: 0,
     });
+    skip_bom(&mut hashing)?;
     let layout = {
         let mut de = serde_json::Deserializer::from_reader(&mut hashing);
-        let mut json = true;
-        while json && de.end().is_err() {
-            json = de.deserialize_any(Shape).is_ok();
+        let mut layout = Ok(Layout::Json);
+        while layout == Ok(Layout::Json) && de.end().is_err() {
+            if let Err(e) = de.deserialize_any(Shape) {
+                layout = match e.classify() {
+                    serde_json::error::Category::Data => {
+                        Err(format!("an hourly file of a shape not known here: {e}"))
+                    }
+                    _ => Ok(Layout::Lines),
+                };
+            }
         }
-        if json { Layout::Json } else { Layout::Lines }
+        layout
     };
     // The rest (after a parse error) is hashed too; a read error is the file's, not JSON's.
     io::copy(&mut hashing, &mut io::sink())?;
@@ -69,9 +91,11 @@ pub fn items(
         start: start.clone(),
     };
     match layout {
-        Layout::Lines => lines(BufReader::new(counted), emit),
+        // Each line is bounded by itself.
+        Layout::Lines => lines(BufReader::new(counted.inner), emit),
         Layout::Json => {
             let mut reader = BufReader::new(counted);
+            skip_bom(&mut reader)?;
             let mut de = serde_json::Deserializer::from_reader(&mut reader);
             let mut stopped = false;
             let mut emit = Emit {
@@ -144,14 +168,39 @@ impl<'de> de::Visitor<'de> for Shape {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut known = false;
         while let Some(key) = map.next_key::<String>()? {
             if key == "MsgList" {
                 map.next_value_seed(ListShape)?;
+                known = true;
             } else {
+                known |= MESSAGE_FIELDS.contains(&key.as_str());
                 map.next_value::<IgnoredAny>()?;
             }
         }
+        if known {
+            Ok(())
+        } else {
+            Err(de::Error::custom(
+                "an object that is neither a message nor has MsgList",
+            ))
+        }
+    }
+
+    /// An array of messages at the top: objects, each checked as one.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(ObjectShape)?.is_some() {}
         Ok(())
+    }
+}
+
+struct ObjectShape;
+
+impl<'de> DeserializeSeed<'de> for ObjectShape {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(Shape)
     }
 }
 
@@ -225,6 +274,10 @@ impl<'de> de::Visitor<'de> for Top<'_, '_> {
             self.0.send(Item::Message(fields))?;
         }
         Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        List(self.0).visit_seq(seq)
     }
 }
 
@@ -342,6 +395,7 @@ mod tests {
 
     fn parse(text: &str) -> (Layout, Vec<Item>) {
         let (size, md5, layout) = check(text.as_bytes()).unwrap();
+        let layout = layout.unwrap();
         assert_eq!(size, text.len() as u64);
         assert_eq!(md5, <[u8; 16]>::from(Md5::digest(text.as_bytes())));
         let mut got = Vec::new();
@@ -415,8 +469,36 @@ mod tests {
         let text = "{\"MsgList\":[\n{\"MsgKey\":\"a\"},\n{\"MsgKey\":\"b\" oops\n42,\n]}\n";
         assert_eq!(parse(text).0, Layout::Lines);
         assert_eq!(keys(text), ["a", "bad:{\"MsgKey\":\"b\" oops", "bad:42"]);
-        // `MsgList` not an array: the lines.
-        assert_eq!(parse("{\"MsgList\": 3}").0, Layout::Lines);
+    }
+
+    /// JSON of a shape not known here fails the hour (read by lines, its messages were
+    /// quarantined and the hour taken as done); a byte order mark, a top-level array and a
+    /// file over 64 MiB read by lines are fine.
+    #[test]
+    fn an_unknown_shape_is_an_error_and_known_variants_are_read() {
+        for text in [
+            "{\"Data\":{\"MsgList\":[{\"MsgKey\":\"a\"}]}}",
+            "{\"MsgList\": 3}",
+            "[1, 2]",
+            "42",
+        ] {
+            let (_, _, layout) = check(text.as_bytes()).unwrap();
+            assert!(layout.is_err(), "{text}: {layout:?}");
+        }
+        assert_eq!(keys("\u{feff}{\"MsgList\":[{\"MsgKey\":\"a\"}]}"), ["a"]);
+        assert_eq!(keys("[{\"MsgKey\":\"a\"},{\"MsgKey\":\"b\"}]"), ["a", "b"]);
+        let line = format!(
+            "{{\"MsgKey\":\"a\",\"MsgBody\":\"{}\"}}\n",
+            "x".repeat(1 << 20)
+        );
+        let big = format!("{}oops\n", line.repeat(70));
+        let mut n = 0;
+        items(big.as_bytes(), Layout::Lines, &mut |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(n, 71, "70 MiB read by lines");
     }
 
     /// One line holding every message: streamed, a message at a time; a single message over

@@ -198,15 +198,23 @@ async fn run_rows(
         }
     );
     let topics = topics(kafka);
-    let compacted = topic::compacted(kafka, &topics).await?;
+    let retention = topic::retention(kafka, &topics).await?;
+    // Roam publishes the recall of a message sent up to `recall_lookback` before the window:
+    // the topic is read from there, so a recall it already holds is found (I/O, not memory:
+    // only recall ids are kept from before the window).
+    let since = match job.source {
+        Source::Roam { .. } => job.from - tencent.recall_lookback - TOPIC_MARGIN,
+        Source::History => job.from - TOPIC_MARGIN,
+    };
     let scan = Scan {
         topics,
-        since_ms: ms(job.from - TOPIC_MARGIN),
+        since_ms: ms(since),
         keep_ms: (ms(job.from - TIME_MARGIN), ms(job.to + TIME_MARGIN)),
+        open_since_ms: ms(since.min(job.from - TIME_MARGIN)),
         pairs_between_ms: from_topic
             .then(|| (ms(job.from - TOPIC_MARGIN), ms(job.to + TOPIC_MARGIN))),
         app: tencent.sdk_app_id,
-        compacted,
+        retention,
         allow_lost: job.allow_lost,
     };
     let seen = {
@@ -226,6 +234,20 @@ async fn run_rows(
         job,
         published: 0,
     };
+    let result = rows(&mut run, job, summary, progress).await;
+    // What was handed to Kafka is awaited whatever stopped the run: the summary counts it.
+    let flushed = run.sink.flush().await;
+    summary.refused = run.sink.refused;
+    result.and(flushed)
+}
+
+/// Each conversation or hour of the job, in turn.
+async fn rows(
+    run: &mut Run<'_>,
+    job: &Job,
+    summary: &mut Summary,
+    progress: &mut impl FnMut(usize, usize, &Row),
+) -> Result<(), Error> {
     match &job.source {
         Source::Roam { pairs, .. } => {
             // Named pairs first: an unknown account there is a mistake to report; in a pair
@@ -259,8 +281,6 @@ async fn run_rows(
             }
         }
     }
-    run.sink.flush().await?;
-    summary.refused = run.sink.refused;
     Ok(())
 }
 

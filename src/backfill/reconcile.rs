@@ -52,17 +52,14 @@ pub fn spool_covers(oldest_unpublished_ms: Option<i64>, hour_end: OffsetDateTime
     oldest_unpublished_ms.is_some_and(|ms| ms < unix_ms(hour_end + ARRIVAL_MARGIN))
 }
 
-/// The hour to start from: the one after the last reconciled, not older than Tencent keeps;
-/// on the first start, the next hour to fall due (earlier hours are `im-relay backfill`'s).
+/// The hour to start from: the one after the last reconciled; on the first start, the next
+/// hour to fall due (earlier hours are `im-relay backfill`'s).
 pub fn first_hour(
     saved: Option<OffsetDateTime>,
     now: OffsetDateTime,
     delay: Duration,
 ) -> OffsetDateTime {
-    match saved {
-        Some(next) => next.max(hour_of(now - OLDEST)),
-        None => hour_of(now - delay),
-    }
+    saved.unwrap_or_else(|| hour_of(now - delay))
 }
 
 /// The next hour to reconcile, kept in a file.
@@ -140,6 +137,11 @@ pub async fn relays_oldest_unpublished(
             .await
             .map_err(|e| format!("relay `{relay}`: cannot resolve: {e}"))?
             .collect();
+        // No address: no relay can say what it holds (a headless Service lists none while
+        // every pod is away).
+        if addrs.is_empty() {
+            return Err(format!("relay `{relay}` resolves to no address"));
+        }
         for addr in addrs {
             let answer = http
                 .get(format!("http://{addr}/spool"))
@@ -228,9 +230,10 @@ async fn turns(cfg: &ReconcileConfig) {
         let oldest = hour_of(now - OLDEST);
         if next < oldest {
             let error = Error::Other(format!(
-                "hours up to {} (UTC+8) are older than Tencent keeps files and were not \
+                "hours {} to {} (UTC+8) are older than Tencent keeps files and were not \
                  reconciled",
-                beijing_hour(oldest)
+                beijing_hour(next),
+                beijing_hour(oldest - Duration::HOUR)
             ));
             ReconcileFailed {
                 hour: next,
@@ -347,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn it_starts_after_the_last_reconciled_hour_within_what_tencent_keeps() {
+    fn it_starts_after_the_last_reconciled_hour_or_with_the_next_due() {
         let now = datetime!(2026-11-27 15:30 UTC);
         let two_hours = Duration::hours(2);
         assert_eq!(
@@ -356,11 +359,9 @@ mod tests {
         );
         let saved = datetime!(2026-11-27 09:00 UTC);
         assert_eq!(first_hour(Some(saved), now, two_hours), saved);
+        // Older than Tencent keeps: kept, so the loop says which hours are lost.
         let ancient = datetime!(2026-11-01 09:00 UTC);
-        assert_eq!(
-            first_hour(Some(ancient), now, two_hours),
-            datetime!(2026-11-21 15:00 UTC)
-        );
+        assert_eq!(first_hour(Some(ancient), now, two_hours), ancient);
     }
 
     /// Before, an empty or corrupt file read as "no state" (reconciliation restarted from

@@ -68,14 +68,37 @@ impl Seen {
 pub struct Scan {
     pub topics: Vec<String>,
     pub since_ms: i64,
-    /// Record times (`ce_time`, ms) whose ids are kept; a recall's from the first on.
+    /// Record times (`ce_time`, ms) whose ids are kept.
     pub keep_ms: (i64, i64),
+    /// A recall's, or a record's without `ce_time`, from this time on, however late.
+    pub open_since_ms: i64,
     pub pairs_between_ms: Option<(i64, i64)>,
     pub app: SdkAppId,
-    /// The topics known to be compacted.
-    pub compacted: Vec<String>,
+    /// Each topic's deletion settings.
+    pub retention: Vec<Retention>,
     /// Read even where records of the window may have been deleted.
     pub allow_lost: bool,
+}
+
+/// What a topic's settings say about deletion (`None`: the broker did not say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub topic: String,
+    pub compacted: bool,
+    pub ms: Option<i64>,
+    pub bytes: Option<i64>,
+    /// Records deleted there lose no message (the quarantine topic: at worst a line is
+    /// quarantined again): said, not refused.
+    pub advisory: bool,
+}
+
+impl Retention {
+    /// Whether retention may have deleted records Kafka took at `since_ms` or later, by `now_ms`.
+    fn may_reach(&self, since_ms: i64, now_ms: i64) -> bool {
+        let by_time = self.ms.is_none_or(|r| r >= 0 && since_ms < now_ms - r);
+        let by_size = self.bytes.is_none_or(|b| b >= 0);
+        by_time || by_size
+    }
 }
 
 /// A partition's offsets, as the scan needs them.
@@ -95,22 +118,29 @@ pub struct Plan {
     pub ranges: Vec<(String, i32, i64, i64)>,
     /// Why records of the window may be missing from the topic (retention, compaction).
     pub lost: Vec<String>,
+    /// The same, where it loses no message.
+    pub warnings: Vec<String>,
 }
 
-/// The scan's plan. Records of the window may have been deleted when a partition's log start
-/// is above 0 and its first remaining record is at or after `since_ms` (what came before it
-/// is gone, and could have been the window's); a compacted topic keeps one record a key.
+/// The scan's plan. Records of the window may have been deleted when the topic's settings let
+/// retention reach them (time or size; unknown settings may) and a partition's log start is
+/// above 0 with its first remaining record at or after `since_ms` (what came before it is
+/// gone, and could have been the window's), or the partition was emptied, or the broker cannot
+/// say; a compacted topic keeps one record a key. Reading starts at `since_ms`; the window at
+/// `window_ms`.
 pub fn plan(
     source: &dyn Offsets,
-    topics: &[String],
-    compacted: &[String],
-    since_ms: i64,
+    topics: &[Retention],
+    (since_ms, window_ms): (i64, i64),
+    now_ms: i64,
 ) -> Result<Plan, Error> {
     let fail = |e: String| Error::Other(format!("reading the topic: {e}"));
     let mut plan = Plan::default();
-    for topic in topics {
-        if compacted.contains(topic) {
-            plan.lost.push(format!(
+    for t in topics {
+        let topic = &t.topic;
+        let mut lost = Vec::new();
+        if t.compacted {
+            lost.push(format!(
                 "topic `{topic}` is compacted: a message's record can be replaced by a later one \
                  with its key"
             ));
@@ -120,16 +150,30 @@ pub fn plan(
             // A broker that cannot look offsets up by time leaves the scan at the start:
             // slower, never wrong.
             let first = source.offset_for_time(topic, p, since_ms);
-            if low > 0 && matches!(first, Ok(Some(at)) if at <= low) {
-                plan.lost.push(format!(
-                    "topic `{topic}` partition {p} starts at offset {low} with a record from \
-                     the window or later: older records were deleted (retention)"
-                ));
-            } else if low > 0 && first.is_err() {
-                plan.lost.push(format!(
-                    "topic `{topic}` partition {p} starts at offset {low} and the broker cannot \
-                     say from when: records of the window may have been deleted"
-                ));
+            // Loss is judged from the window's start (what roam reads before it, for recalls,
+            // only spares a duplicate).
+            let in_window = if window_ms == since_ms {
+                first.clone()
+            } else {
+                source.offset_for_time(topic, p, window_ms)
+            };
+            if low > 0 && t.may_reach(window_ms, now_ms) {
+                let why = match &in_window {
+                    Ok(Some(at)) if *at <= low => {
+                        Some("its first record left is from the window or later")
+                    }
+                    Ok(None) if low >= high => Some("it was emptied"),
+                    Err(_) => Some(
+                        "the broker cannot say from when its records are (or could not answer: run again)",
+                    ),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    lost.push(format!(
+                        "topic `{topic}` partition {p} starts at offset {low} and {why}: older \
+                         records were deleted (retention)"
+                    ));
+                }
             }
             let start = match first {
                 Ok(Some(at)) => at.max(low),
@@ -139,6 +183,11 @@ pub fn plan(
             if high > start {
                 plan.ranges.push((topic.clone(), p, start, high));
             }
+        }
+        if t.advisory {
+            plan.warnings.extend(lost);
+        } else {
+            plan.lost.extend(lost);
         }
     }
     Ok(plan)
@@ -185,13 +234,13 @@ impl<C: rdkafka::consumer::ConsumerContext> Offsets for BaseConsumer<C> {
     }
 }
 
-/// The topics among `topics` whose `cleanup.policy` holds `compact`, from the admin API.
-pub async fn compacted(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<String>, Error> {
+/// Each topic's `cleanup.policy`, `retention.ms` and `retention.bytes`, from the admin API (a
+/// setting the broker does not report is `None`).
+pub async fn retention(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<Retention>, Error> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
-    let fail = |e: rdkafka::error::KafkaError| {
-        Error::Other(format!("reading the topics' cleanup.policy: {e}"))
-    };
+    let fail =
+        |e: rdkafka::error::KafkaError| Error::Other(format!("reading the topics' settings: {e}"));
     let admin: AdminClient<DefaultClientContext> =
         connection_config(kafka).create().map_err(fail)?;
     let specs: Vec<ResourceSpecifier> =
@@ -204,14 +253,17 @@ pub async fn compacted(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<Str
             .await
             .map_err(fail)?,
     ) {
-        let resource = result
-            .map_err(|e| Error::Other(format!("reading topic `{topic}`'s cleanup.policy: {e}")))?;
-        let policy = resource
-            .get("cleanup.policy")
-            .and_then(|e| e.value.as_deref());
-        if policy.is_some_and(|p| p.contains("compact")) {
-            out.push(topic.clone());
-        }
+        let resource =
+            result.map_err(|e| Error::Other(format!("reading topic `{topic}`'s settings: {e}")))?;
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        let number = |name: &str| value(name).and_then(|v| v.parse::<i64>().ok());
+        out.push(Retention {
+            topic: topic.clone(),
+            compacted: value("cleanup.policy").is_some_and(|p| p.contains("compact")),
+            ms: number("retention.ms"),
+            bytes: number("retention.bytes"),
+            advisory: topic == &kafka.quarantine_topic,
+        });
     }
     Ok(out)
 }
@@ -228,7 +280,13 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
         .set("auto.offset.reset", "earliest")
         .create()
         .map_err(fail)?;
-    let plan = plan(&consumer, &what.topics, &what.compacted, what.since_ms)?;
+    let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let plan = plan(
+        &consumer,
+        &what.retention,
+        (what.since_ms, what.keep_ms.0),
+        now_ms,
+    )?;
     if !plan.lost.is_empty() && !what.allow_lost {
         return Err(Error::Lost(format!(
             "records of the window may be gone from the topic, so what is missing cannot be \
@@ -237,7 +295,7 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
             plan.lost.join("; ")
         )));
     }
-    for why in &plan.lost {
+    for why in plan.lost.iter().chain(&plan.warnings) {
         tracing::warn!(%why, "records of the window may be gone from the topic: read anyway");
     }
     let mut seen = Seen::default();
@@ -265,13 +323,26 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
                 take(&m, what, &mut seen);
             }
             Some(Err(e)) => return Err(fail(e)),
-            None if last_progress.elapsed() > Duration::from_secs(30) => {
-                return Err(Error::Other(format!(
-                    "reading the topic: no progress for 30 s with {} partitions unread",
-                    end.len()
-                )));
+            None => {
+                // A partition whose last offsets are never delivered (transaction markers,
+                // what compaction removed) is done once the consumer's position reaches its end.
+                if let Ok(positions) = consumer.position() {
+                    for e in positions.elements() {
+                        let key = (e.topic().to_owned(), e.partition());
+                        if let Offset::Offset(at) = e.offset()
+                            && end.get(&key).is_some_and(|&high| at >= high)
+                        {
+                            end.remove(&key);
+                        }
+                    }
+                }
+                if !end.is_empty() && last_progress.elapsed() > Duration::from_secs(30) {
+                    return Err(Error::Other(format!(
+                        "reading the topic: no progress for 30 s with {} partitions unread",
+                        end.len()
+                    )));
+                }
             }
-            None => {}
         }
     }
     seen.finish();
@@ -279,9 +350,13 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
 }
 
 /// Whether a record's id can matter to the window: by its time, an open-ended one's (a
-/// recall's) from the window's start on.
-fn kept(keep_ms: (i64, i64), open_ended: bool, at_ms: i64) -> bool {
-    at_ms >= keep_ms.0 && (open_ended || at_ms <= keep_ms.1)
+/// recall's) from `open_since_ms` on.
+fn kept(what: &Scan, open_ended: bool, at_ms: i64) -> bool {
+    if open_ended {
+        at_ms >= what.open_since_ms
+    } else {
+        (what.keep_ms.0..=what.keep_ms.1).contains(&at_ms)
+    }
 }
 
 fn take(m: &rdkafka::message::BorrowedMessage<'_>, what: &Scan, seen: &mut Seen) {
@@ -310,7 +385,7 @@ fn take(m: &rdkafka::message::BorrowedMessage<'_>, what: &Scan, seen: &mut Seen)
             ),
             None => (produced, true),
         };
-    if kept(what.keep_ms, open_ended, at) {
+    if kept(what, open_ended, at) {
         seen.read.push(digest(id));
     }
     let Some((lo, hi)) = what.pairs_between_ms else {
@@ -353,16 +428,24 @@ mod tests {
         }
     }
 
-    fn lost(partitions: Vec<(i64, i64, Option<Option<i64>>)>, compacted: bool) -> Vec<String> {
+    const NOW: i64 = 10_000_000;
+    const SINCE: i64 = 1000;
+
+    fn plan_of(partitions: Vec<(i64, i64, Option<Option<i64>>)>, retention: Retention) -> Plan {
         let fake = Fake { partitions };
-        let compacted = if compacted {
-            vec!["t".to_owned()]
-        } else {
-            vec![]
+        let topics = [Retention {
+            topic: "t".into(),
+            ..retention
+        }];
+        plan(&fake, &topics, (SINCE, SINCE), NOW).unwrap()
+    }
+
+    fn lost(partitions: Vec<(i64, i64, Option<Option<i64>>)>, compacted: bool) -> Vec<String> {
+        let unknown = Retention {
+            compacted,
+            ..Retention::default()
         };
-        plan(&fake, &["t".to_owned()], &compacted, 1000)
-            .unwrap()
-            .lost
+        plan_of(partitions, unknown).lost
     }
 
     #[test]
@@ -387,11 +470,10 @@ mod tests {
             gone[0].contains("partition 1 starts at offset 40"),
             "{gone:?}"
         );
-        // Every record older than the window, and deleted up to the end.
-        assert_eq!(
-            lost(vec![(100, 100, Some(None))], false),
-            Vec::<String>::new()
-        );
+        // Emptied by retention: what it held cannot be known.
+        assert_eq!(lost(vec![(100, 100, Some(None))], false).len(), 1);
+        // Records left, all older than the window: the window never had any here.
+        assert!(lost(vec![(50, 100, Some(None))], false).is_empty());
         // A broker that cannot say: deleted records cannot be ruled out.
         assert_eq!(lost(vec![(40, 100, None)], false).len(), 1);
         assert!(lost(vec![(0, 100, None)], false).is_empty());
@@ -400,12 +482,47 @@ mod tests {
         assert!(compacted[0].contains("compacted"), "{compacted:?}");
     }
 
+    /// A quiet partition whose old records all aged out, then took one inside the window:
+    /// its settings say retention could not have reached the window, so nothing is refused.
+    #[test]
+    fn retention_that_cannot_reach_the_window_loses_nothing() {
+        let quiet = || vec![(40, 41, Some(Some(40)))];
+        let week = Retention {
+            ms: Some(7 * 86_400_000),
+            bytes: Some(-1),
+            ..Retention::default()
+        };
+        assert!(plan_of(quiet(), week.clone()).lost.is_empty());
+        // Time retention shorter than the lag reaches the window.
+        let short = Retention {
+            ms: Some(NOW - SINCE - 1),
+            ..week.clone()
+        };
+        assert_eq!(plan_of(quiet(), short).lost.len(), 1);
+        // A size limit may reach anything.
+        let sized = Retention {
+            bytes: Some(1 << 30),
+            ..week.clone()
+        };
+        assert_eq!(plan_of(quiet(), sized).lost.len(), 1);
+        // The quarantine topic: said, not refused.
+        let advisory = plan_of(
+            quiet(),
+            Retention {
+                advisory: true,
+                ..Retention::default()
+            },
+        );
+        assert!(advisory.lost.is_empty());
+        assert_eq!(advisory.warnings.len(), 1);
+    }
+
     #[test]
     fn the_plan_reads_from_the_window_to_the_end() {
-        let fake = Fake {
-            partitions: vec![(0, 100, Some(Some(60))), (0, 10, Some(None)), (5, 9, None)],
-        };
-        let plan = plan(&fake, &["t".to_owned()], &[], 1000).unwrap();
+        let plan = plan_of(
+            vec![(0, 100, Some(Some(60))), (0, 10, Some(None)), (5, 9, None)],
+            Retention::default(),
+        );
         assert_eq!(
             plan.ranges,
             vec![("t".to_owned(), 0, 60, 100), ("t".to_owned(), 2, 5, 9)]
@@ -413,11 +530,20 @@ mod tests {
     }
 
     #[test]
-    fn an_id_is_kept_by_its_record_s_time_a_recall_s_from_the_window_on() {
-        let keep = (1000, 2000);
-        assert!(kept(keep, false, 1000) && kept(keep, false, 2000));
-        assert!(!kept(keep, false, 999) && !kept(keep, false, 2001));
-        assert!(kept(keep, true, 9_000_000) && !kept(keep, true, 999));
+    fn an_id_is_kept_by_its_record_s_time_a_recall_s_from_its_own_start() {
+        let scan = Scan {
+            topics: vec![],
+            since_ms: 0,
+            keep_ms: (1000, 2000),
+            open_since_ms: 500,
+            pairs_between_ms: None,
+            app: SdkAppId::from(1),
+            retention: vec![],
+            allow_lost: false,
+        };
+        assert!(kept(&scan, false, 1000) && kept(&scan, false, 2000));
+        assert!(!kept(&scan, false, 999) && !kept(&scan, false, 2001));
+        assert!(kept(&scan, true, 9_000_000) && kept(&scan, true, 500) && !kept(&scan, true, 499));
     }
 
     #[test]

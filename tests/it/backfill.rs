@@ -703,3 +703,193 @@ async fn reconcile_runs_alone_after_the_relays_spools_and_keeps_its_place() {
     assert!(err.contains("im-relay reconcile"), "{err}");
     app.stop().await;
 }
+
+/// Peak resident memory of reconciliation (`./scripts/bench-reconcile`; not in CI): one hour
+/// with `backfill --source history` over topics of each size in RECONCILE_BENCH_RECORDS, and a
+/// 48-hour catch-up by `im-relay reconcile`. The topic holds 48 hours of 10,000 messages each
+/// (5 an hour only in Tencent's file), then the rest of the records, written after them, from
+/// the last hour: what a scan reads past. With RECONCILE_BENCH_BEFORE (another build), its
+/// one-hour run is measured in the same run.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: ./scripts/bench-reconcile"]
+async fn reconcile_memory() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    const HOURS: i64 = 48;
+    let per_hour: i64 =
+        std::env::var("RECONCILE_BENCH_PER_HOUR").map_or(10_000, |v| v.parse().unwrap());
+    let sizes: Vec<i64> = std::env::var("RECONCILE_BENCH_RECORDS")
+        .unwrap_or_else(|_| "500000,2000000".into())
+        .split(',')
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    let hour_now = now() - now().rem_euclid(3600);
+    let start = hour_now - (HOURS + 2) * 3600;
+    let beijing = |unix: i64| {
+        im_relay::backfill::beijing_hour(OffsetDateTime::from_unix_timestamp(unix).unwrap())
+    };
+    let fake = FakeTencent::start().await;
+    let key = move |h: i64, i: i64| format!("{h}_{i}_{}", start + h * 3600 + i % 3600);
+    let message_of = move |h: i64, i: i64| {
+        message(
+            &format!("u{}", i % 97),
+            &format!("v{}", i % 89),
+            &key(h, i),
+            start + h * 3600 + i % 3600,
+            "a message of a typical length, not too short",
+            0,
+        )
+    };
+    for h in 0..HOURS {
+        let list: Vec<Value> = (0..per_hour).map(|i| message_of(h, i)).collect();
+        let text = json!({ "MsgList": list }).to_string();
+        fake.state()
+            .hours
+            .insert(beijing(start + h * 3600), vec![File::new(&text)]);
+    }
+    let broker = Broker::start();
+    for &size in &sizes {
+        let app = spawn_app(&broker, &[]).await;
+        let (bootstrap, topic) = (app.bootstrap.clone(), app.topic.clone());
+        let begun = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let producer: BaseProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("linger.ms", "20")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()
+                .unwrap();
+            let record = |id: &str, at: i64, payload: &str| {
+                let headers = rdkafka::message::OwnedHeaders::new()
+                    .insert(rdkafka::message::Header {
+                        key: "ce_id",
+                        value: Some(id),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: "ce_time",
+                        value: Some(&rfc3339(at)),
+                    })
+                    .insert(rdkafka::message::Header {
+                        key: "im_callback_command",
+                        value: Some("C2C.CallbackAfterSendMsg"),
+                    });
+                (headers, payload.to_owned())
+            };
+            let send = |id: String, at: i64| {
+                let payload = format!("{{\"id\":\"{id}\",\"text\":\"{}\"}}", "x".repeat(200));
+                let (headers, payload) = record(&id, at, &payload);
+                loop {
+                    let r = BaseRecord::to(&topic)
+                        .key(&id)
+                        .payload(&payload)
+                        .headers(headers.clone());
+                    match producer.send(r) {
+                        Ok(()) => break,
+                        Err(_) => {
+                            producer.poll(Duration::from_millis(50));
+                        }
+                    }
+                }
+            };
+            for h in 0..HOURS {
+                for i in 5..per_hour {
+                    send(id_of(&message_of(h, i)), start + h * 3600 + i % 3600);
+                }
+            }
+            let rest = size - HOURS * (per_hour - 5);
+            for i in 0..rest.max(0) {
+                send(format!("{APP_ID}:later:{i}"), hour_now + i % 3000);
+            }
+            producer.flush(Duration::from_secs(300)).unwrap();
+        })
+        .await
+        .unwrap();
+        println!(
+            "RECONCILE_BENCH records={size} produced in {:.0} s",
+            begun.elapsed().as_secs_f64()
+        );
+        let one_hour = (
+            rfc3339(start + (HOURS - 1) * 3600),
+            rfc3339(start + HOURS * 3600),
+        );
+        let mut builds: Vec<(&str, std::path::PathBuf)> =
+            vec![("after", env!("CARGO_BIN_EXE_im-relay").into())];
+        if let Some(before) = std::env::var_os("RECONCILE_BENCH_BEFORE") {
+            builds.insert(0, ("before", before.into()));
+        }
+        for (build, binary) in &builds {
+            let began = std::time::Instant::now();
+            let out = Command::new("/usr/bin/time")
+                .args(["-f", "MAXRSS_KB=%M"])
+                .arg(binary)
+                .args([
+                    "backfill",
+                    "--source",
+                    "history",
+                    "--from",
+                    &one_hour.0,
+                    "--to",
+                    &one_hour.1,
+                ])
+                .env_clear()
+                .envs(env(&app, &fake))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{}{err}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let kb: u64 = err
+                .lines()
+                .find_map(|l| l.strip_prefix("MAXRSS_KB="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            println!(
+                "RECONCILE_BENCH records={size} build={build} one_hour peak_rss_mib={:.1} seconds={:.1}",
+                kb as f64 / 1024.0,
+                began.elapsed().as_secs_f64()
+            );
+        }
+        // The 48 hours caught up by the process, from a state file naming the first.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("next-hour"), rfc3339(start)).unwrap();
+        let mut renv: std::collections::HashMap<String, String> =
+            env(&app, &fake).into_iter().collect();
+        for (k, v) in [
+            ("IM_RELAY_RECONCILE_ADMIN_LISTEN", free_addr()),
+            ("IM_RELAY_RECONCILE_DELAY_MS", "7200000".into()),
+            (
+                "IM_RELAY_RECONCILE_STATE_DIR",
+                dir.path().display().to_string(),
+            ),
+        ] {
+            renv.insert(k.to_owned(), v);
+        }
+        let began = std::time::Instant::now();
+        let reconcile = RelayProcess::spawn_command("reconcile", &renv, &dir.path().join("log"));
+        let done = rfc3339(start + HOURS * 3600);
+        while std::fs::read_to_string(dir.path().join("next-hour")).unwrap_or_default() != done {
+            assert!(
+                began.elapsed() < Duration::from_secs(3600),
+                "catch-up stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!(
+            "RECONCILE_BENCH records={size} catch_up_48h peak_rss_mib={:.1} seconds={:.1}",
+            reconcile.peak_rss() as f64 / (1 << 20) as f64,
+            began.elapsed().as_secs_f64()
+        );
+        let published = reconcile.metrics().lines().find_map(|l| {
+            l.strip_prefix("im_relay_reconcile_missing_total{reason=\"gap\"} ")?
+                .parse::<f64>()
+                .ok()
+        });
+        // 5 an hour were missing; the last hour's, the one-hour runs published.
+        assert_eq!(published, Some(((HOURS - 1) * 5) as f64));
+        reconcile.terminate();
+        app.stop().await;
+    }
+}
