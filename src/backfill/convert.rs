@@ -230,8 +230,11 @@ mod fixture {
         assert_eq!(relayed[0].target, Target::Messages);
         let (a, b) = (&relayed[0], &backfilled[0]);
         assert_eq!((&a.id, &a.key, a.target), (&b.id, &b.key, b.target));
-        let value =
-            |o: &Output| -> Map<String, Value> { serde_json::from_slice(&o.value).unwrap() };
+        let value = |o: &Output| -> Map<String, Value> {
+            let mut v: Map<String, Value> = serde_json::from_slice(&o.value).unwrap();
+            assert!(v.remove("received_at").is_some());
+            v
+        };
         let (a, b) = (value(a), value(b));
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
         let differ: Vec<&str> = keys

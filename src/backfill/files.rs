@@ -3,7 +3,8 @@
 use std::collections::HashSet;
 use std::io::{BufReader, Seek};
 
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 use time::macros::format_description;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
@@ -49,27 +50,23 @@ impl Run<'_> {
                     &json!({"ChatType": "C2C", "MsgTime": name}),
                 )
                 .await?;
-            let files = answer["File"].as_array().cloned().unwrap_or_default();
-            if files.is_empty() && now < end + EMPTY_SETTLE {
+            // Sizes and checksums are required: without them nothing proves a file whole.
+            let files = Listing::deserialize(&answer).map_err(|e| {
+                Error::Other(format!(
+                    "hour {name}: a file listed without its URL, sizes or MD5s ({e})"
+                ))
+            })?;
+            if files.files.is_empty() && now < end + EMPTY_SETTLE {
                 row.not_ready = true;
                 return Ok(row);
             }
-            for file in &files {
-                // Sizes and checksums are required: without them nothing proves a file whole.
-                let Some(file) = Listed::of(file) else {
-                    return Err(Error::Other(format!(
-                        "hour {name}: a file listed without its URL, sizes or MD5s"
-                    )));
-                };
+            for file in &files.files {
                 // Links change between listings; a file's checksums do not.
                 let checksums = format!("{}:{}", file.gzip_md5, file.file_md5).to_ascii_lowercase();
                 if done.contains(&checksums) {
                     continue;
                 }
-                match self
-                    .file(&file, &name, window, &mut row, &mut counted)
-                    .await
-                {
+                match self.file(file, &name, window, &mut row, &mut counted).await {
                     Ok(()) => {
                         done.insert(checksums);
                     }
@@ -95,7 +92,7 @@ impl Run<'_> {
 
     async fn file(
         &mut self,
-        file: &Listed<'_>,
+        file: &Listed,
         hour: &str,
         window: Option<(i64, i64)>,
         row: &mut Row,
@@ -120,13 +117,13 @@ impl Run<'_> {
             None => tempfile::tempfile(),
         };
         let mut tmp = tmp.map_err(|e| fatal(format!("a temporary file: {e}")))?;
-        let (size, md5) = match self.rest.download(file.url, &mut tmp, gzip_size).await {
+        let (size, md5) = match self.rest.download(&file.url, &mut tmp, gzip_size).await {
             Ok(got) => got,
             Err(DownloadError::Again(why)) => return Err(FileError::Refetch(why)),
             Err(DownloadError::Failed(e)) => return Err(FileError::Fatal(e)),
         };
         let same = |want: &str, got: &[u8; 16]| want.eq_ignore_ascii_case(&hex::encode(got));
-        if size != gzip_size || !same(file.gzip_md5, &md5) {
+        if size != gzip_size || !same(&file.gzip_md5, &md5) {
             return Err(refetch("a downloaded file's size or MD5 did not match"));
         }
         // Decompressed once to check the file's own size and MD5 (and its layout), then
@@ -140,7 +137,7 @@ impl Run<'_> {
         let (plain_size, plain_md5, layout) = gunzip(&tmp)
             .and_then(history::check)
             .map_err(|e| fatal(format!("hour {hour}: the file does not gunzip: {e}")))?;
-        if plain_size != file.file_size || !same(file.file_md5, &plain_md5) {
+        if plain_size != file.file_size || !same(&file.file_md5, &plain_md5) {
             return Err(refetch("a file's size or MD5 after gunzip did not match"));
         }
         let layout = layout.map_err(|e| fatal(format!("hour {hour}: {e}")))?;
@@ -168,27 +165,36 @@ impl Run<'_> {
     }
 }
 
+/// `get_history`'s answer (https://www.tencentcloud.com/document/product/1047/34885).
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(rename = "File", default)]
+    files: Vec<Listed>,
+}
+
 /// One file of a `get_history` listing.
-struct Listed<'a> {
-    url: &'a str,
+#[derive(Deserialize)]
+struct Listed {
+    #[serde(rename = "URL")]
+    url: String,
+    #[serde(rename = "GzipSize")]
     gzip_size: u64,
-    gzip_md5: &'a str,
+    #[serde(rename = "GzipMD5")]
+    gzip_md5: String,
+    #[serde(rename = "FileSize")]
     file_size: u64,
-    file_md5: &'a str,
+    #[serde(rename = "FileMD5")]
+    file_md5: String,
+    #[serde(rename = "ExpireTime", default, deserialize_with = "expire_time")]
     expires: Option<OffsetDateTime>,
 }
 
-impl<'a> Listed<'a> {
-    fn of(file: &'a Value) -> Option<Listed<'a>> {
-        Some(Listed {
-            url: file["URL"].as_str()?,
-            gzip_size: file["GzipSize"].as_u64()?,
-            gzip_md5: file["GzipMD5"].as_str()?,
-            file_size: file["FileSize"].as_u64()?,
-            file_md5: file["FileMD5"].as_str()?,
-            expires: file["ExpireTime"].as_str().and_then(beijing_time),
-        })
-    }
+/// `ExpireTime`, when it reads as a time.
+fn expire_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
+    Ok(Option::<String>::deserialize(d)
+        .ok()
+        .flatten()
+        .and_then(|t| beijing_time(&t)))
 }
 
 enum FileError {

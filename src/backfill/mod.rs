@@ -228,7 +228,7 @@ async fn run_rows(
     let mut run = Run {
         tencent,
         kafka,
-        rest: Rest::new(tencent)?,
+        rest: std::sync::Arc::new(Rest::new(tencent)?),
         sink: Sink::new(kafka, job.dry_run)?,
         seen,
         job,
@@ -266,11 +266,16 @@ async fn rows(
                     all.push((a, b, named));
                 }
             }
-            for (i, (a, b, named)) in all.iter().enumerate() {
-                let row = run.roam(a, b, !named).await?;
-                progress(i + 1, all.len(), &row);
+            // An unknown account skips a pair the topic saw; one named is an error.
+            let all = all
+                .into_iter()
+                .map(|(a, b, named)| (a, b, !named))
+                .collect();
+            run.roam(all, |done, of, row| {
+                progress(done, of, &row);
                 summary.rows.push(row);
-            }
+            })
+            .await?;
         }
         Source::History => {
             let hours = hours(job.from, job.to);
@@ -288,7 +293,7 @@ async fn rows(
 struct Run<'a> {
     tencent: &'a TencentConfig,
     kafka: &'a KafkaConfig,
-    rest: Rest,
+    rest: std::sync::Arc<Rest>,
     seen: Seen,
     sink: Sink,
     job: &'a Job,

@@ -443,7 +443,7 @@ async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
     {
         let mut s = fake.state();
         s.messages = messages.clone();
-        s.page_delay = Duration::from_millis(150);
+        s.page_delay = Duration::from_millis(700);
     }
     let (from, to) = (rfc3339(t0 - 60), rfc3339(now() + 60));
     let mut args = vec![
