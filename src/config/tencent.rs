@@ -80,14 +80,7 @@ impl ReconcileConfig {
             .opt(key::RECONCILE_TEMP_DIR)
             .map(|d| PathBuf::from(d.trim()));
         let delay = p.millis(key::RECONCILE_DELAY_MS);
-        let relays: Vec<String> = p
-            .opt(key::RECONCILE_RELAYS)
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let relays: Vec<String> = p.names(key::RECONCILE_RELAYS).into_iter().collect();
         for relay in &relays {
             let port = relay.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
             if !matches!(port, Some(Ok(_))) {
