@@ -56,11 +56,12 @@ impl Run<'_> {
                     "hour {name}: a file listed without its URL, sizes or MD5s ({e})"
                 ))
             })?;
-            if files.files.is_empty() && now < end + EMPTY_SETTLE {
+            let files = files.files.unwrap_or_default();
+            if files.is_empty() && now < end + EMPTY_SETTLE {
                 row.not_ready = true;
                 return Ok(row);
             }
-            for file in &files.files {
+            for file in &files {
                 // Links change between listings; a file's checksums do not.
                 let checksums = format!("{}:{}", file.gzip_md5, file.file_md5).to_ascii_lowercase();
                 if done.contains(&checksums) {
@@ -168,8 +169,9 @@ impl Run<'_> {
 /// `get_history`'s answer (https://www.tencentcloud.com/document/product/1047/34885).
 #[derive(Deserialize)]
 struct Listing {
+    /// Absent or `null`: no files.
     #[serde(rename = "File", default)]
-    files: Vec<Listed>,
+    files: Option<Vec<Listed>>,
 }
 
 /// One file of a `get_history` listing.

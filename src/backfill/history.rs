@@ -92,7 +92,11 @@ pub fn items(
     };
     match layout {
         // Each line is bounded by itself.
-        Layout::Lines => lines(BufReader::new(counted.inner), emit),
+        Layout::Lines => {
+            let mut reader = BufReader::new(counted.inner);
+            skip_bom(&mut reader)?;
+            lines(reader, emit)
+        }
         Layout::Json => {
             let mut reader = BufReader::new(counted);
             skip_bom(&mut reader)?;
@@ -187,21 +191,22 @@ impl<'de> de::Visitor<'de> for Shape {
         }
     }
 
-    /// An array of messages at the top: objects, each checked as one.
+    /// An array of messages at the top.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(ObjectShape)?.is_some() {}
+        while let Some(m) = seq.next_element::<Value>()? {
+            if !matches!(&m, Value::Object(o) if is_message(o)) {
+                return Err(de::Error::custom(
+                    "an array of something other than messages",
+                ));
+            }
+        }
         Ok(())
     }
 }
 
-struct ObjectShape;
-
-impl<'de> DeserializeSeed<'de> for ObjectShape {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(Shape)
-    }
+/// A message, not a document around messages.
+fn is_message(o: &Map<String, Value>) -> bool {
+    !o.contains_key("MsgList") && MESSAGE_FIELDS.iter().any(|f| o.contains_key(*f))
 }
 
 struct ListShape;
@@ -221,8 +226,14 @@ impl<'de> de::Visitor<'de> for ListShape {
         f.write_str("an array")
     }
 
+    /// Never a document of its own inside (its messages would be quarantined as one); an
+    /// element that is not a message is quarantined when read, as the relay would.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while let Some(m) = seq.next_element::<Value>()? {
+            if matches!(&m, Value::Object(o) if o.contains_key("MsgList")) {
+                return Err(de::Error::custom("a MsgList element that is not a message"));
+            }
+        }
         Ok(())
     }
 }
@@ -478,6 +489,8 @@ mod tests {
     fn an_unknown_shape_is_an_error_and_known_variants_are_read() {
         for text in [
             "{\"Data\":{\"MsgList\":[{\"MsgKey\":\"a\"}]}}",
+            "[{\"MsgList\":[{\"MsgKey\":\"a\"}]}]",
+            "{\"MsgList\":[{\"MsgList\":[{\"MsgKey\":\"a\"}]}]}",
             "{\"MsgList\": 3}",
             "[1, 2]",
             "42",

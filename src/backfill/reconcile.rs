@@ -25,8 +25,9 @@ use crate::telemetry::reconcile::{
 
 /// The file, in the state directory, naming the next hour to reconcile.
 pub const STATE_FILE: &str = "next-hour";
-/// Tencent keeps an hour's file 7 days; older hours cannot be reconciled.
-const OLDEST: Duration = Duration::days(6);
+/// Tencent keeps an hour's file 7 days; an hour older than this cannot be reconciled (its file
+/// is gone before a catch-up reaches it).
+const OLDEST: Duration = Duration::hours(7 * 24 - 3);
 /// Records produced this long after an hour ended may still belong to it (clock skew between
 /// Tencent and us, the time a callback takes to arrive).
 const ARRIVAL_MARGIN: Duration = Duration::minutes(5);

@@ -17,18 +17,19 @@ use super::{Error, ROAM_PAGE, Row, Run};
 /// look-back until its turn.
 const AHEAD: usize = 8;
 
-/// One page of the answer. `Complete` and `LastMsgTime` may come as numeric strings, as the
-/// relay reads callbacks.
+/// One page of the answer, read leniently: `Complete` and `LastMsgTime` may come as numeric
+/// strings (as the relay reads callbacks), a `MsgList` that is not an array holds nothing,
+/// and `LastMsgKey` matters only when there is a next page.
 #[derive(Deserialize)]
 struct Page {
     #[serde(rename = "MsgList", default)]
-    list: Vec<Value>,
+    list: Option<Value>,
     #[serde(rename = "Complete", default, deserialize_with = "lenient")]
     complete: Option<i64>,
     #[serde(rename = "LastMsgTime", default, deserialize_with = "lenient")]
     last_time: Option<i64>,
     #[serde(rename = "LastMsgKey", default)]
-    last_key: Option<String>,
+    last_key: Option<Value>,
 }
 
 /// An integer, or a string holding one; anything else is `None`.
@@ -44,12 +45,13 @@ fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Err
 /// topic saw) rather than failing the run (a pair named).
 type Pair = (String, String, bool);
 
-/// A conversation's messages; `None`: an account is unknown (and skipped).
-type Fetched = Option<Vec<Map<String, Value>>>;
+/// A conversation's messages, and whether an account was unknown (the views read before it
+/// still count).
+type Fetched = (Vec<Map<String, Value>>, bool);
 
 /// Both parties' views of one conversation from `min_time` to `max_time` (they can differ:
-/// cleared history, deleted messages), newest first, page by page; `None` when an account is
-/// unknown and `skip_unknown`.
+/// cleared history, deleted messages), newest first, page by page; what was read until an
+/// account turned out unknown, with `skip_unknown`.
 async fn conversation(
     rest: Arc<Rest>,
     (a, b, skip_unknown): Pair,
@@ -75,11 +77,15 @@ async fn conversation(
                 .call_unless("openim", "admin_getroammsg", &request, unknown)
                 .await?
             else {
-                return Ok(None);
+                return Ok((messages, true));
             };
             let page = Page::deserialize(&answer).map_err(|e| what(&e.to_string()))?;
-            let empty = page.list.is_empty();
-            messages.extend(page.list.into_iter().filter_map(|m| match m {
+            let list = match page.list {
+                Some(Value::Array(list)) => list,
+                _ => Vec::new(),
+            };
+            let empty = list.is_empty();
+            messages.extend(list.into_iter().filter_map(|m| match m {
                 Value::Object(m) => Some(m),
                 _ => None,
             }));
@@ -90,7 +96,12 @@ async fn conversation(
                 Some(_) => break,
                 None => return Err(what("an answer without Complete")),
             }
-            let (Some(time), Some(key)) = (page.last_time, page.last_key) else {
+            let key = page
+                .last_key
+                .as_ref()
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let (Some(time), Some(key)) = (page.last_time, key) else {
                 return Err(what("paging did not advance"));
             };
             if last.as_ref() == Some(&(time, key.clone())) {
@@ -101,7 +112,7 @@ async fn conversation(
             last = Some((time, key));
         }
     }
-    Ok(Some(messages))
+    Ok((messages, false))
 }
 
 /// The fetches under way; dropped, they stop.
@@ -154,11 +165,11 @@ impl Run<'_> {
             name: format!("{a}:{b}"),
             ..Row::default()
         };
-        let Some(messages) = fetched else {
+        let (messages, unknown) = fetched;
+        if unknown {
             tracing::warn!(pair = %row.name, "an account of a conversation the topic saw is unknown to Tencent: skipped");
             row.unknown_account = true;
-            return Ok(row);
-        };
+        }
         let window = (self.job.from.unix_timestamp(), self.job.to.unix_timestamp());
         let mut counted = HashSet::new();
         for m in &messages {

@@ -95,19 +95,24 @@ impl Sink {
         Ok(())
     }
 
-    /// Waits for every record handed over.
+    /// Waits for every record handed over (all of them, whatever one of them met: the first
+    /// error is returned once every delivery is known).
     pub(super) async fn flush(&mut self) -> Result<(), Error> {
         let Some(producer) = self.producer.clone() else {
             return Ok(());
         };
+        let mut first = None;
         for (delivery, record, id) in std::mem::take(&mut self.pending) {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => self.failed(&producer, record, &id, &e).await?,
-                Err(_) => return Err(Error::Other("the Kafka producer went away".into())),
+            let outcome = match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => self.failed(&producer, record, &id, &e).await,
+                Err(_) => Err(Error::Kafka("the Kafka producer went away".into())),
+            };
+            if let Err(e) = outcome {
+                first.get_or_insert(e);
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// A record Kafka did not take: refused for good, it is sent again alone (a batch is

@@ -87,16 +87,27 @@ pub struct Retention {
     pub compacted: bool,
     pub ms: Option<i64>,
     pub bytes: Option<i64>,
+    /// `max.message.bytes`: with `held` records, a partition is at most this many times
+    /// bigger.
+    pub max_message: Option<i64>,
     /// Records deleted there lose no message (the quarantine topic: at worst a line is
     /// quarantined again): said, not refused.
     pub advisory: bool,
 }
 
 impl Retention {
-    /// Whether retention may have deleted records Kafka took at `since_ms` or later, by `now_ms`.
-    fn may_reach(&self, since_ms: i64, now_ms: i64) -> bool {
+    /// Whether retention may have deleted records Kafka took at `since_ms` or later, by
+    /// `now_ms`, from a partition holding `held` records. Size retention deletes a segment only
+    /// while `retention.bytes` stay behind it: it never empties a partition, and cannot have
+    /// touched one whose records could not fill the limit.
+    fn may_reach(&self, since_ms: i64, now_ms: i64, held: i64) -> bool {
         let by_time = self.ms.is_none_or(|r| r >= 0 && since_ms < now_ms - r);
-        let by_size = self.bytes.is_none_or(|b| b >= 0);
+        let by_size = match (self.bytes, self.max_message) {
+            (Some(b), _) if b < 0 => false,
+            (Some(_), _) if held == 0 => false,
+            (Some(b), Some(m)) => held.saturating_mul(m.max(1)) >= b,
+            _ => true,
+        };
         by_time || by_size
     }
 }
@@ -157,7 +168,7 @@ pub fn plan(
             } else {
                 source.offset_for_time(topic, p, window_ms)
             };
-            if low > 0 && t.may_reach(window_ms, now_ms) {
+            if low > 0 && t.may_reach(window_ms, now_ms, high - low) {
                 let why = match &in_window {
                     Ok(Some(at)) if *at <= low => {
                         Some("its first record left is from the window or later")
@@ -262,6 +273,7 @@ pub async fn retention(kafka: &KafkaConfig, topics: &[String]) -> Result<Vec<Ret
             compacted: value("cleanup.policy").is_some_and(|p| p.contains("compact")),
             ms: number("retention.ms"),
             bytes: number("retention.bytes"),
+            max_message: number("max.message.bytes"),
             advisory: topic == &kafka.quarantine_topic,
         });
     }
@@ -499,12 +511,26 @@ mod tests {
             ..week.clone()
         };
         assert_eq!(plan_of(quiet(), short).lost.len(), 1);
-        // A size limit may reach anything.
+        // A size limit reaches a partition that could fill it, not a quiet one, and never
+        // empties one; without max.message.bytes, it may reach anything.
         let sized = Retention {
             bytes: Some(1 << 30),
+            max_message: Some(1 << 20),
             ..week.clone()
         };
-        assert_eq!(plan_of(quiet(), sized).lost.len(), 1);
+        assert!(plan_of(quiet(), sized.clone()).lost.is_empty());
+        assert!(
+            plan_of(vec![(40, 40, Some(None))], sized.clone())
+                .lost
+                .is_empty()
+        );
+        let full = vec![(40, 5000, Some(Some(40)))];
+        assert_eq!(plan_of(full, sized.clone()).lost.len(), 1);
+        let unknown = Retention {
+            max_message: None,
+            ..sized
+        };
+        assert_eq!(plan_of(quiet(), unknown).lost.len(), 1);
         // The quarantine topic: said, not refused.
         let advisory = plan_of(
             quiet(),
