@@ -348,20 +348,15 @@ fn run_async<C, F: std::future::Future<Output = ExitCode>>(
 fn sync(flags: &clap::ArgMatches) -> ExitCode {
     let loaded = config::SyncConfig::load(Some(flags), &|k| std::env::var(k).ok());
     run_async(loaded, |config| async move {
-        let listener = match tokio::net::TcpListener::bind(config.admin_listen).await {
-            Ok(l) => l,
-            Err(error) => {
-                tracing::error!(%error, addr = %config.admin_listen, "cannot bind the admin listener");
-                return ExitCode::FAILURE;
-            }
-        };
         let health = std::sync::Arc::new(im_relay::sync::SyncHealth::default());
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let router = {
+        let admin = {
             let health = health.clone();
-            im_relay::startup::admin_router(move || health.trouble(), telemetry::metrics_handle())
+            match serve_admin(config.admin_listen, move || health.trouble()).await {
+                Some(admin) => admin,
+                None => return ExitCode::FAILURE,
+            }
         };
-        let admin = tokio::spawn(async move { axum::serve(listener, router).await });
         // Its own thread, outside the runtime: the database clients block.
         let (done, mut finished) = tokio::sync::oneshot::channel();
         {
@@ -602,15 +597,9 @@ fn reconcile(flags: &clap::ArgMatches) -> ExitCode {
             tracing::error!(%error, dir = %config.state_dir.display(), "cannot make the state directory");
             return ExitCode::FAILURE;
         }
-        let listener = match tokio::net::TcpListener::bind(config.admin_listen).await {
-            Ok(l) => l,
-            Err(error) => {
-                tracing::error!(%error, addr = %config.admin_listen, "cannot bind the admin listener");
-                return ExitCode::FAILURE;
-            }
+        let Some(admin) = serve_admin(config.admin_listen, || None).await else {
+            return ExitCode::FAILURE;
         };
-        let router = im_relay::startup::admin_router(|| None, telemetry::metrics_handle());
-        let admin = tokio::spawn(async move { axum::serve(listener, router).await });
         let stop = std::sync::Arc::new(tokio::sync::Notify::new());
         let work = tokio::spawn(im_relay::backfill::reconcile::reconcile(
             std::sync::Arc::new(config),
@@ -622,6 +611,25 @@ fn reconcile(flags: &clap::ArgMatches) -> ExitCode {
         admin.abort();
         ExitCode::SUCCESS
     })
+}
+
+/// The admin listener of `sync` and `reconcile` (`/metrics`, `/livez`, `/readyz` red while
+/// `trouble` names a reason); `None`, logged, when its address cannot be bound.
+async fn serve_admin(
+    addr: std::net::SocketAddr,
+    trouble: impl Fn() -> Option<&'static str> + Clone + Send + Sync + 'static,
+) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, %addr, "cannot bind the admin listener");
+            return None;
+        }
+    };
+    let router = im_relay::startup::admin_router(trouble, telemetry::metrics_handle());
+    Some(tokio::spawn(
+        async move { axum::serve(listener, router).await },
+    ))
 }
 
 /// SIGTERM (Kubernetes, systemd) or Ctrl-C.

@@ -84,21 +84,20 @@ pub fn items(
     layout: Layout,
     emit: &mut dyn FnMut(Item) -> bool,
 ) -> io::Result<()> {
-    let (read, start) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
-    let counted = Counted {
-        inner: file,
-        read: read.clone(),
-        start: start.clone(),
-    };
     match layout {
         // Each line is bounded by itself.
         Layout::Lines => {
-            let mut reader = BufReader::new(counted.inner);
+            let mut reader = BufReader::new(file);
             skip_bom(&mut reader)?;
             lines(reader, emit)
         }
         Layout::Json => {
-            let mut reader = BufReader::new(counted);
+            let (read, start) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+            let mut reader = BufReader::new(Counted {
+                inner: file,
+                read: read.clone(),
+                start: start.clone(),
+            });
             skip_bom(&mut reader)?;
             let mut de = serde_json::Deserializer::from_reader(&mut reader);
             let mut stopped = false;

@@ -132,6 +132,11 @@ pub fn beijing_hour(at: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// `t` in Unix milliseconds, as Kafka's timestamps and the spool's arrival times are.
+pub fn unix_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 /// The UTC hours (their starts) overlapping `[from, to)`.
 pub fn hours(from: OffsetDateTime, to: OffsetDateTime) -> Vec<OffsetDateTime> {
     let mut at = from
@@ -189,7 +194,6 @@ async fn run_rows(
     summary: &mut Summary,
     progress: &mut impl FnMut(usize, usize, &Row),
 ) -> Result<(), Error> {
-    let ms = |t: OffsetDateTime| (t.unix_timestamp_nanos() / 1_000_000) as i64;
     let from_topic = matches!(
         job.source,
         Source::Roam {
@@ -208,11 +212,18 @@ async fn run_rows(
     };
     let scan = Scan {
         topics,
-        since_ms: ms(since),
-        keep_ms: (ms(job.from - TIME_MARGIN), ms(job.to + TIME_MARGIN)),
-        open_since_ms: ms(since.min(job.from - TIME_MARGIN)),
-        pairs_between_ms: from_topic
-            .then(|| (ms(job.from - TOPIC_MARGIN), ms(job.to + TOPIC_MARGIN))),
+        since_ms: unix_ms(since),
+        keep_ms: (
+            unix_ms(job.from - TIME_MARGIN),
+            unix_ms(job.to + TIME_MARGIN),
+        ),
+        open_since_ms: unix_ms(since.min(job.from - TIME_MARGIN)),
+        pairs_between_ms: from_topic.then(|| {
+            (
+                unix_ms(job.from - TOPIC_MARGIN),
+                unix_ms(job.to + TOPIC_MARGIN),
+            )
+        }),
         app: tencent.sdk_app_id,
         retention,
         allow_lost: job.allow_lost,

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
-use super::{Error, Job, Source, beijing_hour, hours, run};
+use super::{Error, Job, Source, beijing_hour, hours, run, unix_ms};
 use crate::config::ReconcileConfig;
 use crate::telemetry::Event;
 use crate::telemetry::reconcile::{
@@ -41,10 +41,6 @@ const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn hour_of(t: OffsetDateTime) -> OffsetDateTime {
     hours(t, t + Duration::SECOND)[0]
-}
-
-fn unix_ms(t: OffsetDateTime) -> i64 {
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// Whether a relay whose oldest unpublished record arrived at `oldest_unpublished_ms` (`None`:

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::Error;
+use super::{Error, unix_ms};
 use crate::config::{KafkaConfig, connection_config};
 use crate::domain::{Relayed, SdkAppId};
 
@@ -45,7 +45,8 @@ impl Seen {
 
     /// `false` if it was there already.
     pub fn add(&mut self, id: &str) -> bool {
-        !self.has(id) && self.added.insert(digest(id))
+        let d = digest(id);
+        self.read.binary_search(&d).is_err() && self.added.insert(d)
     }
 
     pub fn len(&self) -> usize {
@@ -292,7 +293,7 @@ pub fn scan(kafka: &KafkaConfig, what: &Scan) -> Result<Seen, Error> {
         .set("auto.offset.reset", "earliest")
         .create()
         .map_err(fail)?;
-    let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let now_ms = unix_ms(OffsetDateTime::now_utc());
     let plan = plan(
         &consumer,
         &what.retention,
@@ -392,7 +393,7 @@ fn take(m: &rdkafka::message::BorrowedMessage<'_>, what: &Scan, seen: &mut Seen)
     let (at, open_ended) =
         match header("ce_time").and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok()) {
             Some(t) => (
-                (t.unix_timestamp_nanos() / 1_000_000) as i64,
+                unix_ms(t),
                 command == Some(Relayed::AfterMsgWithDraw.as_str()),
             ),
             None => (produced, true),

@@ -392,12 +392,21 @@ impl Parser {
         }
     }
 
-    /// A comma list of networks (`10.0.0.0/8`) or single addresses (`203.0.113.7`).
+    /// A comma list's items, trimmed, empty ones left out.
+    fn list(&self, key: &str) -> Vec<String> {
+        self.opt(key)
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn relay_commands(&mut self) -> BTreeSet<Relayed> {
-        let raw = self.opt(key::RELAY_COMMANDS).unwrap_or("").to_owned();
         let mut chosen = BTreeSet::new();
-        for name in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match Relayed::parse(name) {
+        for name in self.list(key::RELAY_COMMANDS) {
+            match Relayed::parse(&name) {
                 Some(r) => {
                     chosen.insert(r);
                 }
@@ -416,10 +425,10 @@ impl Parser {
         chosen
     }
 
+    /// A comma list of networks (`10.0.0.0/8`) or single addresses (`203.0.113.7`).
     fn networks(&mut self, key: &str) -> Vec<IpNet> {
-        let raw = self.opt(key).unwrap_or("").to_owned();
         let mut nets = Vec::new();
-        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in self.list(key) {
             let parsed = part
                 .parse::<IpNet>()
                 .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from));

@@ -80,7 +80,7 @@ impl ReconcileConfig {
             .opt(key::RECONCILE_TEMP_DIR)
             .map(|d| PathBuf::from(d.trim()));
         let delay = p.millis(key::RECONCILE_DELAY_MS);
-        let relays: Vec<String> = p.names(key::RECONCILE_RELAYS).into_iter().collect();
+        let relays = p.list(key::RECONCILE_RELAYS);
         for relay in &relays {
             let port = relay.rsplit_once(':').map(|(_, port)| port.parse::<u16>());
             if !matches!(port, Some(Ok(_))) {
@@ -149,16 +149,6 @@ impl Parser {
         }
     }
 
-    fn names(&self, key: &str) -> BTreeSet<String> {
-        self.opt(key)
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect()
-    }
-
     /// The REST API's settings; `None` (with the problems recorded) when any is missing.
     pub(super) fn tencent(&mut self, sdk_app_id: SdkAppId) -> Option<TencentConfig> {
         let api_url = self
@@ -210,8 +200,8 @@ impl Parser {
             admin,
             secret_key: secret_key?,
             timeout,
-            no_callback_senders: self.names(key::NO_CALLBACK_SENDERS),
-            no_callback_platforms: self.names(key::NO_CALLBACK_PLATFORMS),
+            no_callback_senders: self.list(key::NO_CALLBACK_SENDERS).into_iter().collect(),
+            no_callback_platforms: self.list(key::NO_CALLBACK_PLATFORMS).into_iter().collect(),
             recall_lookback,
         })
     }
