@@ -258,6 +258,31 @@ mod tests {
     }
 
     #[test]
+    fn messages_tencent_sends_no_callback_for_are_told_by_sender_or_platform() {
+        let c = load(&[
+            ("IM_RELAY_SDK_APP_ID", "1400000000"),
+            (
+                "IM_RELAY_TENCENT_API_URL",
+                "https://adminapisgp.im.qcloud.com",
+            ),
+            ("IM_RELAY_TENCENT_SECRET_KEY", "s3cr3t-key"),
+            ("IM_RELAY_NO_CALLBACK_SENDERS", " bot , admin,"),
+            ("IM_RELAY_NO_CALLBACK_PLATFORMS", "RESTAPI"),
+        ])
+        .unwrap();
+        let message = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let quiet = |v| c.tencent.quiet(&message(v));
+        assert!(quiet(serde_json::json!({"From_Account": "bot"})));
+        assert!(quiet(
+            serde_json::json!({"From_Account": "u", "MsgFromPlatform": "RESTAPI"})
+        ));
+        assert!(!quiet(
+            serde_json::json!({"From_Account": "u", "MsgFromPlatform": "iOS"})
+        ));
+        assert!(!quiet(serde_json::json!({"From_Account": "bott"})));
+    }
+
+    #[test]
     fn the_secret_key_is_never_a_flag() {
         let cmd = super::super::backfill_command();
         assert!(

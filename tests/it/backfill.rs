@@ -216,6 +216,8 @@ async fn roam_publishes_exactly_what_never_arrived_and_the_missed_recall() {
     let (code, out, err) = backfill(&app, &fake, &args).await;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(row(&out, "alice:bob"), [8, 4, 4, 0, 3, 0], "{out}");
+    // The 7-day look-back reaches past what roam keeps on the default edition: said.
+    assert!(err.contains("roam keeps 7 days"), "{err}");
     let records = by_id(&app, 15).await;
     assert_eq!(records.len(), 15, "{:?}", records.keys());
     for m in &chat {
@@ -470,6 +472,12 @@ async fn a_run_killed_midway_is_finished_by_the_next_with_nothing_twice() {
     tokio::task::spawn_blocking(move || write_markers(&bootstrap, &topic))
         .await
         .unwrap();
+    // A limit stops the run before it publishes more.
+    let limited = [&args[..], &["--max-publish", "5"]].concat();
+    let (code, out, err) = backfill(&app, &fake, &limited).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("--max-publish 5"), "{err}");
+    assert_eq!(by_id(&app, 6).await.len(), 6, "5 published, then stopped");
     let mut child = command(&app, &fake, &args).spawn().unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     child.kill().unwrap();
@@ -616,6 +624,21 @@ async fn reconcile_runs_alone_after_the_relays_spools_and_keeps_its_place() {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
     };
     wait_for_log(&log, "reconciliation of the hour postponed");
+    // backfill given the relays waits the same way (75: run again later).
+    let window = (rfc3339(previous), rfc3339(current));
+    let args = [
+        "--source",
+        "history",
+        "--from",
+        &window.0,
+        "--to",
+        &window.1,
+        "--relay",
+        &other_relay,
+    ];
+    let (code, out, err) = backfill(&app, &fake, &args).await;
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(err.contains("spool still holds"), "{err}");
     assert_eq!(
         metric("im_relay_reconcile_missing_total{reason=\"gap\"}"),
         Some(0.0)
